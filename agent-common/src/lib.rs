@@ -1,0 +1,292 @@
+//! Types and constants that cross the kernel boundary, shared by the eBPF programs and user space.
+//!
+//! Every map value here is `#[repr(C)]`, `Copy`, padded explicitly and made of integers only
+//! (no `bool`, `Option` or enums), so both sides agree on the bytes. Map names and sizes live
+//! here too, so the kernel programs and the `datapath` module cannot drift apart.
+#![no_std]
+
+/// Names of the maps, as pinned under `<pin dir>/maps/`.
+///
+/// BPF object names are limited to 15 characters; these stay inside that limit.
+pub mod map_names {
+    pub const RESOURCE_PORTS: &str = "FW_RES_PORTS";
+    pub const RESOURCE_DSTS: &str = "FW_RES_DSTS";
+    pub const GRANTS: &str = "FW_GRANTS";
+    pub const FLOWS: &str = "FW_FLOWS";
+    pub const REVOKED: &str = "FW_REVOKED";
+    pub const SESSION_STATS: &str = "FW_SESS_STATS";
+    pub const STATS: &str = "FW_STATS";
+    pub const EVENTS: &str = "FW_EVENTS";
+    pub const CONFIG: &str = "FW_CONFIG";
+    pub const DENY_RATE: &str = "FW_DENY_RATE";
+
+    /// Every pinned map, for adoption and for `datapath detach`.
+    pub const ALL: [&str; 10] = [
+        RESOURCE_PORTS,
+        RESOURCE_DSTS,
+        GRANTS,
+        FLOWS,
+        REVOKED,
+        SESSION_STATS,
+        STATS,
+        EVENTS,
+        CONFIG,
+        DENY_RATE,
+    ];
+}
+
+/// Names of the programs in the object file.
+pub mod program_names {
+    pub const XDP_INGRESS: &str = "fw_xdp_ingress";
+    pub const TC_INGRESS: &str = "fw_tc_ingress";
+    pub const TC_EGRESS: &str = "fw_tc_egress";
+    /// Benchmark reference: returns XDP_PASS and nothing else.
+    pub const BENCH_PASS: &str = "fw_bench_pass";
+    /// Benchmark reference: one hash lookup and one counter add.
+    pub const BENCH_FLOOR: &str = "fw_bench_floor";
+}
+
+/// Map sizes. The flow table can be resized at load time from the agent's config.
+pub mod map_sizes {
+    /// One slot per (protocol, port): TCP ports first, then UDP ports.
+    pub const RESOURCE_PORTS: u32 = 2 * 65_536;
+    pub const RESOURCE_DSTS: u32 = 4_096;
+    pub const GRANTS: u32 = 65_536;
+    pub const FLOWS: u32 = 262_144;
+    pub const REVOKED: u32 = 65_536;
+    pub const SESSION_STATS: u32 = 65_536;
+    pub const STATS: u32 = super::stat::COUNT;
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
+    pub const CONFIG: u32 = 4;
+    pub const BENCH_FLOOR: u32 = 1_024;
+}
+
+/// IP protocol numbers we enforce.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Index into the resource port table for a protocol and port, or `None` for other protocols.
+#[inline(always)]
+pub fn resource_port_index(proto: u8, port: u16) -> Option<u32> {
+    match proto {
+        IPPROTO_TCP => Some(port as u32),
+        IPPROTO_UDP => Some(65_536 + port as u32),
+        _ => None,
+    }
+}
+
+/// Slots of the config map.
+pub mod config {
+    /// Index of the enforcement mode.
+    pub const MODE: u32 = 0;
+    /// Drop what policy does not allow. Zero, so a fresh map enforces (fail closed).
+    pub const MODE_ENFORCE: u32 = 0;
+    /// Count what would be dropped, and pass it.
+    pub const MODE_MONITOR: u32 = 1;
+}
+
+/// Indices of the global per-CPU counters. Drops are counted by reason; in monitor mode
+/// the same reasons are counted at `MONITOR_OFFSET` + reason and the packet passes.
+pub mod stat {
+    pub const DROP_NO_GRANT: u32 = 0;
+    pub const DROP_REVOKED: u32 = 1;
+    pub const DROP_FLOW_TABLE_FULL: u32 = 2;
+    pub const DROP_MALFORMED: u32 = 3;
+    /// Number of drop reasons.
+    pub const DROP_REASONS: u32 = 4;
+    pub const MONITOR_OFFSET: u32 = 4;
+    pub const FLOWS_OPENED: u32 = 8;
+    pub const EVENTS_LOST: u32 = 9;
+    pub const DENIED_EVENTS_SUPPRESSED: u32 = 10;
+    /// Replies of a revoked flow let out because they carry a TCP RST.
+    pub const RST_PASSED_AFTER_REVOKE: u32 = 11;
+    pub const COUNT: u32 = 16;
+}
+
+/// `ResourcePort::flags`: the resource is restricted to destination prefixes, look them up in
+/// the destination trie.
+pub const RESOURCE_HAS_DSTS: u32 = 1;
+
+/// A slot of the resource port table: which resource owns this protocol and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourcePort {
+    /// Zero when the port is not protected.
+    pub resource_id: u32,
+    pub flags: u32,
+}
+
+/// The data of a destination-trie key: protocol and port are fully specified (the first 32
+/// bits), the address is matched by prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourceDst {
+    pub proto: u8,
+    pub _pad: u8,
+    /// Big-endian bytes, so that the trie's bitwise prefix covers it whole.
+    pub port_be: [u8; 2],
+    /// IPv6 address, or IPv4 mapped into IPv6 (`::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+}
+
+/// Bits of a `ResourceDst` taken before the address starts.
+pub const RESOURCE_DST_FIXED_BITS: u32 = 32;
+
+/// Key of the grant table: which source may reach which resource.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantKey {
+    pub src: [u8; 16],
+    pub resource_id: u32,
+}
+
+/// Value of the grant table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    pub session_id: u64,
+}
+
+/// A 5-tuple as seen on ingress to the resource: `src` is the client, `dst` the resource.
+/// Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A flow's owner and counters. `rx` is client → resource, `tx` is resource → client.
+/// Counters are added atomically: several CPUs may carry the same flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub session_id: u64,
+    pub resource_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet either way.
+    pub last_seen_ns: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// Value of the revoked-session set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Revocation {
+    /// CLOCK_MONOTONIC when the agent revoked the session.
+    pub revoked_at_ns: u64,
+    /// CLOCK_MONOTONIC of the first packet dropped after revocation; zero until then.
+    pub first_drop_ns: u64,
+}
+
+/// Per-session counters kept by the kernel. Live traffic is counted per flow (one map write
+/// per packet, not two); the agent sums a session's flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub flows_opened: u64,
+    /// Packets of the session dropped after it was revoked, both directions.
+    pub dropped_after_revoke_packets: u64,
+    pub dropped_after_revoke_bytes: u64,
+}
+
+/// State of the per-CPU limiter for denied-flow events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    pub window_start_ns: u64,
+    pub count: u64,
+}
+
+/// Denied-flow events each CPU may emit per second; the rest are counted as suppressed.
+pub const DENIED_EVENTS_PER_SEC: u64 = 64;
+
+/// `Event::kind` values.
+pub mod event_kind {
+    pub const FLOW_OPENED: u32 = 1;
+    pub const FLOW_DENIED: u32 = 2;
+    pub const FIRST_DROP_AFTER_REVOKE: u32 = 3;
+}
+
+/// A record of the event ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub kind: u32,
+    /// A `stat::DROP_*` reason for denials, zero otherwise.
+    pub reason: u32,
+    pub session_id: u64,
+    pub ts_ns: u64,
+    pub flow: FlowKey,
+    pub resource_id: u32,
+    /// 1 when the agent is in monitor mode and the packet was passed anyway.
+    pub monitor: u32,
+}
+
+/// An IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`), the form every map key uses.
+#[inline(always)]
+pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)], Copy, made of integers and byte arrays only, with
+    // padding spelled out as fields, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for ResourcePort {}
+    unsafe impl aya::Pod for ResourceDst {}
+    unsafe impl aya::Pod for GrantKey {}
+    unsafe impl aya::Pod for Grant {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for Revocation {}
+    unsafe impl aya::Pod for SessionStats {}
+    unsafe impl aya::Pod for RateWindow {}
+    unsafe impl aya::Pod for Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ResourcePort>(), 8);
+        assert_eq!(size_of::<ResourceDst>(), 20);
+        assert_eq!(size_of::<GrantKey>(), 20);
+        assert_eq!(size_of::<Grant>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 64);
+        assert_eq!(size_of::<Revocation>(), 16);
+        assert_eq!(size_of::<SessionStats>(), 24);
+        assert_eq!(size_of::<Event>(), 72);
+    }
+
+    #[test]
+    fn port_index_separates_tcp_and_udp() {
+        assert_eq!(resource_port_index(IPPROTO_TCP, 22), Some(22));
+        assert_eq!(resource_port_index(IPPROTO_UDP, 22), Some(65_558));
+        assert_eq!(resource_port_index(1, 22), None);
+        assert!(resource_port_index(IPPROTO_UDP, u16::MAX).unwrap() < map_sizes::RESOURCE_PORTS);
+    }
+
+    #[test]
+    fn enforce_is_the_zero_mode() {
+        assert_eq!(config::MODE_ENFORCE, 0);
+    }
+}

@@ -1,0 +1,90 @@
+//! Every map of the kernel programs, pinned by name so a restarted agent adopts them.
+
+use agent_common::{
+    Event, Flow, FlowKey, Grant, GrantKey, RateWindow, ResourceDst, ResourcePort, Revocation,
+    SessionStats, map_sizes,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+
+#[map(name = "FW_RES_PORTS")]
+pub static RESOURCE_PORTS: Array<ResourcePort> = Array::pinned(map_sizes::RESOURCE_PORTS, 0);
+
+#[map(name = "FW_RES_DSTS")]
+pub static RESOURCE_DSTS: LpmTrie<ResourceDst, u32> = LpmTrie::pinned(map_sizes::RESOURCE_DSTS, 0);
+
+#[map(name = "FW_GRANTS")]
+pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::pinned(map_sizes::GRANTS, 0);
+
+// A plain (preallocated) hash, not LRU: a full table denies new flows instead of evicting
+// live ones, and an entry only leaves when the agent removes it.
+#[map(name = "FW_FLOWS")]
+pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(map_sizes::FLOWS, 0);
+
+// Never LRU: a revocation must not be evicted by pressure.
+#[map(name = "FW_REVOKED")]
+pub static REVOKED: HashMap<u64, Revocation> = HashMap::pinned(map_sizes::REVOKED, 0);
+
+#[map(name = "FW_SESS_STATS")]
+pub static SESSION_STATS: HashMap<u64, SessionStats> = HashMap::pinned(map_sizes::SESSION_STATS, 0);
+
+#[map(name = "FW_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(map_sizes::STATS, 0);
+
+#[map(name = "FW_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(map_sizes::EVENTS_BYTES, 0);
+
+#[map(name = "FW_CONFIG")]
+pub static CONFIG: Array<u32> = Array::pinned(map_sizes::CONFIG, 0);
+
+#[map(name = "FW_DENY_RATE")]
+pub static DENY_RATE: PerCpuArray<RateWindow> = PerCpuArray::pinned(1, 0);
+
+/// Benchmark reference map, never pinned: one lookup per packet for the floor program.
+#[map(name = "FW_BENCH")]
+pub static BENCH_FLOOR: HashMap<FlowKey, u64> =
+    HashMap::with_max_entries(map_sizes::BENCH_FLOOR, 0);
+
+/// Adds `n` to a global per-CPU counter.
+#[inline(always)]
+pub fn count(index: u32, n: u64) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot is only touched by this CPU while the program runs.
+        unsafe { *slot += n };
+    }
+}
+
+/// Whether the operator switched the datapath to monitor mode.
+#[inline(always)]
+pub fn monitor_mode() -> bool {
+    matches!(CONFIG.get(agent_common::config::MODE), Some(&m) if m == agent_common::config::MODE_MONITOR)
+}
+
+/// Reports an event to user space; a full ring buffer is counted, never waited on.
+#[inline(always)]
+pub fn emit(event: Event) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(event);
+            entry.submit(0);
+        }
+        None => count(agent_common::stat::EVENTS_LOST, 1),
+    }
+}
+
+/// Adds `n` to a counter that several CPUs may update at once (BPF atomic add, no fetch).
+///
+/// # Safety
+/// `counter` must point into a map value that lives for the rest of the program run.
+#[inline(always)]
+pub unsafe fn atomic_add(counter: *mut u64, n: u64) {
+    // SAFETY: the caller guarantees the pointer; the result is unused, so this is a plain
+    // BPF_ATOMIC add that every kernel with eBPF supports.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, n,
+        )
+    };
+}

@@ -1,0 +1,290 @@
+//! The verdict shared by XDP and TC: is this packet part of a live session's flow?
+//! The programs differ only in how they read the packet and what they return.
+
+use agent_common::{
+    DENIED_EVENTS_PER_SEC, Event, Flow, FlowKey, GrantKey, RESOURCE_DST_FIXED_BITS,
+    RESOURCE_HAS_DSTS, ResourceDst, Revocation, SessionStats, event_kind, resource_port_index,
+    stat,
+};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+
+use crate::{
+    maps::{
+        DENY_RATE, FLOWS, GRANTS, RESOURCE_DSTS, RESOURCE_PORTS, REVOKED, SESSION_STATS,
+        atomic_add, count, emit, monitor_mode,
+    },
+    parse::{Packet, TCP_RST},
+};
+
+const EEXIST: i64 = 17;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+pub enum Action {
+    Pass,
+    Drop,
+}
+
+/// Which resource, if any, owns `proto`/`port` at `addr`; zero for none.
+#[inline(always)]
+fn resource_of(proto: u8, port: u16, addr: &[u8; 16]) -> u32 {
+    let Some(index) = resource_port_index(proto, port) else {
+        return 0;
+    };
+    let Some(slot) = RESOURCE_PORTS.get(index) else {
+        return 0;
+    };
+    if slot.resource_id == 0 || slot.flags & RESOURCE_HAS_DSTS == 0 {
+        return slot.resource_id;
+    }
+    let key = Key::new(
+        RESOURCE_DST_FIXED_BITS + 128,
+        ResourceDst {
+            proto,
+            _pad: 0,
+            port_be: port.to_be_bytes(),
+            addr: *addr,
+        },
+    );
+    RESOURCE_DSTS.get(&key).copied().unwrap_or(0)
+}
+
+/// Ingress towards a resource: a known flow passes unless its session is revoked; an unknown
+/// flow passes only through a live grant for (source, resource), and becomes a flow.
+#[inline(always)]
+pub fn ingress(pkt: &Packet, len: u64) -> Action {
+    let resource_id = resource_of(pkt.proto, pkt.dport, &pkt.dst);
+    if resource_id == 0 {
+        return Action::Pass;
+    }
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a map value pointer stays valid for the whole program run.
+        let session_id = unsafe { (*flow).session_id };
+        if let Some(revocation) = REVOKED.get_ptr_mut(&session_id) {
+            return revoked(revocation, session_id, &key, resource_id, len);
+        }
+        // SAFETY: as above; counters are shared by CPUs, hence the atomic adds.
+        unsafe {
+            atomic_add(&raw mut (*flow).rx_packets, 1);
+            atomic_add(&raw mut (*flow).rx_bytes, len);
+            (*flow).last_seen_ns = bpf_ktime_get_ns();
+        }
+        return Action::Pass;
+    }
+
+    let grant_key = GrantKey {
+        src: pkt.src,
+        resource_id,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(grant) = (unsafe { GRANTS.get(&grant_key) }).copied() else {
+        return deny(stat::DROP_NO_GRANT, &key, resource_id, 0);
+    };
+    let session_id = grant.session_id;
+    if let Some(revocation) = REVOKED.get_ptr_mut(&session_id) {
+        return revoked(revocation, session_id, &key, resource_id, len);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow = Flow {
+        session_id,
+        resource_id,
+        _pad: 0,
+        created_ns: now,
+        last_seen_ns: now,
+        rx_packets: 1,
+        rx_bytes: len,
+        tx_packets: 0,
+        tx_bytes: 0,
+    };
+    match FLOWS.insert(&key, &flow, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            count(stat::FLOWS_OPENED, 1);
+            session_flow_opened(session_id);
+            emit(Event {
+                kind: event_kind::FLOW_OPENED,
+                reason: 0,
+                session_id,
+                ts_ns: now,
+                flow: key,
+                resource_id,
+                monitor: 0,
+            });
+            Action::Pass
+        }
+        // Another CPU opened the same flow a moment ago: it is admitted.
+        Err(e) if e as i64 == -EEXIST => Action::Pass,
+        // The table is full (or memory is short): fail closed, never evict.
+        Err(_) => deny(stat::DROP_FLOW_TABLE_FULL, &key, resource_id, session_id),
+    }
+}
+
+/// Egress from a resource: replies of a revoked session's flows are dropped, except TCP RST
+/// so the peer learns at once. Everything else passes: a flow that was never admitted had
+/// its request dropped on ingress.
+#[inline(always)]
+pub fn egress(pkt: &Packet, len: u64) -> Action {
+    let resource_id = resource_of(pkt.proto, pkt.sport, &pkt.src);
+    if resource_id == 0 {
+        return Action::Pass;
+    }
+    let key = FlowKey {
+        src: pkt.dst,
+        dst: pkt.src,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let Some(flow) = FLOWS.get_ptr_mut(&key) else {
+        return Action::Pass;
+    };
+    // SAFETY: a map value pointer stays valid for the whole program run.
+    let session_id = unsafe { (*flow).session_id };
+    if let Some(revocation) = REVOKED.get_ptr_mut(&session_id) {
+        if pkt.proto == agent_common::IPPROTO_TCP && pkt.tcp_flags & TCP_RST != 0 {
+            count(stat::RST_PASSED_AFTER_REVOKE, 1);
+            return Action::Pass;
+        }
+        return revoked(revocation, session_id, &key, resource_id, len);
+    }
+    // SAFETY: as above; counters are shared by CPUs, hence the atomic adds.
+    unsafe {
+        atomic_add(&raw mut (*flow).tx_packets, 1);
+        atomic_add(&raw mut (*flow).tx_bytes, len);
+        (*flow).last_seen_ns = bpf_ktime_get_ns();
+    }
+    Action::Pass
+}
+
+/// A packet whose headers claim TCP/UDP but do not parse: dropped (fail closed) and counted.
+#[inline(always)]
+pub fn malformed() -> Action {
+    if monitor_mode() {
+        count(stat::MONITOR_OFFSET + stat::DROP_MALFORMED, 1);
+        return Action::Pass;
+    }
+    count(stat::DROP_MALFORMED, 1);
+    Action::Drop
+}
+
+/// A packet of a revoked session: dropped and counted against the session; the first such
+/// drop is reported, as proof that the revocation took hold.
+#[inline(always)]
+fn revoked(
+    revocation: *mut Revocation,
+    session_id: u64,
+    key: &FlowKey,
+    resource_id: u32,
+    len: u64,
+) -> Action {
+    if monitor_mode() {
+        count(stat::MONITOR_OFFSET + stat::DROP_REVOKED, 1);
+        return Action::Pass;
+    }
+    count(stat::DROP_REVOKED, 1);
+    match SESSION_STATS.get_ptr_mut(&session_id) {
+        // SAFETY: a map value pointer stays valid for the whole program run.
+        Some(stats) => unsafe {
+            atomic_add(&raw mut (*stats).dropped_after_revoke_packets, 1);
+            atomic_add(&raw mut (*stats).dropped_after_revoke_bytes, len);
+        },
+        None => {
+            let stats = SessionStats {
+                flows_opened: 0,
+                dropped_after_revoke_packets: 1,
+                dropped_after_revoke_bytes: len,
+            };
+            let _ = SESSION_STATS.insert(&session_id, &stats, BPF_NOEXIST as u64);
+        }
+    }
+    // SAFETY: as above. Two CPUs may both see zero and both report: user space keeps the first.
+    unsafe {
+        if (*revocation).first_drop_ns == 0 {
+            let now = bpf_ktime_get_ns();
+            (*revocation).first_drop_ns = now;
+            emit(Event {
+                kind: event_kind::FIRST_DROP_AFTER_REVOKE,
+                reason: stat::DROP_REVOKED,
+                session_id,
+                ts_ns: now,
+                flow: *key,
+                resource_id,
+                monitor: 0,
+            });
+        }
+    }
+    Action::Drop
+}
+
+/// A packet to a resource that no live grant admits: dropped (or only counted in monitor
+/// mode), with a rate-limited event.
+#[inline(always)]
+fn deny(reason: u32, key: &FlowKey, resource_id: u32, session_id: u64) -> Action {
+    let monitor = monitor_mode();
+    count(
+        if monitor {
+            stat::MONITOR_OFFSET + reason
+        } else {
+            reason
+        },
+        1,
+    );
+    let now = unsafe { bpf_ktime_get_ns() };
+    if denied_event_allowed(now) {
+        emit(Event {
+            kind: event_kind::FLOW_DENIED,
+            reason,
+            session_id,
+            ts_ns: now,
+            flow: *key,
+            resource_id,
+            monitor: monitor as u32,
+        });
+    }
+    if monitor { Action::Pass } else { Action::Drop }
+}
+
+/// Per-CPU budget of denied-flow events per second, so a scan cannot flood the ring buffer.
+#[inline(always)]
+fn denied_event_allowed(now: u64) -> bool {
+    let Some(window) = DENY_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU slot is only touched by this CPU while the program runs.
+    unsafe {
+        if now.wrapping_sub((*window).window_start_ns) >= NS_PER_SEC {
+            (*window).window_start_ns = now;
+            (*window).count = 0;
+        }
+        if (*window).count < DENIED_EVENTS_PER_SEC {
+            (*window).count += 1;
+            return true;
+        }
+    }
+    count(stat::DENIED_EVENTS_SUPPRESSED, 1);
+    false
+}
+
+#[inline(always)]
+fn session_flow_opened(session_id: u64) {
+    match SESSION_STATS.get_ptr_mut(&session_id) {
+        // SAFETY: a map value pointer stays valid for the whole program run.
+        Some(stats) => unsafe {
+            atomic_add(&raw mut (*stats).flows_opened, 1);
+        },
+        None => {
+            let stats = SessionStats {
+                flows_opened: 1,
+                ..SessionStats::default()
+            };
+            let _ = SESSION_STATS.insert(&session_id, &stats, BPF_NOEXIST as u64);
+        }
+    }
+}

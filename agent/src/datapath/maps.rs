@@ -1,0 +1,429 @@
+//! Typed handles for every map the kernel programs use; nothing else reads or writes them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{
+    Flow, FlowKey, Grant, GrantKey, ResourceDst, ResourcePort, Revocation, SessionStats,
+    config as cfg, map_names as names, stat,
+};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+};
+
+use super::{DatapathError, addr_bytes, maps_dir, monotonic_ns};
+use crate::{config::Mode, policy::ResourceTable};
+
+/// Why the kernel dropped packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DropReason {
+    NoGrant,
+    Revoked,
+    FlowTableFull,
+    Malformed,
+}
+
+impl DropReason {
+    pub const ALL: [Self; 4] = [
+        Self::NoGrant,
+        Self::Revoked,
+        Self::FlowTableFull,
+        Self::Malformed,
+    ];
+
+    pub fn index(self) -> u32 {
+        match self {
+            Self::NoGrant => stat::DROP_NO_GRANT,
+            Self::Revoked => stat::DROP_REVOKED,
+            Self::FlowTableFull => stat::DROP_FLOW_TABLE_FULL,
+            Self::Malformed => stat::DROP_MALFORMED,
+        }
+    }
+
+    pub fn from_index(index: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.index() == index)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoGrant => "no_grant",
+            Self::Revoked => "revoked",
+            Self::FlowTableFull => "flow_table_full",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+/// The kernel's global counters, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets dropped, by reason.
+    pub dropped: BTreeMap<DropReason, u64>,
+    /// Packets that monitor mode passed but enforce mode would have dropped, by reason.
+    pub would_drop: BTreeMap<DropReason, u64>,
+    pub flows_opened: u64,
+    pub events_lost: u64,
+    pub denied_events_suppressed: u64,
+    pub rst_passed_after_revoke: u64,
+}
+
+impl Counters {
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped.get(&reason).copied().unwrap_or(0)
+    }
+
+    pub fn would_drop(&self, reason: DropReason) -> u64 {
+        self.would_drop.get(&reason).copied().unwrap_or(0)
+    }
+}
+
+/// Handles to the pinned maps.
+pub struct Maps {
+    pin_dir: PathBuf,
+    resource_ports: Array<MapData, ResourcePort>,
+    resource_dsts: LpmTrie<MapData, ResourceDst, u32>,
+    grants: HashMap<MapData, GrantKey, Grant>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    flows_capacity: u32,
+    revoked: HashMap<MapData, u64, Revocation>,
+    session_stats: HashMap<MapData, u64, SessionStats>,
+    stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, u32>,
+}
+
+type Result<T> = std::result::Result<T, DatapathError>;
+
+fn map_err(name: &'static str, action: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        name,
+        action,
+        source: Box::new(source),
+    }
+}
+
+/// Whether a lookup error only means "no such key".
+fn not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)
+}
+
+impl Maps {
+    /// Takes the maps out of a freshly loaded object.
+    pub(super) fn take(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self> {
+        Self::build(pin_dir, |name| {
+            ebpf.take_map(name).ok_or(DatapathError::MissingMap {
+                name,
+                pin_dir: pin_dir.to_owned(),
+            })
+        })
+    }
+
+    /// Opens the maps a running (or stopped) agent pinned under `pin_dir`, without loading
+    /// any program: for tools and tests that inspect or drive the datapath.
+    ///
+    /// # Errors
+    /// A map is not pinned there, or is not the map this build expects.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        Self::build(pin_dir, |name| {
+            let path = maps_dir(pin_dir).join(name);
+            let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+            Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned {
+                path,
+                source: Box::new(source),
+            })
+        })
+    }
+
+    fn build(pin_dir: &Path, mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        let flows_map = get(names::FLOWS)?;
+        let flows_capacity = match &flows_map {
+            Map::HashMap(data) => data.info().map(|i| i.max_entries()).unwrap_or(0),
+            _ => 0,
+        };
+        Ok(Self {
+            pin_dir: pin_dir.to_owned(),
+            resource_ports: get(names::RESOURCE_PORTS)?
+                .try_into()
+                .map_err(map_err(names::RESOURCE_PORTS, "open"))?,
+            resource_dsts: get(names::RESOURCE_DSTS)?
+                .try_into()
+                .map_err(map_err(names::RESOURCE_DSTS, "open"))?,
+            grants: get(names::GRANTS)?
+                .try_into()
+                .map_err(map_err(names::GRANTS, "open"))?,
+            flows: flows_map
+                .try_into()
+                .map_err(map_err(names::FLOWS, "open"))?,
+            flows_capacity,
+            revoked: get(names::REVOKED)?
+                .try_into()
+                .map_err(map_err(names::REVOKED, "open"))?,
+            session_stats: get(names::SESSION_STATS)?
+                .try_into()
+                .map_err(map_err(names::SESSION_STATS, "open"))?,
+            stats: get(names::STATS)?
+                .try_into()
+                .map_err(map_err(names::STATS, "open"))?,
+            config: get(names::CONFIG)?
+                .try_into()
+                .map_err(map_err(names::CONFIG, "open"))?,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Makes the kernel's resource tables match `table`. New entries are written before stale
+    /// ones are removed, so a resource that stays protected is never unprotected in between.
+    ///
+    /// # Errors
+    /// The kernel refuses a write (for example the destination trie is full).
+    pub fn install_resources(&mut self, table: &ResourceTable) -> Result<()> {
+        let wanted_ports = table.port_slots();
+        let wanted_dsts: BTreeMap<(u32, [u8; 20]), (ResourceDst, u32)> = table
+            .dst_entries()
+            .into_iter()
+            .map(|(bits, dst, id)| ((bits, dst_bytes(&dst)), (dst, id)))
+            .collect();
+        // Destinations first: a port slot that says "consult the trie" must find its entries.
+        let current_dsts: Vec<Key<ResourceDst>> = self
+            .resource_dsts
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(names::RESOURCE_DSTS, "list"))?;
+        for ((bits, _), (dst, id)) in &wanted_dsts {
+            self.resource_dsts
+                .insert(&Key::new(*bits, *dst), id, 0)
+                .map_err(map_err(names::RESOURCE_DSTS, "insert"))?;
+        }
+        let current_ports: Vec<u32> = (0..self.resource_ports.len())
+            .filter(|i| {
+                self.resource_ports
+                    .get(i, 0)
+                    .is_ok_and(|slot| slot.resource_id != 0)
+            })
+            .collect();
+        for (index, slot) in &wanted_ports {
+            self.resource_ports
+                .set(*index, slot, 0)
+                .map_err(map_err(names::RESOURCE_PORTS, "set"))?;
+        }
+        for index in current_ports {
+            if !wanted_ports.contains_key(&index) {
+                self.resource_ports
+                    .set(index, ResourcePort::default(), 0)
+                    .map_err(map_err(names::RESOURCE_PORTS, "clear"))?;
+            }
+        }
+        for key in current_dsts {
+            if !wanted_dsts.contains_key(&(key.prefix_len(), dst_bytes(&key.data()))) {
+                match self.resource_dsts.remove(&key) {
+                    Ok(()) => {}
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => return Err(map_err(names::RESOURCE_DSTS, "remove")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets `source` reach `resource_id` for `session_id`.
+    ///
+    /// # Errors
+    /// The grant table is full or the kernel refuses the write.
+    pub fn grant(&mut self, source: IpAddr, resource_id: u32, session_id: u64) -> Result<()> {
+        self.grants
+            .insert(grant_key(source, resource_id), Grant { session_id }, 0)
+            .map_err(map_err(names::GRANTS, "insert"))
+    }
+
+    /// Removes a grant; absent is fine. Flows it already opened stay until removed.
+    ///
+    /// # Errors
+    /// The kernel refuses the delete.
+    pub fn remove_grant(&mut self, source: IpAddr, resource_id: u32) -> Result<()> {
+        match self.grants.remove(&grant_key(source, resource_id)) {
+            Err(e) if !not_found(&e) => Err(map_err(names::GRANTS, "remove")(e)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn grant_for(&self, source: IpAddr, resource_id: u32) -> Option<u64> {
+        self.grants
+            .get(&grant_key(source, resource_id), 0)
+            .ok()
+            .map(|g| g.session_id)
+    }
+
+    /// Every grant: (key, session id).
+    pub fn grants(&self) -> Vec<(GrantKey, u64)> {
+        self.grants
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, g)| (k, g.session_id))
+            .collect()
+    }
+
+    /// Severs every flow of `session_id` on its next packet: one map write. Revoking twice
+    /// keeps the first revocation's time.
+    ///
+    /// # Errors
+    /// The revoked set is full or the kernel refuses the write.
+    pub fn revoke(&mut self, session_id: u64) -> Result<()> {
+        let revocation = Revocation {
+            revoked_at_ns: monotonic_ns(),
+            first_drop_ns: 0,
+        };
+        match self
+            .revoked
+            .insert(session_id, revocation, u64::from(aya_noexist()))
+        {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            Err(e) => Err(map_err(names::REVOKED, "insert")(e)),
+        }
+    }
+
+    pub fn revocation(&self, session_id: u64) -> Option<Revocation> {
+        self.revoked.get(&session_id, 0).ok()
+    }
+
+    pub fn revoked_sessions(&self) -> Vec<(u64, Revocation)> {
+        self.revoked.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Every flow the kernel holds.
+    pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
+        self.flows.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.flows.get(key, 0).ok()
+    }
+
+    /// Records a flow the agent already knows (for example from an open socket).
+    ///
+    /// # Errors
+    /// The flow table is full or the kernel refuses the write.
+    pub fn insert_flow(&mut self, key: FlowKey, flow: Flow) -> Result<()> {
+        self.flows
+            .insert(key, flow, 0)
+            .map_err(map_err(names::FLOWS, "insert"))
+    }
+
+    /// Forgets a flow; its next packet needs a live grant again. Absent is fine.
+    ///
+    /// # Errors
+    /// The kernel refuses the delete.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.flows.remove(key) {
+            Err(e) if !not_found(&e) => Err(map_err(names::FLOWS, "remove")(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Flows held and the table's capacity: the flow map's pressure.
+    pub fn flow_fill(&self) -> (usize, u32) {
+        (self.flows.keys().count(), self.flows_capacity)
+    }
+
+    pub fn session_stats(&self, session_id: u64) -> Option<SessionStats> {
+        self.session_stats.get(&session_id, 0).ok()
+    }
+
+    /// Global counters summed over CPUs.
+    ///
+    /// # Errors
+    /// The kernel refuses the read.
+    pub fn counters(&self) -> Result<Counters> {
+        let read = |index: u32| -> Result<u64> {
+            let per_cpu = self
+                .stats
+                .get(&index, 0)
+                .map_err(map_err(names::STATS, "read"))?;
+            Ok(per_cpu.iter().sum())
+        };
+        let mut c = Counters::default();
+        for reason in DropReason::ALL {
+            c.dropped.insert(reason, read(reason.index())?);
+            c.would_drop
+                .insert(reason, read(stat::MONITOR_OFFSET + reason.index())?);
+        }
+        c.flows_opened = read(stat::FLOWS_OPENED)?;
+        c.events_lost = read(stat::EVENTS_LOST)?;
+        c.denied_events_suppressed = read(stat::DENIED_EVENTS_SUPPRESSED)?;
+        c.rst_passed_after_revoke = read(stat::RST_PASSED_AFTER_REVOKE)?;
+        Ok(c)
+    }
+
+    /// Switches between enforcing and only counting what would be dropped.
+    ///
+    /// # Errors
+    /// The kernel refuses the write.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        self.config
+            .set(cfg::MODE, u32::from(mode), 0)
+            .map_err(map_err(names::CONFIG, "set mode"))
+    }
+
+    /// # Errors
+    /// The kernel refuses the read.
+    pub fn mode(&self) -> Result<Mode> {
+        let raw = self
+            .config
+            .get(&cfg::MODE, 0)
+            .map_err(map_err(names::CONFIG, "read mode"))?;
+        Ok(if raw == cfg::MODE_MONITOR {
+            Mode::Monitor
+        } else {
+            Mode::Enforce
+        })
+    }
+
+    /// Resource ids the kernel currently protects.
+    pub fn protected_resource_ids(&self) -> BTreeSet<u32> {
+        let mut ids: BTreeSet<u32> = self
+            .resource_ports
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|s| s.resource_id)
+            .filter(|&id| id != 0)
+            .collect();
+        ids.extend(
+            self.resource_dsts
+                .iter()
+                .filter_map(|r| r.ok())
+                .map(|(_, id)| id),
+        );
+        ids
+    }
+}
+
+fn grant_key(source: IpAddr, resource_id: u32) -> GrantKey {
+    GrantKey {
+        src: addr_bytes(source),
+        resource_id,
+    }
+}
+
+fn dst_bytes(dst: &ResourceDst) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0] = dst.proto;
+    b[2..4].copy_from_slice(&dst.port_be);
+    b[4..].copy_from_slice(&dst.addr);
+    b
+}
+
+/// BPF_NOEXIST: insert only when the key is absent.
+const fn aya_noexist() -> u32 {
+    1
+}

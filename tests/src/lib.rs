@@ -1,0 +1,9 @@
+//! Shared helpers of the integration tests: synthetic frames, network namespaces, root checks.
+
+pub mod agent_proc;
+pub mod attachments;
+pub mod frames;
+pub mod loaded;
+pub mod netns;
+pub mod privileged;
+pub mod tcp;

@@ -1,0 +1,683 @@
+//! Verdict tests: the real programs in the real kernel, run with BPF_PROG_TEST_RUN on synthetic
+//! frames; each case checks the verdict and the exact counter changes.
+
+use std::net::IpAddr;
+
+use agent_common::program_names::{TC_EGRESS, TC_INGRESS, XDP_INGRESS};
+use flowwarden::{
+    config::Mode,
+    datapath::{Counters, DropReason, EventKind, FlowKey, addr_bytes},
+};
+use flowwarden_tests::{
+    frames::{Frame, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, non_ip_frame, truncate},
+    loaded::LoadedDatapath,
+    privileged::require_root,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const SESSION: u64 = 0x5e55_1000_0000_0001;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+const CLIENT: &str = "192.0.2.10";
+const SERVER: &str = "10.9.0.2";
+const CLIENT6: &str = "2001:db8::10";
+const SERVER6: &str = "fd09::2";
+
+/// Expected change of the global counters across one run.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Delta {
+    dropped: Vec<(DropReason, u64)>,
+    would_drop: Vec<(DropReason, u64)>,
+    flows_opened: u64,
+    rst_passed: u64,
+}
+
+fn delta(before: &Counters, after: &Counters) -> Delta {
+    let diff = |f: &dyn Fn(&Counters, DropReason) -> u64| {
+        DropReason::ALL
+            .into_iter()
+            .map(|r| (r, f(after, r) - f(before, r)))
+            .filter(|&(_, n)| n != 0)
+            .collect::<Vec<_>>()
+    };
+    Delta {
+        dropped: diff(&|c, r| c.dropped(r)),
+        would_drop: diff(&|c, r| c.would_drop(r)),
+        flows_opened: after.flows_opened - before.flows_opened,
+        rst_passed: after.rst_passed_after_revoke - before.rst_passed_after_revoke,
+    }
+}
+
+/// Runs `program` once on `frame` and checks the verdict and the counter changes.
+fn check(
+    dp: &mut LoadedDatapath,
+    what: &str,
+    program: &'static str,
+    frame: &[u8],
+    verdict: u32,
+    expected: Delta,
+) {
+    let before = dp.counters();
+    let out = dp
+        .datapath
+        .test_run(program, frame, 1)
+        .unwrap_or_else(|e| panic!("{what}: test run failed: {e}"));
+    let after = dp.counters();
+    assert_eq!(
+        out.return_value, verdict,
+        "{what}: expected verdict {verdict}, got {}",
+        out.return_value
+    );
+    assert_eq!(delta(&before, &after), expected, "{what}: counter changes");
+}
+
+fn drops(reason: DropReason) -> Delta {
+    Delta {
+        dropped: vec![(reason, 1)],
+        ..Delta::default()
+    }
+}
+
+fn opened() -> Delta {
+    Delta {
+        flows_opened: 1,
+        ..Delta::default()
+    }
+}
+
+fn flow_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_bytes(ip(src)),
+        dst: addr_bytes(ip(dst)),
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn traffic_that_is_not_to_a_resource_is_never_touched() {
+    if !require_root("traffic_that_is_not_to_a_resource_is_never_touched") {
+        return;
+    }
+    let mut dp = LoadedDatapath::new("untouched");
+    let none = Delta::default;
+    check(
+        &mut dp,
+        "ARP",
+        XDP_INGRESS,
+        &non_ip_frame(),
+        XDP_PASS,
+        none(),
+    );
+    let http = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 80).build();
+    check(&mut dp, "tcp/80 v4", XDP_INGRESS, &http, XDP_PASS, none());
+    let http6 = Frame::tcp(ip(CLIENT6), 40000, ip(SERVER6), 80).build();
+    check(&mut dp, "tcp/80 v6", XDP_INGRESS, &http6, XDP_PASS, none());
+    // udp/22 is not ssh (tcp/22).
+    let udp22 = Frame::udp(ip(CLIENT), 40000, ip(SERVER), 22).build();
+    check(&mut dp, "udp/22", XDP_INGRESS, &udp22, XDP_PASS, none());
+    // admin is tcp/8443 only towards 10.9.0.0/16 and fd09::/16.
+    let elsewhere = Frame::tcp(ip(CLIENT), 40000, ip("10.8.0.2"), 8443).build();
+    check(
+        &mut dp,
+        "tcp/8443 outside admin's prefix",
+        XDP_INGRESS,
+        &elsewhere,
+        XDP_PASS,
+        none(),
+    );
+    // An IPv4 fragment after the first carries no ports; without its first it is useless.
+    let later = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+        .fragment(10, false)
+        .build();
+    check(
+        &mut dp,
+        "later fragment",
+        XDP_INGRESS,
+        &later,
+        XDP_PASS,
+        none(),
+    );
+    check(
+        &mut dp,
+        "tc ingress tcp/80",
+        TC_INGRESS,
+        &http,
+        TC_ACT_OK,
+        none(),
+    );
+    check(
+        &mut dp,
+        "tc egress from tcp/80",
+        TC_EGRESS,
+        &http,
+        TC_ACT_OK,
+        none(),
+    );
+    assert!(
+        dp.datapath.maps.flows().is_empty(),
+        "no flow may be created"
+    );
+}
+
+#[test]
+fn protected_traffic_without_a_grant_is_dropped() {
+    if !require_root("protected_traffic_without_a_grant_is_dropped") {
+        return;
+    }
+    let mut dp = LoadedDatapath::new("nogrant");
+    let no_grant = || drops(DropReason::NoGrant);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "tcp/22 v4",
+            Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+                .flags(TCP_SYN)
+                .build(),
+        ),
+        (
+            "tcp/22 v6",
+            Frame::tcp(ip(CLIENT6), 40000, ip(SERVER6), 22)
+                .flags(TCP_SYN)
+                .build(),
+        ),
+        (
+            "udp/53 v4",
+            Frame::udp(ip(CLIENT), 40000, ip(SERVER), 53).build(),
+        ),
+        (
+            "udp/53 v6",
+            Frame::udp(ip(CLIENT6), 40000, ip(SERVER6), 53).build(),
+        ),
+        (
+            "tcp/8443 inside admin's prefix",
+            Frame::tcp(ip(CLIENT), 1, ip("10.9.200.1"), 8443).build(),
+        ),
+        (
+            "tcp/8443 v6 inside admin's prefix",
+            Frame::tcp(ip(CLIENT6), 1, ip(SERVER6), 8443).build(),
+        ),
+        (
+            "VLAN tagged",
+            Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+                .vlan(7)
+                .build(),
+        ),
+        (
+            "QinQ tagged",
+            Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+                .vlan(7)
+                .vlan(8)
+                .build(),
+        ),
+        (
+            "IPv6 with extension headers",
+            Frame::tcp(ip(CLIENT6), 1, ip(SERVER6), 22)
+                .ipv6_ext_headers(3)
+                .build(),
+        ),
+        (
+            "IPv4 first fragment",
+            Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+                .fragment(0, true)
+                .build(),
+        ),
+        (
+            "IPv6 first fragment",
+            Frame::tcp(ip(CLIENT6), 40000, ip(SERVER6), 22)
+                .fragment(0, true)
+                .build(),
+        ),
+    ];
+    for (what, frame) in &cases {
+        check(&mut dp, what, XDP_INGRESS, frame, XDP_DROP, no_grant());
+    }
+    let ssh = &cases[0].1;
+    check(
+        &mut dp,
+        "tc ingress tcp/22",
+        TC_INGRESS,
+        ssh,
+        TC_ACT_SHOT,
+        no_grant(),
+    );
+    assert!(
+        dp.datapath.maps.flows().is_empty(),
+        "a denied packet must not create a flow"
+    );
+    // A grant for another source, or for another resource, does not help.
+    let ssh_id = dp.resource_id("ssh");
+    let dns_id = dp.resource_id("dns");
+    dp.datapath
+        .maps
+        .grant(ip("192.0.2.99"), ssh_id, SESSION)
+        .unwrap();
+    dp.datapath.maps.grant(ip(CLIENT), dns_id, SESSION).unwrap();
+    check(
+        &mut dp,
+        "grant of another source/resource",
+        XDP_INGRESS,
+        ssh,
+        XDP_DROP,
+        no_grant(),
+    );
+}
+
+#[test]
+fn malformed_packets_are_dropped_and_counted() {
+    if !require_root("malformed_packets_are_dropped_and_counted") {
+        return;
+    }
+    let mut dp = LoadedDatapath::new("malformed");
+    let full = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22).build();
+    let malformed = || drops(DropReason::Malformed);
+    check(
+        &mut dp,
+        "truncated IPv4 header",
+        XDP_INGRESS,
+        &truncate(full.clone(), 14 + 10),
+        XDP_DROP,
+        malformed(),
+    );
+    check(
+        &mut dp,
+        "truncated TCP header",
+        XDP_INGRESS,
+        &truncate(full.clone(), 14 + 20 + 8),
+        XDP_DROP,
+        malformed(),
+    );
+    let v6 = Frame::tcp(ip(CLIENT6), 1, ip(SERVER6), 22).build();
+    check(
+        &mut dp,
+        "truncated IPv6 header",
+        XDP_INGRESS,
+        &truncate(v6, 14 + 30),
+        XDP_DROP,
+        malformed(),
+    );
+    let mut bad_ihl = full.clone();
+    bad_ihl[14] = 0x43;
+    check(
+        &mut dp,
+        "IPv4 IHL 3",
+        XDP_INGRESS,
+        &bad_ihl,
+        XDP_DROP,
+        malformed(),
+    );
+    let deep = Frame::tcp(ip(CLIENT6), 1, ip(SERVER6), 22)
+        .ipv6_ext_headers(7)
+        .build();
+    check(
+        &mut dp,
+        "more IPv6 extension headers than we walk",
+        XDP_INGRESS,
+        &deep,
+        XDP_DROP,
+        malformed(),
+    );
+    // An Ethernet header that announces IPv4 and carries nothing: fail closed.
+    check(
+        &mut dp,
+        "IPv4 ethertype, no IP header",
+        XDP_INGRESS,
+        &truncate(full, 14),
+        XDP_DROP,
+        malformed(),
+    );
+}
+
+#[test]
+fn a_grant_opens_a_flow_that_then_passes_and_counts() {
+    if !require_root("a_grant_opens_a_flow_that_then_passes_and_counts") {
+        return;
+    }
+    let mut dp = LoadedDatapath::new("grant");
+    let ssh_id = dp.resource_id("ssh");
+    let dns_id = dp.resource_id("dns");
+    dp.datapath.maps.grant(ip(CLIENT), ssh_id, SESSION).unwrap();
+    dp.datapath
+        .maps
+        .grant(ip(CLIENT6), dns_id, SESSION + 1)
+        .unwrap();
+
+    let syn = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+        .flags(TCP_SYN)
+        .build();
+    check(
+        &mut dp,
+        "first packet through the grant",
+        XDP_INGRESS,
+        &syn,
+        XDP_PASS,
+        opened(),
+    );
+    let data = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+        .flags(TCP_ACK | TCP_PSH)
+        .payload(&[0u8; 100])
+        .build();
+    check(
+        &mut dp,
+        "established flow",
+        XDP_INGRESS,
+        &data,
+        XDP_PASS,
+        Delta::default(),
+    );
+    let key = flow_key(CLIENT, 40000, SERVER, 22, 6);
+    let flow = dp.datapath.maps.flow(&key).expect("flow created");
+    assert_eq!(flow.session_id, SESSION);
+    assert_eq!(flow.resource_id, ssh_id);
+    assert_eq!(flow.rx_packets, 2);
+    assert_eq!(flow.rx_bytes, (syn.len() + data.len()) as u64);
+    assert!(flow.last_seen_ns >= flow.created_ns && flow.created_ns > 0);
+
+    let reply = Frame::tcp(ip(SERVER), 22, ip(CLIENT), 40000)
+        .payload(&[1u8; 40])
+        .build();
+    check(
+        &mut dp,
+        "reply of a live flow",
+        TC_EGRESS,
+        &reply,
+        TC_ACT_OK,
+        Delta::default(),
+    );
+    let flow = dp.datapath.maps.flow(&key).unwrap();
+    assert_eq!((flow.tx_packets, flow.tx_bytes), (1, reply.len() as u64));
+
+    // Another connection from the same source is a second flow of the same session.
+    let other = Frame::tcp(ip(CLIENT), 40001, ip(SERVER), 22)
+        .flags(TCP_SYN)
+        .build();
+    check(
+        &mut dp,
+        "second flow, same grant",
+        TC_INGRESS,
+        &other,
+        TC_ACT_OK,
+        opened(),
+    );
+
+    let dns = Frame::udp(ip(CLIENT6), 5353, ip(SERVER6), 53)
+        .payload(b"q")
+        .build();
+    check(
+        &mut dp,
+        "udp v6 through a grant",
+        XDP_INGRESS,
+        &dns,
+        XDP_PASS,
+        opened(),
+    );
+    assert_eq!(dp.datapath.maps.flows().len(), 3);
+    assert_eq!(
+        dp.datapath
+            .maps
+            .session_stats(SESSION)
+            .unwrap()
+            .flows_opened,
+        2
+    );
+
+    let events: Vec<_> = std::iter::from_fn(|| dp.datapath.events.try_next()).collect();
+    let opened_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::FlowOpened)
+        .collect();
+    assert_eq!(
+        opened_events.len(),
+        3,
+        "one flow-opened event per flow: {events:?}"
+    );
+    assert_eq!(opened_events[0].session_id, SESSION);
+    assert_eq!(opened_events[0].source, "192.0.2.10:40000".parse().unwrap());
+    assert_eq!(opened_events[0].destination, "10.9.0.2:22".parse().unwrap());
+    assert_eq!(opened_events[0].resource_id, ssh_id);
+}
+
+#[test]
+fn a_revoked_session_is_dropped_both_ways_but_rst_leaves() {
+    if !require_root("a_revoked_session_is_dropped_both_ways_but_rst_leaves") {
+        return;
+    }
+    let mut dp = LoadedDatapath::new("revoked");
+    let ssh_id = dp.resource_id("ssh");
+    dp.datapath.maps.grant(ip(CLIENT), ssh_id, SESSION).unwrap();
+    let data = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+        .payload(&[7u8; 64])
+        .build();
+    check(&mut dp, "admitted", XDP_INGRESS, &data, XDP_PASS, opened());
+
+    dp.datapath.maps.revoke(SESSION).unwrap();
+    let revoked = || drops(DropReason::Revoked);
+    check(
+        &mut dp,
+        "known flow of a revoked session",
+        XDP_INGRESS,
+        &data,
+        XDP_DROP,
+        revoked(),
+    );
+    let new_flow = Frame::tcp(ip(CLIENT), 40002, ip(SERVER), 22)
+        .flags(TCP_SYN)
+        .build();
+    check(
+        &mut dp,
+        "new flow through a revoked session's grant",
+        XDP_INGRESS,
+        &new_flow,
+        XDP_DROP,
+        revoked(),
+    );
+    let reply = Frame::tcp(ip(SERVER), 22, ip(CLIENT), 40000)
+        .payload(&[1u8; 10])
+        .build();
+    check(
+        &mut dp,
+        "reply of a revoked flow",
+        TC_EGRESS,
+        &reply,
+        TC_ACT_SHOT,
+        revoked(),
+    );
+    let rst = Frame::tcp(ip(SERVER), 22, ip(CLIENT), 40000)
+        .flags(TCP_RST | TCP_ACK)
+        .build();
+    check(
+        &mut dp,
+        "RST of a revoked flow",
+        TC_EGRESS,
+        &rst,
+        TC_ACT_OK,
+        Delta {
+            rst_passed: 1,
+            ..Delta::default()
+        },
+    );
+    check(
+        &mut dp,
+        "tc ingress of a revoked flow",
+        TC_INGRESS,
+        &data,
+        TC_ACT_SHOT,
+        revoked(),
+    );
+
+    let stats = dp.datapath.maps.session_stats(SESSION).unwrap();
+    assert_eq!(stats.dropped_after_revoke_packets, 4);
+    assert_eq!(
+        stats.dropped_after_revoke_bytes,
+        (2 * data.len() + new_flow.len() + reply.len()) as u64
+    );
+    let revocation = dp.datapath.maps.revocation(SESSION).unwrap();
+    assert!(revocation.first_drop_ns >= revocation.revoked_at_ns);
+    // Revoking again keeps the first revocation.
+    dp.datapath.maps.revoke(SESSION).unwrap();
+    assert_eq!(dp.datapath.maps.revocation(SESSION).unwrap(), revocation);
+
+    let first_drops: Vec<_> = std::iter::from_fn(|| dp.datapath.events.try_next())
+        .filter(|e| e.kind == EventKind::FirstDropAfterRevoke)
+        .collect();
+    assert_eq!(
+        first_drops.len(),
+        1,
+        "one first-drop event: {first_drops:?}"
+    );
+    assert_eq!(first_drops[0].session_id, SESSION);
+}
+
+#[test]
+fn monitor_mode_counts_what_it_would_drop_and_passes_it() {
+    if !require_root("monitor_mode_counts_what_it_would_drop_and_passes_it") {
+        return;
+    }
+    let mut dp = LoadedDatapath::new("monitor");
+    dp.datapath.maps.set_mode(Mode::Monitor).unwrap();
+    assert_eq!(dp.datapath.maps.mode().unwrap(), Mode::Monitor);
+    let would = |r| Delta {
+        would_drop: vec![(r, 1)],
+        ..Delta::default()
+    };
+    let ssh = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22).build();
+    check(
+        &mut dp,
+        "no grant",
+        XDP_INGRESS,
+        &ssh,
+        XDP_PASS,
+        would(DropReason::NoGrant),
+    );
+    check(
+        &mut dp,
+        "no grant, tc",
+        TC_INGRESS,
+        &ssh,
+        TC_ACT_OK,
+        would(DropReason::NoGrant),
+    );
+    let bad = truncate(ssh.clone(), 14 + 10);
+    check(
+        &mut dp,
+        "malformed",
+        XDP_INGRESS,
+        &bad,
+        XDP_PASS,
+        would(DropReason::Malformed),
+    );
+    assert!(
+        dp.datapath.maps.flows().is_empty(),
+        "monitor mode must not admit flows"
+    );
+
+    let ssh_id = dp.resource_id("ssh");
+    dp.datapath.maps.grant(ip(CLIENT), ssh_id, SESSION).unwrap();
+    check(&mut dp, "granted", XDP_INGRESS, &ssh, XDP_PASS, opened());
+    dp.datapath.maps.revoke(SESSION).unwrap();
+    check(
+        &mut dp,
+        "revoked",
+        XDP_INGRESS,
+        &ssh,
+        XDP_PASS,
+        would(DropReason::Revoked),
+    );
+    assert!(
+        dp.datapath
+            .maps
+            .session_stats(SESSION)
+            .unwrap()
+            .dropped_after_revoke_packets
+            == 0
+    );
+
+    dp.datapath.maps.set_mode(Mode::Enforce).unwrap();
+    check(
+        &mut dp,
+        "revoked, enforcing again",
+        XDP_INGRESS,
+        &ssh,
+        XDP_DROP,
+        drops(DropReason::Revoked),
+    );
+}
+
+#[test]
+fn a_full_flow_table_denies_new_flows_and_keeps_existing_ones() {
+    if !require_root("a_full_flow_table_denies_new_flows_and_keeps_existing_ones") {
+        return;
+    }
+    const CAPACITY: u32 = 8;
+    let mut dp = LoadedDatapath::with_flow_table("full", CAPACITY);
+    let ssh_id = dp.resource_id("ssh");
+    dp.datapath.maps.grant(ip(CLIENT), ssh_id, SESSION).unwrap();
+    let frame = |sport| Frame::tcp(ip(CLIENT), sport, ip(SERVER), 22).build();
+    for sport in 0..CAPACITY as u16 {
+        check(
+            &mut dp,
+            "filling",
+            XDP_INGRESS,
+            &frame(1000 + sport),
+            XDP_PASS,
+            opened(),
+        );
+    }
+    assert_eq!(dp.datapath.maps.flow_fill(), (CAPACITY as usize, CAPACITY));
+    check(
+        &mut dp,
+        "one flow too many",
+        XDP_INGRESS,
+        &frame(2000),
+        XDP_DROP,
+        drops(DropReason::FlowTableFull),
+    );
+    check(
+        &mut dp,
+        "existing flow",
+        XDP_INGRESS,
+        &frame(1000),
+        XDP_PASS,
+        Delta::default(),
+    );
+    // Removing a flow makes room again.
+    dp.datapath
+        .maps
+        .remove_flow(&flow_key(CLIENT, 1001, SERVER, 22, 6))
+        .unwrap();
+    check(
+        &mut dp,
+        "after one was removed",
+        XDP_INGRESS,
+        &frame(2000),
+        XDP_PASS,
+        opened(),
+    );
+}
+
+#[test]
+fn denied_events_are_rate_limited() {
+    if !require_root("denied_events_are_rate_limited") {
+        return;
+    }
+    let mut dp = LoadedDatapath::new("ratelimit");
+    let ssh = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22).build();
+    // One run of 200 repeats stays on one CPU and well inside one second.
+    let out = dp.datapath.test_run(XDP_INGRESS, &ssh, 200).unwrap();
+    assert_eq!(out.return_value, XDP_DROP);
+    let c = dp.counters();
+    assert_eq!(c.dropped(DropReason::NoGrant), 200);
+    let denied = std::iter::from_fn(|| dp.datapath.events.try_next())
+        .filter(|e| matches!(e.kind, EventKind::FlowDenied(DropReason::NoGrant)))
+        .count() as u64;
+    assert_eq!(denied, agent_common::DENIED_EVENTS_PER_SEC);
+    assert_eq!(c.denied_events_suppressed, 200 - denied);
+}

@@ -1,0 +1,69 @@
+//! flowwarden's task runner, invoked as `cargo xtask <command>` (alias in .cargo/config.toml).
+//!
+//! It depends on no workspace crate so that it builds on a fresh machine, before the eBPF
+//! toolchain that `setup` installs exists.
+
+mod cmd;
+mod run;
+mod setup;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about = "flowwarden development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing to build and test (rust-src, bpf-linker, Debian packages, bpffs).
+    Setup,
+    /// Run setup, build the workspace, then unit tests and the privileged integration tests.
+    Test {
+        /// Only run tests whose name contains this string (in both test runs).
+        #[arg(long, value_name = "NAME")]
+        filter: Option<String>,
+    },
+    /// Run setup, then a benchmark; results go to target/bench/<name>.json.
+    Bench {
+        /// Which benchmark to run (known: datapath).
+        name: String,
+        /// Forwarded to the benchmark as `--repeat N`.
+        #[arg(long, value_name = "N")]
+        repeat: Option<u32>,
+        /// Forwarded to the benchmark as `--runs N`.
+        #[arg(long, value_name = "N")]
+        runs: Option<u32>,
+    },
+    /// Run setup, then the demo; further arguments go to the demo.
+    Demo {
+        /// Arguments for the demo binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Lint the user-space crates (stable) and the eBPF crate (nightly, BPF target).
+    Clippy,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Test { filter } => run::test(filter.as_deref()),
+        Task::Bench { name, repeat, runs } => run::bench(&name, repeat, runs),
+        Task::Demo { args } => run::demo(&args),
+        Task::Clippy => run::clippy(),
+    };
+    // Print the error chain ourselves: returning it from main would also dump a backtrace
+    // whenever RUST_BACKTRACE is set, burying the actionable message.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Launchers for the test suite, benchmarks, demo and lints; each runs setup first where the
+//! step needs the eBPF toolchain or the test machine's packages.
+
+use std::{ffi::OsString, process::Command};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::{
+    cmd::{self, banner, cargo, workspace_root},
+    setup::setup,
+};
+
+/// The eBPF crate builds only for the BPF target (the agent's build.rs does that), and
+/// `--workspace` would select it despite it not being a default member.
+const EBPF_CRATE: &str = "agent-ebpf";
+/// Privileged integration tests: they share interfaces and bpffs, so they run one at a time.
+const TESTS_CRATE: &str = "flowwarden-tests";
+
+/// Benchmarks `cargo xtask bench` knows about.
+const BENCHES: &[&str] = &["datapath"];
+
+pub fn test(filter: Option<&str>) -> Result<()> {
+    setup()?;
+
+    let mut build = cargo(["build", "--workspace", "--exclude", EBPF_CRATE]);
+
+    let mut unit = cargo([
+        "test",
+        "--workspace",
+        "--exclude",
+        TESTS_CRATE,
+        "--exclude",
+        EBPF_CRATE,
+    ]);
+    if let Some(f) = filter {
+        unit.args(["--", f]);
+    }
+
+    let mut integration = cargo(["test", "-p", TESTS_CRATE, "--", "--test-threads=1"]);
+    integration.args(filter);
+
+    // Stop at the first failure: later steps would only repeat the build error or run
+    // privileged tests against a tree whose unit tests already fail.
+    let steps = [
+        ("build", &mut build),
+        ("unit tests", &mut unit),
+        (
+            "integration tests (privileged, single-threaded)",
+            &mut integration,
+        ),
+    ];
+    let total = steps.len();
+    for (i, (what, command)) in steps.into_iter().enumerate() {
+        banner(i + 1, total, what, command);
+        cmd::run(command)
+            .with_context(|| format!("test step {}/{total} ({what}) failed", i + 1))?;
+    }
+    println!("\nxtask test: all {total} steps passed");
+    Ok(())
+}
+
+pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>) -> Result<()> {
+    if !BENCHES.contains(&name) {
+        bail!(
+            "unknown bench `{name}`; known benches: {}",
+            BENCHES.join(", ")
+        );
+    }
+    setup()?;
+
+    let out_dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let out = out_dir.join(format!("{name}.json"));
+
+    let mut run = cargo([
+        "run",
+        "--release",
+        "-p",
+        TESTS_CRATE,
+        "--bin",
+        &format!("bench-{name}"),
+        "--",
+    ]);
+    run.arg("--out").arg(&out);
+    if let Some(n) = repeat {
+        run.args(["--repeat", &n.to_string()]);
+    }
+    if let Some(n) = runs {
+        run.args(["--runs", &n.to_string()]);
+    }
+    banner(1, 1, &format!("bench {name}"), &run);
+    cmd::run(&mut run)?;
+    println!("\nxtask bench: results in {}", out.display());
+    Ok(())
+}
+
+pub fn demo(args: &[OsString]) -> Result<()> {
+    setup()?;
+    let mut run = cargo(["run", "-p", TESTS_CRATE, "--bin", "demo", "--"]);
+    run.args(args);
+    banner(1, 1, "demo", &run);
+    cmd::run(&mut run)
+}
+
+pub fn clippy() -> Result<()> {
+    let mut host = cargo([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        EBPF_CRATE,
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    // The eBPF crate is no_std and uses nightly features, so it is linted for its own target
+    // with a core built from rust-src.
+    let mut ebpf = Command::new("cargo");
+    ebpf.args([
+        "+nightly",
+        "clippy",
+        "-p",
+        EBPF_CRATE,
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ])
+    .current_dir(workspace_root());
+
+    // Run both so one pass reports every lint, then fail naming what failed.
+    let steps = [
+        ("clippy (user space, stable)", &mut host),
+        ("clippy (eBPF, nightly)", &mut ebpf),
+    ];
+    let total = steps.len();
+    let mut failed = Vec::new();
+    for (i, (what, command)) in steps.into_iter().enumerate() {
+        banner(i + 1, total, what, command);
+        if let Err(e) = cmd::run(command) {
+            eprintln!("xtask clippy: {e:#}");
+            failed.push(what);
+        }
+    }
+    if failed.is_empty() {
+        println!("\nxtask clippy: clean");
+        Ok(())
+    } else {
+        let hint = if failed.contains(&"clippy (eBPF, nightly)") {
+            " (if the eBPF step failed for toolchain reasons, not lints, run `cargo xtask setup`)"
+        } else {
+            ""
+        };
+        Err(anyhow!("clippy failed: {}{hint}", failed.join("; ")))
+    }
+}

@@ -1,0 +1,354 @@
+//! `cargo xtask setup`: makes a Debian 12 machine ready to build and test flowwarden,
+//! installing only what is missing so that repeated runs are quick and change nothing.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::cmd::{self, is_root};
+
+/// The bpf-linker release aya-build is known to work with; any other version is replaced.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the integration tests and the demo call out to.
+const PACKAGES: &[&str] = &[
+    "openssh-server",
+    "openssh-client",
+    "iperf3",
+    "iproute2",
+    "bpftool",
+    "ethtool",
+    "procps",
+];
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// What we need to know about the nightly toolchain, which builds the eBPF crate and whose
+/// LLVM bpf-linker must share.
+#[derive(Debug, PartialEq, Eq)]
+struct Nightly {
+    /// `release:` from `rustc -vV`, e.g. `1.97.0-nightly`; part of the libLLVM file name.
+    release: String,
+    /// Major of `LLVM version:`, e.g. 22; selects bpf-linker's `llvm-N` feature.
+    llvm_major: u32,
+    sysroot: PathBuf,
+}
+
+pub fn setup() -> Result<()> {
+    let nightly = nightly()?;
+    rust_src(&nightly)?;
+    bpf_linker(&nightly)?;
+    packages()?;
+    bpffs()?;
+    println!("setup: done");
+    Ok(())
+}
+
+fn step(what: &str, state: &str) {
+    println!("setup: {what} ... {state}");
+}
+
+fn nightly() -> Result<Nightly> {
+    const WHAT: &str = "nightly toolchain";
+    // `rustc +nightly` only works through rustup's proxy, which is what we require anyway.
+    let verbose = cmd::output(Command::new("rustc").args(["+nightly", "-vV"])).map_err(|e| {
+        anyhow!(
+            "no nightly toolchain: install one with `rustup toolchain install nightly` \
+             (this machine cannot download toolchains, so setup does not try; \
+             copy one in or install it where the network allows)\ncause: {e:#}"
+        )
+    })?;
+    let (release, llvm_major) = parse_rustc_verbose(&verbose)?;
+    let sysroot = cmd::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    step(WHAT, &format!("present ({release}, LLVM {llvm_major})"));
+    Ok(Nightly {
+        release,
+        llvm_major,
+        sysroot: PathBuf::from(sysroot.trim()),
+    })
+}
+
+/// Extracts `release:` and the LLVM major version from `rustc -vV` output.
+fn parse_rustc_verbose(text: &str) -> Result<(String, u32)> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .ok_or_else(|| anyhow!("`rustc +nightly -vV` printed no `{name}` line:\n{text}"))
+    };
+    let release = field("release:")?.to_owned();
+    let llvm = field("LLVM version:")?;
+    let llvm_major = llvm
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| anyhow!("cannot parse LLVM version `{llvm}` from `rustc +nightly -vV`"))?;
+    Ok((release, llvm_major))
+}
+
+fn rust_src(nightly: &Nightly) -> Result<()> {
+    const WHAT: &str = "rust-src for nightly";
+    // build-std=core compiles core from this tree for the BPF target.
+    let core = nightly.sysroot.join("lib/rustlib/src/rust/library/core");
+    if core.is_dir() {
+        step(WHAT, "present");
+        return Ok(());
+    }
+    step(WHAT, "installing");
+    cmd::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("installing rust-src failed; the rustup dist server may be unreachable")
+}
+
+fn bpf_linker(nightly: &Nightly) -> Result<()> {
+    let what = format!("bpf-linker {BPF_LINKER_VERSION}");
+    match find_bpf_linker() {
+        Some((path, version)) if version == BPF_LINKER_VERSION => {
+            step(&what, &format!("present ({})", path.display()));
+            warn_if_not_on_path(&path);
+            return Ok(());
+        }
+        Some((path, version)) => step(
+            &what,
+            &format!("found {version} at {}; installing", path.display()),
+        ),
+        None => step(&what, "installing"),
+    }
+
+    let lib_dir = nightly.sysroot.join("lib");
+    let dylib = llvm_dylib(&lib_dir, nightly)?;
+    let rustflags = format!(
+        "-L {lib} -l dylib={dylib} -C link-arg=-Wl,-rpath,{lib}",
+        lib = lib_dir.display()
+    );
+    // bpf-linker links against the nightly's own libLLVM instead of a system LLVM, so its
+    // LLVM is exactly the one rustc emits bitcode for. --force replaces any other version.
+    let mut install = cmd::cargo([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--force",
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{},no-llvm-linking", nightly.llvm_major),
+    ]);
+    install
+        .env("RUSTFLAGS", &rustflags)
+        // Cargo prefers this over RUSTFLAGS; a stray value would drop our link flags.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    let retry = format!("RUSTFLAGS='{rustflags}' {}", cmd::display(&install));
+    cmd::run(&mut install).map_err(|e| {
+        anyhow!(
+            "{e:#}\ninstalling bpf-linker failed; the crates.io registry may be unreachable. \
+             Retry with:\n  {retry}"
+        )
+    })?;
+
+    match find_bpf_linker() {
+        Some((path, version)) if version == BPF_LINKER_VERSION => {
+            step(&what, &format!("installed ({})", path.display()));
+            warn_if_not_on_path(&path);
+            Ok(())
+        }
+        Some((path, version)) => bail!(
+            "bpf-linker {version} at {} is found before the freshly installed {BPF_LINKER_VERSION}; \
+             remove it or put {} first on PATH",
+            path.display(),
+            cargo_bin_dir().map_or("~/.cargo/bin".into(), |d| d.display().to_string())
+        ),
+        None => bail!(
+            "bpf-linker was installed but cannot be found or run; check `cargo install --list`"
+        ),
+    }
+}
+
+/// The first runnable bpf-linker (PATH first, then cargo's bin dir) and the version it reports.
+fn find_bpf_linker() -> Option<(PathBuf, String)> {
+    let path_dirs = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    path_dirs
+        .into_iter()
+        .chain(cargo_bin_dir())
+        .map(|dir| dir.join("bpf-linker"))
+        .filter(|exe| exe.is_file())
+        .find_map(|exe| {
+            let out = cmd::output(Command::new(&exe).arg("--version")).ok()?;
+            // Prints e.g. `bpf-linker 0.13.0`.
+            let version = out.split_whitespace().nth(1)?.to_owned();
+            Some((exe, version))
+        })
+}
+
+/// Where `cargo install` puts binaries (its install root, by default cargo's home).
+fn cargo_bin_dir() -> Option<PathBuf> {
+    env::var_os("CARGO_INSTALL_ROOT")
+        .or_else(|| env::var_os("CARGO_HOME"))
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .map(|home| home.join("bin"))
+}
+
+/// rustc invokes `bpf-linker` by name, so a copy outside PATH does not help the build.
+fn warn_if_not_on_path(exe: &Path) {
+    let on_path = env::var_os("PATH")
+        .is_some_and(|p| env::split_paths(&p).any(|d| exe.parent() == Some(d.as_path())));
+    if !on_path {
+        println!(
+            "setup: warning: {} is not on PATH; add {} to PATH before building",
+            exe.display(),
+            exe.parent().unwrap_or(exe).display()
+        );
+    }
+}
+
+/// The `-l dylib=` name of the nightly's libLLVM, e.g. `LLVM-22-rust-1.97.0-nightly`.
+fn llvm_dylib(lib_dir: &Path, nightly: &Nightly) -> Result<String> {
+    let major = nightly.llvm_major;
+    let exact = format!("libLLVM-{major}-rust-{}.so", nightly.release);
+    if lib_dir.join(&exact).is_file() {
+        return Ok(dylib_name(&exact).expect("the name is built as lib*.so"));
+    }
+    // Some toolchains name the file differently; any libLLVM-<major>*.so of this sysroot
+    // carries the same LLVM.
+    let mut names: Vec<String> = std::fs::read_dir(lib_dir)
+        .with_context(|| format!("cannot list {}", lib_dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("libLLVM-{major}")))
+        .filter_map(|n| dylib_name(&n))
+        .collect();
+    names.sort();
+    names.into_iter().next().ok_or_else(|| {
+        anyhow!(
+            "no {exact} (nor any libLLVM-{major}*.so) in {}; bpf-linker needs the nightly's \
+             libLLVM. Reinstall the nightly toolchain (`rustup toolchain install nightly`) \
+             or install bpf-linker {BPF_LINKER_VERSION} by hand",
+            lib_dir.display()
+        )
+    })
+}
+
+/// `libLLVM-22-rust-1.97.0-nightly.so` → `LLVM-22-rust-1.97.0-nightly`.
+fn dylib_name(file: &str) -> Option<String> {
+    file.strip_prefix("lib")?
+        .strip_suffix(".so")
+        .map(str::to_owned)
+}
+
+fn packages() -> Result<()> {
+    let what = format!("Debian packages ({})", PACKAGES.join(" "));
+    let mut missing = Vec::new();
+    for pkg in PACKAGES {
+        if !package_installed(pkg)? {
+            missing.push(*pkg);
+        }
+    }
+    if missing.is_empty() {
+        step(&what, "present");
+        return Ok(());
+    }
+    let install = format!(
+        "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {}",
+        missing.join(" ")
+    );
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {}; installing them needs root: rerun `cargo xtask setup` \
+             as root, or run `sudo sh -c '{install}'`",
+            missing.join(" ")
+        );
+    }
+    step(&what, &format!("installing {}", missing.join(" ")));
+    cmd::run(Command::new("apt-get").arg("update"))
+        .context("apt-get update failed; is a Debian mirror reachable?")?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing packages failed; retry with `{install}`"))
+}
+
+fn package_installed(pkg: &str) -> Result<bool> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .context("cannot run dpkg-query; `cargo xtask setup` supports Debian 12 only")?;
+    // Unknown packages make dpkg-query fail; that just means "not installed".
+    Ok(String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn bpffs() -> Result<()> {
+    let what = format!("bpffs at {BPFFS}");
+    let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    if bpffs_mounted(&mounts) {
+        step(&what, "present");
+        return Ok(());
+    }
+    if !is_root() {
+        // Not fatal: unit tests run without it; the privileged tests need root anyway.
+        step(
+            &what,
+            &format!("not mounted; mounting needs root: `sudo mount -t bpf bpf {BPFFS}`"),
+        );
+        return Ok(());
+    }
+    step(&what, "mounting");
+    std::fs::create_dir_all(BPFFS).with_context(|| format!("cannot create {BPFFS}"))?;
+    cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])).with_context(|| {
+        format!("mounting bpffs failed; in a container, grant CAP_SYS_ADMIN or mount {BPFFS} on the host")
+    })
+}
+
+/// Whether /proc/mounts lists a filesystem of type `bpf` mounted at /sys/fs/bpf.
+fn bpffs_mounted(mounts: &str) -> bool {
+    mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rustc_verbose() {
+        let text = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\n\
+                    host: x86_64-unknown-linux-gnu\nrelease: 1.97.0-nightly\nLLVM version: 22.1.4\n";
+        let (release, major) = parse_rustc_verbose(text).unwrap();
+        assert_eq!(release, "1.97.0-nightly");
+        assert_eq!(major, 22);
+        assert!(parse_rustc_verbose("release: 1.0.0\n").is_err());
+    }
+
+    #[test]
+    fn derives_dylib_name() {
+        assert_eq!(
+            dylib_name("libLLVM-22-rust-1.97.0-nightly.so").as_deref(),
+            Some("LLVM-22-rust-1.97.0-nightly")
+        );
+        // The versioned alias is not a linkable `.so` name.
+        assert_eq!(dylib_name("libLLVM.so.22.1-rust-1.97.0-nightly"), None);
+    }
+
+    #[test]
+    fn detects_bpffs() {
+        let yes = "sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw,relatime,mode=700 0 0\n";
+        let wrong_type = "none /sys/fs/bpf tmpfs rw 0 0\n";
+        assert!(bpffs_mounted(yes));
+        assert!(!bpffs_mounted(wrong_type));
+        assert!(!bpffs_mounted(""));
+    }
+}
