@@ -168,9 +168,9 @@ pub struct Flow {
     pub session_id: u64,
     pub resource_id: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
+    /// CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`, a tick's precision) at creation.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet either way.
+    /// CLOCK_MONOTONIC_COARSE of the last packet either way.
     pub last_seen_ns: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,

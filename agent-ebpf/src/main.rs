@@ -89,7 +89,7 @@ pub fn fw_bench_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn fw_bench_floor(_ctx: XdpContext) -> u32 {
     let key = agent_common::FlowKey::default();
-    if let Some(v) = maps::BENCH_FLOOR.get_ptr_mut(&key) {
+    if let Some(v) = maps::BENCH_FLOOR.get_ptr_mut(key) {
         // SAFETY: a map value pointer stays valid for the whole program run.
         unsafe { maps::atomic_add(v, 1) };
     }

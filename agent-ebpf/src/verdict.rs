@@ -6,7 +6,11 @@ use agent_common::{
     RESOURCE_HAS_DSTS, ResourceDst, Revocation, SessionStats, event_kind, resource_port_index,
     stat,
 };
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 
 use crate::{
     maps::{
@@ -64,17 +68,17 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a map value pointer stays valid for the whole program run.
         let session_id = unsafe { (*flow).session_id };
-        if let Some(revocation) = REVOKED.get_ptr_mut(&session_id) {
+        if let Some(revocation) = REVOKED.get_ptr_mut(session_id) {
             return revoked(revocation, session_id, &key, resource_id, len);
         }
         // SAFETY: as above; counters are shared by CPUs, hence the atomic adds.
         unsafe {
             atomic_add(&raw mut (*flow).rx_packets, 1);
             atomic_add(&raw mut (*flow).rx_bytes, len);
-            (*flow).last_seen_ns = bpf_ktime_get_ns();
+            (*flow).last_seen_ns = last_seen_now();
         }
         return Action::Pass;
     }
@@ -84,14 +88,15 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
         resource_id,
     };
     // SAFETY: the value is copied out at once.
-    let Some(grant) = (unsafe { GRANTS.get(&grant_key) }).copied() else {
+    let Some(grant) = (unsafe { GRANTS.get(grant_key) }).copied() else {
         return deny(stat::DROP_NO_GRANT, &key, resource_id, 0);
     };
     let session_id = grant.session_id;
-    if let Some(revocation) = REVOKED.get_ptr_mut(&session_id) {
+    if let Some(revocation) = REVOKED.get_ptr_mut(session_id) {
         return revoked(revocation, session_id, &key, resource_id, len);
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Flow stamps share the last-seen clock, so last_seen_ns >= created_ns always holds.
+    let now = last_seen_now();
     let flow = Flow {
         session_id,
         resource_id,
@@ -103,7 +108,7 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
         tx_packets: 0,
         tx_bytes: 0,
     };
-    match FLOWS.insert(&key, &flow, BPF_NOEXIST as u64) {
+    match FLOWS.insert(key, flow, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(stat::FLOWS_OPENED, 1);
             session_flow_opened(session_id);
@@ -142,12 +147,12 @@ pub fn egress(pkt: &Packet, len: u64) -> Action {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    let Some(flow) = FLOWS.get_ptr_mut(&key) else {
+    let Some(flow) = FLOWS.get_ptr_mut(key) else {
         return Action::Pass;
     };
     // SAFETY: a map value pointer stays valid for the whole program run.
     let session_id = unsafe { (*flow).session_id };
-    if let Some(revocation) = REVOKED.get_ptr_mut(&session_id) {
+    if let Some(revocation) = REVOKED.get_ptr_mut(session_id) {
         if pkt.proto == agent_common::IPPROTO_TCP && pkt.tcp_flags & TCP_RST != 0 {
             count(stat::RST_PASSED_AFTER_REVOKE, 1);
             return Action::Pass;
@@ -158,7 +163,7 @@ pub fn egress(pkt: &Packet, len: u64) -> Action {
     unsafe {
         atomic_add(&raw mut (*flow).tx_packets, 1);
         atomic_add(&raw mut (*flow).tx_bytes, len);
-        (*flow).last_seen_ns = bpf_ktime_get_ns();
+        (*flow).last_seen_ns = last_seen_now();
     }
     Action::Pass
 }
@@ -189,7 +194,7 @@ fn revoked(
         return Action::Pass;
     }
     count(stat::DROP_REVOKED, 1);
-    match SESSION_STATS.get_ptr_mut(&session_id) {
+    match SESSION_STATS.get_ptr_mut(session_id) {
         // SAFETY: a map value pointer stays valid for the whole program run.
         Some(stats) => unsafe {
             atomic_add(&raw mut (*stats).dropped_after_revoke_packets, 1);
@@ -201,7 +206,7 @@ fn revoked(
                 dropped_after_revoke_packets: 1,
                 dropped_after_revoke_bytes: len,
             };
-            let _ = SESSION_STATS.insert(&session_id, &stats, BPF_NOEXIST as u64);
+            let _ = SESSION_STATS.insert(session_id, stats, BPF_NOEXIST as u64);
         }
     }
     // SAFETY: as above. Two CPUs may both see zero and both report: user space keeps the first.
@@ -274,7 +279,7 @@ fn denied_event_allowed(now: u64) -> bool {
 
 #[inline(always)]
 fn session_flow_opened(session_id: u64) {
-    match SESSION_STATS.get_ptr_mut(&session_id) {
+    match SESSION_STATS.get_ptr_mut(session_id) {
         // SAFETY: a map value pointer stays valid for the whole program run.
         Some(stats) => unsafe {
             atomic_add(&raw mut (*stats).flows_opened, 1);
@@ -284,7 +289,15 @@ fn session_flow_opened(session_id: u64) {
                 flows_opened: 1,
                 ..SessionStats::default()
             };
-            let _ = SESSION_STATS.insert(&session_id, &stats, BPF_NOEXIST as u64);
+            let _ = SESSION_STATS.insert(session_id, stats, BPF_NOEXIST as u64);
         }
     }
+}
+
+/// The clock of flow stamps (created, last seen): CLOCK_MONOTONIC_COARSE (Linux 5.11), a tick's precision at
+/// a fraction of the cost, which is plenty for idle timeouts measured in seconds.
+#[inline(always)]
+fn last_seen_now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }

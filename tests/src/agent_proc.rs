@@ -79,7 +79,7 @@ pub fn write_config(scratch: &Scratch, setup: &AgentSetup<'_>) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[datapath]\ninterfaces = [\"{}\"]\npin_dir = \"{}\"\n{}\n\n[policy]\ndir = \"policies\"\n",
+            "[datapath]\ninterfaces = [\"{}\"]\npin_dir = \"{}\"\n{}\n[policy]\ndir = \"policies\"\n",
             setup.interface,
             setup.pin_dir.display(),
             setup.datapath_extra

@@ -49,12 +49,76 @@ pub fn display(cmd: &Command) -> String {
 /// fails if it does not exit successfully.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = display(cmd);
-    let status = cmd
+    let mut child = cmd
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
-        .status()
+        .spawn()
         .with_context(|| format!("could not start `{shown}` (is it installed and on PATH?)"))?;
+    // Ctrl-C reaches the child too (same process group). Ignore it here, after the spawn so
+    // the child keeps the default, so that xtask waits for the child to finish cleaning up
+    // (the demo removes its namespaces and pins) instead of returning the prompt first.
+    // SAFETY: signal(2) with SIG_IGN/SIG_DFL installs no handler code of ours.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = child.wait();
+    // SAFETY: as above.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    let status = status.with_context(|| format!("waiting for `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Test counts summed from cargo's `test result:` lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl Tally {
+    /// Adds the counts of one `test result: ok. 3 passed; 0 failed; ...` line.
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Like [`run`], but echoes stdout line by line while adding up cargo's test counts.
+pub fn run_counting(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let shown = display(cmd);
+    let mut child = cmd
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("could not start `{shown}` (is it installed and on PATH?)"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout)
+        .lines()
+        .map_while(std::result::Result::ok)
+    {
+        println!("{line}");
+        tally.add_line(&line);
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
     if !status.success() {
         bail!("`{shown}` failed ({status})");
     }
@@ -89,4 +153,24 @@ pub fn is_root() -> bool {
 pub fn banner(step: usize, total: usize, what: &str, cmd: &Command) {
     println!();
     println!("==> [{step}/{total}] {what}: {}", display(cmd));
+}
+
+#[cfg(test)]
+mod tally_tests {
+    use super::Tally;
+
+    #[test]
+    fn sums_cargo_test_result_lines() {
+        let mut t = Tally::default();
+        t.add_line("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out");
+        t.add_line("test result: FAILED. 9 passed; 1 failed; 0 ignored; 0 measured");
+        t.add_line("running 3 tests");
+        assert_eq!(
+            t,
+            Tally {
+                passed: 12,
+                failed: 1
+            }
+        );
+    }
 }

@@ -50,13 +50,21 @@ pub fn test(filter: Option<&str>) -> Result<()> {
         ),
     ];
     let total = steps.len();
+    let mut tally = cmd::Tally::default();
+    let mut result = Ok(());
     for (i, (what, command)) in steps.into_iter().enumerate() {
         banner(i + 1, total, what, command);
-        cmd::run(command)
-            .with_context(|| format!("test step {}/{total} ({what}) failed", i + 1))?;
+        if let Err(e) = cmd::run_counting(command, &mut tally) {
+            result = Err(e.context(format!("test step {}/{total} ({what}) failed", i + 1)));
+            break;
+        }
     }
-    println!("\nxtask test: all {total} steps passed");
-    Ok(())
+    // One closing line with the totals of every step, for people and for CI.
+    println!(
+        "\nflowwarden: {} passed, {} failed",
+        tally.passed, tally.failed
+    );
+    result
 }
 
 pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>) -> Result<()> {

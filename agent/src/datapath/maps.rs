@@ -107,7 +107,11 @@ fn map_err(name: &'static str, action: &'static str) -> impl FnOnce(MapError) ->
 
 /// Whether a lookup error only means "no such key".
 fn not_found(e: &MapError) -> bool {
-    matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 impl Maps {

@@ -88,6 +88,9 @@ enum PortDef {
     Range(String),
 }
 
+/// A resource's claim on one protocol and port: its name and destinations.
+type PortClaim = (String, Vec<IpNet>);
+
 /// Reads every `*.toml` file of `dir` (in name order) into one resource table.
 ///
 /// # Errors
@@ -124,7 +127,7 @@ pub fn parse_resources<'a>(
 ) -> Result<ResourceTable, PolicyError> {
     let mut resources: Vec<Resource> = Vec::new();
     // (proto, port) → owners, to find overlaps.
-    let mut claims: BTreeMap<(u8, u16), Vec<(String, Vec<IpNet>)>> = BTreeMap::new();
+    let mut claims: BTreeMap<(u8, u16), Vec<PortClaim>> = BTreeMap::new();
     for (path, text) in files {
         let at = |span: Range<usize>| format!("{}:{}", path.display(), line_of(text, span.start));
         let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Invalid {
@@ -459,7 +462,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("p.toml:5") && err.contains("defined twice"),
+            err.contains("p.toml:6") && err.contains("defined twice"),
             "{err}"
         );
         let err = parse(
@@ -478,5 +481,22 @@ mod tests {
              [[resource]]\nname = 'dns-udp'\nprotocol = 'udp'\nports = [53]\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn the_shipped_example_policy_is_valid() {
+        let text = include_str!("../../../policies/example.toml");
+        let t = parse_resources([(Path::new("policies/example.toml"), text)]).unwrap();
+        assert_eq!(t.resources.len(), 2);
+        let console = t.by_name("admin-console").unwrap();
+        assert_eq!(console.ports, vec![(8443, 8443), (9000, 9010)]);
+        assert!(
+            t.resource_for(Protocol::Tcp, 9005, "10.1.2.3".parse().unwrap())
+                .is_some()
+        );
+        assert!(
+            t.resource_for(Protocol::Tcp, 9005, "192.168.1.1".parse().unwrap())
+                .is_none()
+        );
     }
 }
