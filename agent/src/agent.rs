@@ -1,28 +1,34 @@
-//! The agent daemon: loads config and policy, brings the datapath up (adopting what an earlier
-//! agent pinned), and reports kernel events until told to stop. Stopping leaves enforcement
-//! in place: a stopped agent opens nothing.
+//! The agent daemon: brings the datapath up (adopting what an earlier agent pinned), loads
+//! the store and reconciles the kernel with it, then serves admissions, sweeps sessions,
+//! follows policy edits and records kernel events until told to stop. Stopping leaves
+//! enforcement in place: a stopped agent opens nothing.
 
-use std::{
-    path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use tokio::sync::mpsc;
 
 use crate::{
+    admission::{self, Admission, RateLimiter},
+    api::{peer::AccessPolicy, transport::SocketOptions},
+    audit::{
+        Audit,
+        event::{AuditEvent, AuditKind},
+    },
+    auth::Verifier,
     config::Config,
-    datapath::{Datapath, DatapathEvent, EventKind, LoadOptions},
-    policy::{self, ResourceTable},
+    datapath::{Datapath, DatapathEvent, LoadOptions},
+    enforce::Enforcer,
+    policy::{Policy, PolicyError, PolicyHandle},
+    sessions::Sessions,
+    store::Store,
 };
 
 /// Runs the agent until SIGTERM or SIGINT.
 ///
 /// # Errors
-/// Invalid config or policy, or a datapath that cannot be brought up.
+/// Invalid config or policy, an unreadable state file, or a datapath that cannot be
+/// brought up. Nothing is changed in the kernel when the config or the state is bad.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     if config.datapath.interfaces.is_empty() {
@@ -32,62 +38,266 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             config_path.display()
         );
     }
-    let resources = policy::load_resources(&config.policy.dir)
-        .with_context(|| format!("loading policies from {}", config.policy.dir.display()))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing signal handlers")?;
+    config
+        .auth
+        .validate()
+        .with_context(|| format!("{}: [auth]", config_path.display()))?;
+    let verifier = Arc::new(Verifier::new(&config.auth).context("loading issuer keys")?);
+    if config.auth.issuers.is_empty() {
+        tracing::warn!("no [[auth.issuer]] configured: every admission will be rejected");
     }
+    let policy = Arc::new(
+        PolicyHandle::new(&config.policy.dir)
+            .with_context(|| format!("loading policies from {}", config.policy.dir.display()))?,
+    );
+    // The store before the kernel: a corrupt state file must stop us before we touch anything.
+    let store = Store::open(&config.state.store_path())?;
+    let stored = store.sessions()?;
 
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config, verifier, policy, store, stored))
+}
+
+async fn serve(
+    config: Config,
+    verifier: Arc<Verifier>,
+    policy: Arc<PolicyHandle>,
+    store: Store,
+    stored: Vec<crate::sessions::model::Session>,
+) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: config.datapath.pin_dir.clone(),
         flow_table_size: config.datapath.flow_table_size,
     })?;
     // Resources and mode go in before any attachment, so the programs never run unconfigured.
-    datapath.maps.install_resources(&resources)?;
+    datapath
+        .maps
+        .install_resources(&policy.current().resources)?;
     datapath.maps.set_mode(config.datapath.mode)?;
     for interface in &config.datapath.interfaces {
         for a in datapath.attach(interface, config.datapath.ingress, config.datapath.xdp_mode)? {
             tracing::info!(interface = %a.interface, hook = a.hook, how = %a.how, adopted = a.adopted, "attached");
         }
     }
+    let Datapath { maps, events, .. } = datapath;
+    let enforcer = Arc::new(Enforcer::new(maps));
+    let audit = Audit::new(store.clone());
+    let sessions = Arc::new(Sessions::new(
+        Arc::clone(&enforcer),
+        store.clone(),
+        audit.clone(),
+        Arc::clone(&policy),
+        config.sessions.clone(),
+        stored,
+    ));
+    let reconciled = sessions.reconcile().await?;
+    tracing::info!(?reconciled, "store and kernel reconciled");
+    sessions
+        .record(vec![AuditEvent::new(AuditKind::AgentStarted)])
+        .await?;
+
+    let tls = admission::tls::load_or_generate(
+        config.admission.cert_file.as_deref(),
+        config.admission.key_file.as_deref(),
+        &config.state.dir,
+    )?;
+    if tls.generated {
+        tracing::info!(cert = %tls.cert_path.display(), "generated a self-signed admission certificate");
+    }
+    let listener = tokio::net::TcpListener::bind(config.admission.listen)
+        .await
+        .with_context(|| format!("binding the admission endpoint {}", config.admission.listen))?;
+    tracing::info!(
+        listen = %config.admission.listen,
+        fingerprint = %format!("sha256:{}", tls.fingerprint),
+        "admission endpoint (clients pin this fingerprint with `flowwarden login --fingerprint`)"
+    );
+    let admission = Arc::new(Admission {
+        sessions: Arc::clone(&sessions),
+        verifier,
+        limiter: RateLimiter::new(config.admission.rate_per_sec, config.admission.rate_burst),
+    });
+    let core = Arc::new(crate::api::core::Core {
+        sessions: Arc::clone(&sessions),
+        enforcer: Arc::clone(&enforcer),
+        policy: Arc::clone(&policy),
+        info: crate::api::core::AgentInfo {
+            interfaces: config.datapath.interfaces.clone(),
+            pin_dir: config.datapath.pin_dir.display().to_string(),
+            admission_listen: config.admission.listen.to_string(),
+            admission_fingerprint: tls.fingerprint.clone(),
+            started: std::time::Instant::now(),
+        },
+    });
+    let access = AccessPolicy::from_names(&config.api.admin_group, &config.api.read_group)?;
+    let mut socket = SocketOptions::new(&config.api.socket);
+    socket.read_group = access.read_gid;
+    socket.max_connections = config.api.max_connections;
+    socket.idle_timeout = Duration::from_secs(config.api.idle_timeout_secs);
+    // Bind now so a taken or unusable socket path stops the start with its reason.
+    drop(crate::api::transport::bind(&socket)?);
+    let (fatal_tx, mut fatal) = mpsc::channel::<String>(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
+        if let Err(e) = crate::api::transport::serve(socket, access, core).await {
+            let _ = fatal_tx.send(format!("status socket: {e}")).await;
+        }
+    });
+    tasks.spawn(admission::serve(
+        listener,
+        Arc::clone(&tls.config),
+        admission,
+    ));
+    tasks.spawn(sweep_loop(
+        Arc::clone(&sessions),
+        Duration::from_millis(config.sessions.sweep_interval_ms),
+    ));
+    tasks.spawn(event_loop(Arc::clone(&sessions), events));
+    let _watch = (config.policy.watch_interval_ms > 0).then(|| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tasks.spawn(policy_loop(
+            Arc::clone(&sessions),
+            Arc::clone(&enforcer),
+            rx,
+        ));
+        crate::policy::watch(
+            Arc::clone(&policy),
+            Duration::from_millis(config.policy.watch_interval_ms),
+            move |change| {
+                let _ = tx.send(change);
+            },
+        )
+    });
+
     tracing::info!(
         interfaces = ?config.datapath.interfaces,
-        resources = resources.resources.len(),
+        resources = policy.current().resources.resources.len(),
+        live_sessions = sessions.live_count(),
         mode = ?config.datapath.mode,
         pin_dir = %config.datapath.pin_dir.display(),
         "ready"
     );
-
-    while !stop.load(Ordering::Relaxed) {
-        datapath.events.wait(Duration::from_millis(200));
-        while let Some(event) = datapath.events.try_next() {
-            log_event(&event, &resources);
-        }
+    let failure = tokio::select! {
+        () = wait_for_stop() => None,
+        reason = fatal.recv() => reason,
+    };
+    tasks.abort_all();
+    if let Err(e) = sessions
+        .record(vec![AuditEvent::new(AuditKind::AgentStopped)])
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record the stop");
     }
     tracing::info!(
         "stopping; enforcement stays in place (`flowwarden datapath detach` removes it)"
     );
-    Ok(())
+    match failure {
+        Some(reason) => anyhow::bail!("{reason}"),
+        None => Ok(()),
+    }
 }
 
-fn log_event(e: &DatapathEvent, resources: &ResourceTable) {
-    let resource = resources
-        .by_id(e.resource_id)
-        .map_or("?", |r| r.name.as_str());
-    match e.kind {
-        EventKind::FlowOpened => tracing::info!(
-            session = format_args!("{:016x}", e.session_id), resource, source = %e.source,
-            destination = %e.destination, "flow opened"
-        ),
-        EventKind::FlowDenied(reason) => tracing::info!(
-            resource, source = %e.source, destination = %e.destination,
-            reason = reason.as_str(), monitor = e.monitor, "flow denied"
-        ),
-        EventKind::FirstDropAfterRevoke => tracing::info!(
-            session = format_args!("{:016x}", e.session_id), resource, source = %e.source,
-            destination = %e.destination, "first packet dropped after revocation"
-        ),
+async fn wait_for_stop() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
+}
+
+async fn sweep_loop(sessions: Arc<Sessions>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match sessions.sweep().await {
+            Ok(out) if out != Default::default() => tracing::debug!(?out, "sweep"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "sweep failed"),
+        }
+    }
+}
+
+/// Kernel events arrive on a blocking reader thread (the ring buffer is polled with poll(2))
+/// and are recorded from here.
+async fn event_loop(sessions: Arc<Sessions>, mut events: crate::datapath::EventReader) {
+    let (tx, mut rx) = mpsc::channel::<DatapathEvent>(4096);
+    std::thread::spawn(move || {
+        loop {
+            events.wait(Duration::from_millis(200));
+            while let Some(e) = events.try_next() {
+                if tx.blocking_send(e).is_err() {
+                    return;
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    while let Some(e) = rx.recv().await {
+        if let Err(err) = sessions.on_datapath_event(&e).await {
+            tracing::error!(error = %err, "cannot record a datapath event");
+        }
+    }
+}
+
+/// Applies each policy change: kernel resources first, then continuous evaluation of every
+/// live session. A bad edit is recorded and the last good policy stays.
+async fn policy_loop(
+    sessions: Arc<Sessions>,
+    enforcer: Arc<Enforcer>,
+    mut changes: mpsc::UnboundedReceiver<Result<Arc<Policy>, PolicyError>>,
+) {
+    while let Some(change) = changes.recv().await {
+        match change {
+            Ok(policy) => {
+                if let Err(e) = apply_policy(&sessions, &enforcer, &policy).await {
+                    tracing::error!(error = %e, "applying the new policy failed");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy edit refused; the last good policy stays in force");
+                let ev = AuditEvent::new(AuditKind::PolicyRejected {
+                    error: e.to_string(),
+                });
+                if let Err(err) = sessions.record(vec![ev]).await {
+                    tracing::error!(error = %err, "cannot record the refused policy");
+                }
+            }
+        }
+    }
+}
+
+/// Installs a policy that is already current in the handle: resources in the kernel, then
+/// continuous evaluation. Shared by the file watcher and `policy reload`.
+///
+/// # Errors
+/// The kernel refuses the resource tables, or evaluation fails.
+pub async fn apply_policy(
+    sessions: &Sessions,
+    enforcer: &Enforcer,
+    policy: &Policy,
+) -> anyhow::Result<crate::sessions::PolicyOutcome> {
+    enforcer.with_maps(|m| m.install_resources(&policy.resources))?;
+    let outcome = sessions.apply_policy(policy).await?;
+    tracing::info!(?outcome, "policy applied");
+    let ev = AuditEvent::new(AuditKind::PolicyReloaded {
+        files: policy.files.len(),
+        resources: policy.resources.resources.len(),
+        rules: policy.rules.len(),
+    });
+    sessions.record(vec![ev]).await?;
+    Ok(outcome)
 }

@@ -9,6 +9,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/flowwarden/agent.toml";
 /// Where maps and links are pinned, so enforcement outlives the agent process.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowwarden";
 pub const DEFAULT_POLICY_DIR: &str = "/etc/flowwarden/policies";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/flowwarden";
+pub const DEFAULT_ADMISSION_LISTEN: &str = "0.0.0.0:7443";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -34,6 +36,130 @@ pub struct Config {
     pub datapath: DatapathConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The status socket (JSON-RPC 2.0, one object per line).
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Members may call every method (uid 0 always may).
+    #[serde(default = "default_admin_group")]
+    pub admin_group: String,
+    /// Members may call the read methods; the socket and its directory belong to this group.
+    #[serde(default = "default_read_group")]
+    pub read_group: String,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection that sends no complete request for this long is closed.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+            admin_group: default_admin_group(),
+            read_group: default_read_group(),
+            max_connections: default_max_connections(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Holds `state.redb` (sessions, revocations, audit) and the generated TLS certificate.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+impl StateConfig {
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.join("state.redb")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Where clients present their tokens (HTTPS).
+    #[serde(default = "default_admission_listen")]
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate chain and key; when both are absent a self-signed pair is generated
+    /// in the state directory at first start.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Admission attempts each source address may make per second, and the burst above it.
+    #[serde(default = "default_rate_per_sec")]
+    pub rate_per_sec: u32,
+    #[serde(default = "default_rate_burst")]
+    pub rate_burst: u32,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admission_listen(),
+            cert_file: None,
+            key_file: None,
+            rate_per_sec: default_rate_per_sec(),
+            rate_burst: default_rate_burst(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// What a policy change does to live flows that lose their grant.
+    #[serde(default)]
+    pub on_policy_change: OnPolicyChange,
+    /// How often expiry, idle flows and dormancy are checked.
+    #[serde(default = "default_sweep_interval_ms")]
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            on_policy_change: OnPolicyChange::default(),
+            sweep_interval_ms: default_sweep_interval_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPolicyChange {
+    /// Remove the grant and cut its live flows at once.
+    #[default]
+    Sever,
+    /// Remove the grant only: live flows go on until they end or go idle.
+    DenyNewFlows,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,12 +203,17 @@ pub struct PolicyConfig {
     /// Directory of policy files (`*.toml`); relative paths are taken from the config's directory.
     #[serde(default = "default_policy_dir")]
     pub dir: PathBuf,
+    /// How often the directory is checked for edits (0 disables watching; `policy reload`
+    /// still works).
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             dir: default_policy_dir(),
+            watch_interval_ms: default_watch_interval_ms(),
         }
     }
 }
@@ -121,6 +252,54 @@ fn default_policy_dir() -> PathBuf {
     PathBuf::from(DEFAULT_POLICY_DIR)
 }
 
+pub const DEFAULT_SOCKET: &str = "/run/flowwarden/agent.sock";
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+fn default_admin_group() -> String {
+    "flowwarden-admin".into()
+}
+
+fn default_read_group() -> String {
+    "flowwarden".into()
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+
+fn default_idle_timeout_secs() -> u64 {
+    300
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+
+fn default_admission_listen() -> std::net::SocketAddr {
+    DEFAULT_ADMISSION_LISTEN
+        .parse()
+        .expect("a valid default address")
+}
+
+fn default_rate_per_sec() -> u32 {
+    20
+}
+
+fn default_rate_burst() -> u32 {
+    40
+}
+
+fn default_sweep_interval_ms() -> u64 {
+    1_000
+}
+
+fn default_watch_interval_ms() -> u64 {
+    250
+}
+
 fn default_flow_table_size() -> u32 {
     agent_common::map_sizes::FLOWS
 }
@@ -138,8 +317,29 @@ impl Config {
         })?;
         let mut config = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if config.policy.dir.is_relative() {
-            config.policy.dir = base.join(&config.policy.dir);
+        for issuer in &mut config.auth.issuers {
+            for p in [issuer.jwks_file.as_mut(), issuer.hs256_secret_file.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        for p in [
+            Some(&mut config.policy.dir),
+            Some(&mut config.state.dir),
+            Some(&mut config.api.socket),
+            config.admission.cert_file.as_mut(),
+            config.admission.key_file.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
         }
         Ok(config)
     }
@@ -168,6 +368,37 @@ impl Config {
             return Err(invalid(
                 "datapath.flow_table_size",
                 format!("{size} is out of range: use 1024 to 16777216"),
+            ));
+        }
+        if self.admission.cert_file.is_some() != self.admission.key_file.is_some() {
+            return Err(invalid(
+                "admission.cert_file",
+                "set both cert_file and key_file, or neither (a self-signed pair is then generated)"
+                    .into(),
+            ));
+        }
+        if self.admission.rate_per_sec == 0 || self.admission.rate_burst == 0 {
+            return Err(invalid(
+                "admission.rate_per_sec",
+                "rate_per_sec and rate_burst must be at least 1".into(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.api.max_connections) {
+            return Err(invalid(
+                "api.max_connections",
+                format!(
+                    "{} is out of range: use 1 to 100000",
+                    self.api.max_connections
+                ),
+            ));
+        }
+        if !(50..=60_000).contains(&self.sessions.sweep_interval_ms) {
+            return Err(invalid(
+                "sessions.sweep_interval_ms",
+                format!(
+                    "{} is out of range: use 50 to 60000",
+                    self.sessions.sweep_interval_ms
+                ),
             ));
         }
         for name in &self.datapath.interfaces {

@@ -1,8 +1,16 @@
 //! flowwarden: an identity-aware flow enforcement agent. The library behind the `flowwarden`
 //! binary, also used by the integration tests.
 
+pub mod admission;
 pub mod agent;
+pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod enforce;
+pub mod identity;
 pub mod policy;
+pub mod sessions;
+pub mod store;

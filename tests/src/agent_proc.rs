@@ -79,7 +79,9 @@ pub fn write_config(scratch: &Scratch, setup: &AgentSetup<'_>) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[datapath]\ninterfaces = [\"{}\"]\npin_dir = \"{}\"\n{}\n[policy]\ndir = \"policies\"\n",
+            "[datapath]\ninterfaces = [\"{}\"]\npin_dir = \"{}\"\n{}\n[policy]\ndir = \"policies\"\n\n\
+             [state]\ndir = \"state\"\n\n[api]\nsocket = \"agent.sock\"\n\n\
+             [admission]\nlisten = \"127.0.0.1:0\"\n",
             setup.interface,
             setup.pin_dir.display(),
             setup.datapath_extra

@@ -6,4 +6,5 @@ pub mod frames;
 pub mod loaded;
 pub mod netns;
 pub mod privileged;
+pub mod stack;
 pub mod tcp;

@@ -68,3 +68,58 @@ pub fn carries(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8]) -> bool {
 pub fn read_timeout(s: &TcpStream, timeout: Duration) {
     s.set_read_timeout(Some(timeout)).expect("set_read_timeout");
 }
+
+/// Connects to `to` from the local address `from` (an address of the calling thread's
+/// namespace), giving up after `timeout`: for "another source of the same host" checks.
+pub fn connect_from(
+    from: SocketAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let (SocketAddr::V4(from), SocketAddr::V4(to)) = (from, to) else {
+        return Err(std::io::Error::other("connect_from takes IPv4 addresses"));
+    };
+    let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: socket(2) returns a new fd we own at once through TcpStream.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let local = sa(from);
+    // SAFETY: bind reads a sockaddr_in that lives for the call.
+    if unsafe { libc::bind(fd, (&raw const local).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // A send timeout bounds connect(2) on a blocking socket.
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt reads a timeval that lives for the call.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let remote = sa(to);
+    // SAFETY: connect reads a sockaddr_in that lives for the call.
+    if unsafe { libc::connect(fd, (&raw const remote).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}

@@ -117,6 +117,23 @@ fn revocation_severs_a_live_connection_and_detach_removes_everything() {
         "{}",
         agent.log()
     );
+    // …and the audit log has it, for the operator.
+    let (ok, out) = run_cli(
+        None,
+        &[
+            "--socket",
+            scratch.dir.join("agent.sock").to_str().unwrap(),
+            "audit",
+            "--kind",
+            "first_drop_after_termination",
+            "--json",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{SESSION:016x}")),
+        "the first drop names the session: {out}"
+    );
 
     // The unprotected connection never noticed; no flow was ever made for it.
     assert!(carries(&mut c, &mut s, b"still plain"));

@@ -1,5 +1,5 @@
-//! Killing the agent opens and closes nothing: a streaming connection keeps flowing through
-//! SIGKILL, and a new agent adopts the pinned maps and links (no second attachment, counters
+//! Killing the agent opens and closes nothing: a logged-in session's stream keeps flowing
+//! through SIGKILL, and a new agent adopts the pinned maps and links (no second attachment, counters
 //! continue).
 
 use std::{
@@ -12,17 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flowwarden::{
-    datapath::{DropReason, Maps},
-    policy::parse_resources,
-};
+use flowwarden::datapath::{DropReason, Maps};
 use flowwarden_tests::{
-    agent_proc::{AgentProcess, AgentSetup, Scratch, run_cli, write_config},
     attachments::attached_programs,
-    loaded::private_pin_dir,
     netns::NetnsPair,
     privileged::require_root,
-    tcp::{accept, connect, listen},
+    stack::{Stack, TokenSpec},
+    tcp::{accept, connect, connect_from, listen},
 };
 
 const POLICY: &str = r#"
@@ -30,8 +26,12 @@ const POLICY: &str = r#"
 name = "stream"
 protocol = "tcp"
 ports = [7100]
+
+[[rule]]
+name = "ops-stream"
+groups = ["ops"]
+resources = ["stream"]
 "#;
-const SESSION: u64 = 0x0b0b_0000_0000_0007;
 
 /// Waits until `received` grows by at least `bytes`, or panics after `within`.
 fn wait_for_progress(received: &AtomicU64, bytes: u64, within: Duration, what: &str) {
@@ -51,26 +51,12 @@ fn sigkill_keeps_the_stream_and_a_new_agent_adopts_the_pins() {
     if !require_root("sigkill_keeps_the_stream_and_a_new_agent_adopts_the_pins") {
         return;
     }
-    let pair = NetnsPair::new("rst").expect("namespace pair");
-    let pin_dir = private_pin_dir("restart");
-    let scratch = Scratch::new("restart");
-    let config = write_config(
-        &scratch,
-        &AgentSetup {
-            interface: &pair.server_if,
-            pin_dir: &pin_dir,
-            policy: POLICY,
-            datapath_extra: "",
-        },
-    );
-    let mut first = AgentProcess::start(&pair.server, &config);
-    let mut maps = Maps::open_pinned(&pin_dir).unwrap();
-    let id = parse_resources([(std::path::Path::new("p"), POLICY)])
-        .unwrap()
-        .by_name("stream")
-        .unwrap()
-        .id;
-    maps.grant(pair.client_addr.into(), id, SESSION).unwrap();
+    let mut stack = Stack::start("rsk", POLICY, "");
+    let token = stack.token(&TokenSpec::user("grace@corp.example", &["ops"]));
+    let (ok, out) = stack.login(&token, &stack.scratch.dir.join("grace"));
+    assert!(ok, "login failed: {out}");
+    let maps = Maps::open_pinned(&stack.pin_dir).unwrap();
+    let pair = &stack.pair;
 
     let addr: SocketAddr = (pair.server_addr, 7100).into();
     let listener = listen(&pair.server, addr);
@@ -111,7 +97,7 @@ fn sigkill_keeps_the_stream_and_a_new_agent_adopts_the_pins() {
     };
     wait_for_progress(&received, 200, Duration::from_secs(5), "before the kill");
 
-    first.kill9();
+    stack.agent.as_mut().expect("agent running").kill9();
     let flow_before = maps.flows()[0].1;
     wait_for_progress(
         &received,
@@ -127,7 +113,7 @@ fn sigkill_keeps_the_stream_and_a_new_agent_adopts_the_pins() {
     // Unauthenticated traffic stays dropped with no agent running.
     let drops_before = maps.counters().unwrap().dropped(DropReason::NoGrant);
     // A second address on the client that nobody has been granted.
-    let stranger = unused_addr(&pair);
+    let stranger = unused_addr(pair);
     pair.client
         .ip(&[
             "addr",
@@ -138,7 +124,9 @@ fn sigkill_keeps_the_stream_and_a_new_agent_adopts_the_pins() {
         ])
         .unwrap();
     let from: SocketAddr = (stranger, 0).into();
-    let refused = pair.client.run(move || connect_from(from, addr));
+    let refused = pair
+        .client
+        .run(move || connect_from(from, addr, Duration::from_millis(300)));
     assert!(
         refused.is_err(),
         "an ungranted source connected while the agent was down"
@@ -146,7 +134,9 @@ fn sigkill_keeps_the_stream_and_a_new_agent_adopts_the_pins() {
     assert!(maps.counters().unwrap().dropped(DropReason::NoGrant) > drops_before);
 
     // A new agent adopts what is pinned: no second attachment, the same maps.
-    let second = AgentProcess::start(&pair.server, &config);
+    stack.start_agent();
+    let pair = &stack.pair;
+    let second = stack.agent();
     assert_eq!(second.count_in_log("how=adopted"), 2, "{}", second.log());
     let attached = attached_programs(&pair.server, &pair.server_if);
     assert_eq!(
@@ -165,76 +155,19 @@ fn sigkill_keeps_the_stream_and_a_new_agent_adopts_the_pins() {
     stop.store(true, Ordering::Relaxed);
     let lines = writer.join().unwrap();
     assert!(lines > 50, "the writer wrote {lines} lines without error");
-    drop(second);
-    drop(maps);
-    reader.join().unwrap();
-    let (ok, out) = run_cli(
-        None,
-        &["datapath", "detach", "--pin-dir", pin_dir.to_str().unwrap()],
+    let live = stack.ctl_json(&["sessions", "list", "--live"]);
+    assert_eq!(
+        live.as_array().map(Vec::len),
+        Some(1),
+        "the session survived: {live}"
     );
-    assert!(ok, "{out}");
+    drop(maps);
+    drop(stack);
+    reader.join().unwrap();
 }
 
 /// An address in the client's subnet that nobody has been granted.
 fn unused_addr(pair: &NetnsPair) -> std::net::Ipv4Addr {
     let o = pair.client_addr.octets();
     std::net::Ipv4Addr::new(o[0], o[1], o[2], 99)
-}
-
-/// Connects to `to` from the local address `from`, giving up after 300 ms.
-fn connect_from(from: SocketAddr, to: SocketAddr) -> std::io::Result<std::net::TcpStream> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: plain socket(2)/bind(2)/connect(2) on a fresh fd we own; sockaddr_in values are
-    // built in place and outlive the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = std::net::TcpStream::from_raw_fd(fd);
-        let sa = |a: SocketAddr| {
-            let SocketAddr::V4(v4) = a else {
-                unreachable!()
-            };
-            libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*v4.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            }
-        };
-        let local = sa(from);
-        if libc::bind(
-            fd,
-            &local as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        // A 300 ms send timeout bounds connect(2) on a blocking socket.
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 300_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        let remote = sa(to);
-        if libc::connect(
-            fd,
-            &remote as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
-    }
 }

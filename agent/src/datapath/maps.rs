@@ -297,6 +297,18 @@ impl Maps {
         }
     }
 
+    /// Forgets a revocation. Only for sessions whose grants are gone and whose flows have all
+    /// ended, so nothing is left for the revocation to stop.
+    ///
+    /// # Errors
+    /// The kernel refuses the delete.
+    pub fn unrevoke(&mut self, session_id: u64) -> Result<()> {
+        match self.revoked.remove(&session_id) {
+            Err(e) if !not_found(&e) => Err(map_err(names::REVOKED, "remove")(e)),
+            _ => Ok(()),
+        }
+    }
+
     pub fn revocation(&self, session_id: u64) -> Option<Revocation> {
         self.revoked.get(&session_id, 0).ok()
     }

@@ -1,12 +1,7 @@
 //! Resources: the protected services of this host (`ssh = tcp/22`), their ports and
 //! destination prefixes, compiled into the slots the kernel looks up.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    ops::Range,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, net::IpAddr, ops::Range, path::Path};
 
 use agent_common::{
     IPPROTO_TCP, IPPROTO_UDP, RESOURCE_DST_FIXED_BITS, RESOURCE_HAS_DSTS, ResourceDst,
@@ -16,7 +11,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::PolicyError;
+use super::{
+    PolicyError,
+    file::{Source, valid_name},
+};
 use crate::datapath::addr_bytes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -63,17 +61,10 @@ pub struct ResourceTable {
     pub resources: Vec<Resource>,
 }
 
-/// One policy file as written. Rules join in the sessions issue.
+/// A `[[resource]]` table as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PolicyFile {
-    #[serde(default)]
-    resource: Vec<ResourceDef>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResourceDef {
+pub(super) struct ResourceDef {
     name: Spanned<String>,
     protocol: Spanned<Protocol>,
     ports: Spanned<Vec<PortDef>>,
@@ -91,66 +82,40 @@ enum PortDef {
 /// A resource's claim on one protocol and port: its name and destinations.
 type PortClaim = (String, Vec<IpNet>);
 
-/// Reads every `*.toml` file of `dir` (in name order) into one resource table.
+/// Reads every `*.toml` file of `dir` (in name order) and returns its resources. The whole
+/// policy is validated, rules included: a directory whose rules are wrong is refused.
 ///
 /// # Errors
 /// The directory or a file cannot be read, or a file is invalid (with file, line and field).
 pub fn load_resources(dir: &Path) -> Result<ResourceTable, PolicyError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| PolicyError::ReadDir {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    files.sort();
-    let mut sources = Vec::new();
-    for path in files {
-        let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::ReadFile {
-            path: path.clone(),
-            source,
-        })?;
-        sources.push((path, text));
-    }
-    parse_resources(sources.iter().map(|(p, t)| (p.as_path(), t.as_str())))
+    super::load_policy(dir).map(|p| p.resources)
 }
 
-/// Parses and validates the resources of several policy files taken together.
+/// Parses and validates several policy files taken together and returns their resources.
 ///
 /// # Errors
-/// Invalid TOML, unknown keys, bad ports or prefixes, duplicate names, or two resources
-/// claiming the same protocol, port and destination.
+/// Invalid TOML, unknown keys, bad ports or prefixes, duplicate names, two resources
+/// claiming the same protocol, port and destination, or an invalid rule.
 pub fn parse_resources<'a>(
     files: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> Result<ResourceTable, PolicyError> {
+    super::parse_policy(files).map(|p| p.resources)
+}
+
+/// Validates the resources of every file (in file order) into one table.
+pub(super) fn compile_resources<'a>(
+    files: impl IntoIterator<Item = (Source<'a>, Vec<ResourceDef>)>,
 ) -> Result<ResourceTable, PolicyError> {
     let mut resources: Vec<Resource> = Vec::new();
     // (proto, port) → owners, to find overlaps.
     let mut claims: BTreeMap<(u8, u16), Vec<PortClaim>> = BTreeMap::new();
-    for (path, text) in files {
-        let at = |span: Range<usize>| format!("{}:{}", path.display(), line_of(text, span.start));
-        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Invalid {
-            location: match e.span() {
-                Some(span) => at(span),
-                None => path.display().to_string(),
-            },
-            field: "toml".into(),
-            problem: e.message().to_string(),
-        })?;
-        for def in file.resource {
-            let invalid = |span: Range<usize>, field: &str, problem: String| PolicyError::Invalid {
-                location: at(span),
-                field: format!("resource.{field}"),
-                problem,
+    for (src, defs) in files {
+        for def in defs {
+            let invalid = |span: Range<usize>, field: &str, problem: String| {
+                src.invalid(span, format!("resource.{field}"), problem)
             };
             let name = def.name.get_ref().clone();
-            let valid_name = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-            if !valid_name {
+            if !valid_name(&name) {
                 return Err(invalid(
                     def.name.span(),
                     "name",
@@ -369,10 +334,6 @@ fn overlaps(a: &[IpNet], b: &[IpNet]) -> bool {
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,11 +403,18 @@ mod tests {
         let err = parse("[[resource]]\nname = 'ssh'\nprotocol = 'icmp'\nports = [1]\n")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("p.toml:3: toml:"), "{err}");
+        assert_eq!(
+            err,
+            "p.toml:3: resource.protocol: unknown variant `icmp`, expected `tcp` or `udp`"
+        );
         let err = parse("[[resource]]\nname = 'ssh'\nprotocol = 'tcp'\nports = [22]\nport = 1\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("p.toml:") && err.contains("port"), "{err}");
+        assert_eq!(
+            err,
+            "p.toml:5: resource.port: unknown key, expected one of `name`, `protocol`, `ports`, \
+             `destinations`"
+        );
         let err = parse("[[resource]]\nname = 'ssh'\nprotocol = 'tcp'\nports = ['30-20']\n")
             .unwrap_err()
             .to_string();
@@ -487,6 +455,7 @@ mod tests {
     fn the_shipped_example_policy_is_valid() {
         let text = include_str!("../../../policies/example.toml");
         let t = parse_resources([(Path::new("policies/example.toml"), text)]).unwrap();
+        // Its rules are checked with evaluation, in the module's tests.
         assert_eq!(t.resources.len(), 2);
         let console = t.by_name("admin-console").unwrap();
         assert_eq!(console.ports, vec![(8443, 8443), (9000, 9010)]);

@@ -1,0 +1,11 @@
+//! The admission endpoint (HTTPS) where clients present tokens, its certificate, and the
+//! client side used by `flowwarden login`.
+
+pub mod client;
+mod rate;
+mod server;
+pub mod tls;
+pub mod wire;
+
+pub use rate::RateLimiter;
+pub use server::{Admission, serve};

@@ -1,0 +1,255 @@
+//! The HTTPS admission endpoint: `POST /v1/sessions` with a bearer token admits a session for
+//! the connection's peer address; `POST /v1/sessions/reconnect` re-admits one with a
+//! reconnect token. The socket code only moves bytes; decisions are the sessions room's.
+
+use std::{convert::Infallible, net::IpAddr, sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    rate::RateLimiter,
+    wire::{
+        AdmissionResponse, ErrorResponse, GrantedResource, RECONNECT_PATH, RECONNECT_SCHEME,
+        ReconnectMaterial, SESSIONS_PATH,
+    },
+};
+use crate::{
+    audit::event::{AuditEvent, AuditKind},
+    auth::Verifier,
+    sessions::{Admitted, SessionError, Sessions, model::now_ms},
+};
+
+/// A TLS handshake that takes longer than this is dropped (slowloris).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect tokens are accepted this far from the agent's clock.
+const RECONNECT_TOKEN_LIFETIME_SECS: u64 = 60;
+
+pub struct Admission {
+    pub sessions: Arc<Sessions>,
+    pub verifier: Arc<Verifier>,
+    pub limiter: RateLimiter,
+}
+
+/// Serves admissions on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Arc<Admission>) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of fds and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "admission accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "admission TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let source = canonical(peer.ip());
+            let service = service_fn(move |req| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, Infallible>(app.handle(req, source).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "admission connection ended with an error");
+            }
+        });
+    }
+}
+
+/// An IPv4 client reaching a dual-stack socket shows as `::ffff:a.b.c.d`: grants are for
+/// the IPv4 address the kernel programs see.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &ErrorResponse {
+            error: code.to_owned(),
+            message: message.into(),
+        },
+    )
+}
+
+/// The credential after `scheme` in the Authorization header, if that is what it holds.
+fn credential<'a>(req: &'a Request<Incoming>, scheme: &str) -> Option<&'a str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (s, rest) = value.split_once(' ')?;
+    s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+impl Admission {
+    async fn handle(&self, req: Request<Incoming>, source: IpAddr) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        if path != SESSIONS_PATH && path != RECONNECT_PATH {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint: use POST {SESSIONS_PATH} or POST {RECONNECT_PATH}"),
+            );
+        }
+        if req.method() != Method::POST {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{path} takes POST"),
+            );
+        }
+        if !self.limiter.allow(source) {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many attempts from {source}: wait a moment and try again"),
+            );
+        }
+        if path == RECONNECT_PATH {
+            return self.reconnect(&req, source).await;
+        }
+        let Some(token) = credential(&req, "Bearer") else {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing_token",
+                "send the identity provider's token as `Authorization: Bearer <jwt>`",
+            );
+        };
+        let token = token.to_owned();
+        let verifier = Arc::clone(&self.verifier);
+        let now = now_ms() / 1000;
+        // Verification may fetch keys: keep it off the async workers.
+        let verified = tokio::task::spawn_blocking(move || verifier.verify(&token, now)).await;
+        let identity = match verified {
+            Ok(Ok(identity)) => identity,
+            Ok(Err(rejection)) => {
+                let mut e = AuditEvent::new(AuditKind::AdmissionRejected {
+                    reason: rejection.code().to_owned(),
+                });
+                e.source = Some(source);
+                e.detail = rejection.to_string();
+                if let Err(err) = self.sessions.record(vec![e]).await {
+                    tracing::error!(error = %err, "cannot record a rejected admission");
+                }
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    rejection.code(),
+                    rejection.to_string(),
+                );
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "token verification failed unexpectedly; see the agent's log",
+                );
+            }
+        };
+        match self.sessions.admit(identity, source).await {
+            Ok(admitted) => json(StatusCode::CREATED, &response(&admitted)),
+            Err(e) => session_error(e),
+        }
+    }
+
+    async fn reconnect(&self, req: &Request<Incoming>, source: IpAddr) -> Response<Full<Bytes>> {
+        let Some(token) = credential(req, RECONNECT_SCHEME) else {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing_token",
+                format!("send the reconnect token as `Authorization: {RECONNECT_SCHEME} <token>`"),
+            );
+        };
+        match self.sessions.reconnect(token, source).await {
+            Ok(admitted) => json(StatusCode::OK, &response(&admitted)),
+            Err(e) => {
+                if let SessionError::ReconnectRefused { code, reason } = &e {
+                    let mut ev = AuditEvent::new(AuditKind::ReconnectRejected {
+                        reason: (*code).to_owned(),
+                    });
+                    ev.source = Some(source);
+                    ev.detail = reason.clone();
+                    if let Err(err) = self.sessions.record(vec![ev]).await {
+                        tracing::error!(error = %err, "cannot record a refused reconnect");
+                    }
+                }
+                session_error(e)
+            }
+        }
+    }
+}
+
+fn response(a: &Admitted) -> AdmissionResponse {
+    let s = &a.session;
+    AdmissionResponse {
+        session: s.id.to_string(),
+        user: s.identity.user().to_owned(),
+        source: s.source.to_string(),
+        expires_at_ms: s.expires_at_ms,
+        grants: s
+            .grants
+            .iter()
+            .map(|g| GrantedResource {
+                resource: g.resource.clone(),
+                rule: g.rule.clone(),
+            })
+            .collect(),
+        reconnect: a.reconnect_seed.clone().map(|seed| ReconnectMaterial {
+            seed,
+            token_lifetime_secs: RECONNECT_TOKEN_LIFETIME_SECS,
+        }),
+    }
+}
+
+fn session_error(e: SessionError) -> Response<Full<Bytes>> {
+    match e {
+        SessionError::Denied { reason } => error(StatusCode::FORBIDDEN, "denied", reason),
+        SessionError::ReconnectRefused { code, reason } => {
+            error(StatusCode::UNAUTHORIZED, code, reason)
+        }
+        SessionError::NotFound(id) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_session",
+            format!("no session {id}"),
+        ),
+        other => {
+            tracing::error!(error = %other, "admission failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the agent could not admit the session: {other}"),
+            )
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! OIDC discovery over HTTP: the discovery document, then the JWKS it points to, with short
+//! timeouts, a body size cap and https-only URLs (plain http only on loopback, for tests).
+
+use std::{io::Read, net::IpAddr, time::Duration};
+
+use serde::Deserialize;
+
+/// A JWKS or discovery document larger than this is garbage, not keys.
+pub(crate) const MAX_BODY_BYTES: u64 = 1024 * 1024;
+
+/// `<issuer without trailing slash>/.well-known/openid-configuration` (OIDC Discovery 4).
+pub(crate) fn discovery_url(issuer: &str) -> String {
+    format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    )
+}
+
+/// Keys fetched over plain http could be swapped by anyone on the path, so only https is
+/// accepted, except on loopback where there is no path to attack.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("{url:?} is not an https:// URL"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = if let Some(bracketed) = authority.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or_default()
+    } else {
+        authority.split(':').next().unwrap_or_default()
+    };
+    let loopback = !authority.contains('@')
+        && (host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()));
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "{url:?} is not an https:// URL (plain http:// only for a loopback address)"
+        ))
+    }
+}
+
+pub(crate) fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        // One budget for connect, TLS, headers and body: a slow server fails like a dead one.
+        .timeout(timeout)
+        // Keys come from the URLs configured or discovered, never from wherever a redirect points.
+        .redirects(0)
+        .user_agent(concat!("flowwarden/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// The part of the discovery document that matters here; the rest is ignored on purpose, as
+/// providers publish dozens of other fields.
+#[derive(Deserialize)]
+struct DiscoveryDocument {
+    issuer: Option<String>,
+    jwks_uri: String,
+}
+
+/// Fetches the issuer's current JWKS document by OIDC discovery.
+pub(crate) fn discover_jwks(agent: &ureq::Agent, issuer: &str) -> Result<Vec<u8>, String> {
+    let url = discovery_url(issuer);
+    let body = get(agent, &url)?;
+    let doc: DiscoveryDocument = serde_json::from_slice(&body)
+        .map_err(|e| format!("{url}: not an OpenID discovery document: {e}"))?;
+    // Mix-up defence (OIDC Discovery 4.3): the document must speak for the configured issuer.
+    if let Some(claimed) = &doc.issuer
+        && claimed.trim_end_matches('/') != issuer.trim_end_matches('/')
+    {
+        return Err(format!(
+            "{url}: the document is for issuer {claimed:?}, not {issuer:?}"
+        ));
+    }
+    check_url(&doc.jwks_uri).map_err(|why| format!("{url}: jwks_uri {why}"))?;
+    get(agent, &doc.jwks_uri)
+}
+
+fn get(agent: &ureq::Agent, url: &str) -> Result<Vec<u8>, String> {
+    let response = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::Status(code, _) => format!("{url}: HTTP status {code}"),
+        ureq::Error::Transport(t) => {
+            let kind = t.kind().to_string();
+            // The I/O source says most ("timed out reading response"); the message often
+            // only repeats the kind.
+            let detail = std::error::Error::source(&t)
+                .map(|s| s.to_string())
+                .or_else(|| t.message().filter(|m| *m != kind).map(str::to_owned));
+            match detail {
+                Some(detail) => format!("{url}: {kind}: {detail}"),
+                None => format!("{url}: {kind}"),
+            }
+        }
+    })?;
+    let mut body = Vec::new();
+    response
+        .into_reader()
+        .take(MAX_BODY_BYTES + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| format!("{url}: reading the body: {e}"))?;
+    if body.len() as u64 > MAX_BODY_BYTES {
+        return Err(format!("{url}: body is larger than {MAX_BODY_BYTES} bytes"));
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_url_and_scheme_checks() {
+        assert_eq!(
+            discovery_url("https://idp.example/realm/"),
+            "https://idp.example/realm/.well-known/openid-configuration"
+        );
+        for ok in [
+            "https://idp.example/x",
+            "http://127.0.0.1:8080/x",
+            "http://localhost/x",
+            "http://[::1]:9/x",
+            "http://127.9.9.9",
+        ] {
+            assert!(check_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://idp.example/x",
+            "http://127.0.0.1.evil.example/",
+            "http://127.0.0.1@evil.example/",
+            "ftp://idp.example",
+            "file:///etc/passwd",
+            "",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+    }
+}

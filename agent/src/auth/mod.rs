@@ -1,0 +1,26 @@
+//! The `auth` room: bearer-token (JWT) verification against configured issuers, their keys,
+//! reconnect tokens, and development key/token tools.
+//!
+//! A token is verified in one pass ([`Verifier::verify`]): size limit, header and unverified
+//! `iss` (only to pick the issuer's config), algorithm allow-list, key lookup by `kid`,
+//! signature, then the required claims, and only then the [`Identity`](crate::identity::Identity)
+//! the rest of the agent sees. Bearer tokens are never logged, stored or put in an error: only
+//! their claims and their SHA-256 fingerprint leave this room.
+
+mod alg;
+mod claims;
+mod config;
+mod fetch;
+mod jwks;
+mod source;
+mod verify;
+
+pub mod dev;
+pub mod reconnect;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{AuthConfig, AuthConfigError, ClaimMapping, IssuerConfig};
+pub use source::IssuerKeyStatus;
+pub use verify::{MAX_TOKEN_BYTES, Rejection, Verifier};

@@ -1,0 +1,10 @@
+//! Sessions: the state machine of DESIGN.md (authenticating → active ↔ dormant → expired,
+//! terminated from any live state), admission, reconnect, termination, continuous evaluation
+//! on policy changes, and the sweeps that age sessions and flows.
+
+mod lifecycle;
+mod manager;
+pub mod model;
+
+pub use lifecycle::{Reconciled, SweepOutcome};
+pub use manager::{Admitted, Ended, PolicyOutcome, SessionError, Sessions, Target};

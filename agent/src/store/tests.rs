@@ -1,0 +1,271 @@
+//! Tests of committing and reading: round trips, atomicity, seq allocation, closing.
+
+use std::{path::Path, sync::atomic::Ordering, thread};
+
+use super::{
+    testing::{TempDir, event, session},
+    *,
+};
+use crate::{audit::event::AuditKind, sessions::model::SessionState};
+
+pub(super) fn open(path: &Path) -> Store {
+    Store::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+pub(super) fn revocation(by: &str) -> RevocationRecord {
+    RevocationRecord {
+        at_ms: 1_700_000_100_000,
+        by: by.into(),
+        reason: "left the company".into(),
+    }
+}
+
+#[test]
+fn every_write_kind_round_trips_and_survives_reopen() {
+    let dir = TempDir::new("roundtrip");
+    let path = dir.state_file();
+    let store = open(&path);
+    let (a, b) = (
+        session(0xa, "alice@corp.example"),
+        session(0xb, "bob@corp.example"),
+    );
+    let committed = store
+        .commit(vec![
+            Write::PutSession(a.clone()),
+            Write::PutSession(b.clone()),
+            Write::PutRevocation(b.id, revocation("uid 0")),
+            Write::Audit(event(
+                AuditKind::SessionAdmitted,
+                Some(0xa),
+                Some("alice@corp.example"),
+            )),
+            Write::Audit(event(AuditKind::FlowOpened, Some(0xa), None)),
+        ])
+        .expect("commit");
+    assert_eq!(committed.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(committed[0].kind, AuditKind::SessionAdmitted);
+    assert_eq!(store.session(a.id).expect("read"), Some(a.clone()));
+    assert_eq!(store.session(SessionId(0xc)).expect("read"), None);
+    assert_eq!(store.sessions().expect("read"), [a.clone(), b.clone()]);
+    assert_eq!(
+        store.revocations().expect("read"),
+        [(b.id, revocation("uid 0"))]
+    );
+    assert_eq!(store.audit_range(0, 10).expect("read"), committed);
+    assert_eq!(store.audit_range(1, 10).expect("read"), committed[1..]);
+    assert_eq!(store.audit_range(0, 1).expect("read"), committed[..1]);
+    assert_eq!(store.last_audit_seq().expect("read"), 2);
+
+    let mut a2 = a.clone();
+    a2.state = SessionState::Dormant;
+    store
+        .commit(vec![
+            Write::PutSession(a2.clone()),
+            Write::DeleteSession(b.id),
+            Write::DeleteRevocation(b.id),
+            Write::DeleteSession(SessionId(0xdead)),
+        ])
+        .expect("commit");
+    assert_eq!(store.sessions().expect("read"), [a2.clone()]);
+    assert!(store.revocations().expect("read").is_empty());
+    store
+        .commit(vec![Write::PutRevocation(a.id, revocation("idp"))])
+        .expect("commit");
+    drop(store);
+
+    let store = open(&path);
+    assert_eq!(store.sessions().expect("read"), [a2]);
+    assert_eq!(
+        store.revocations().expect("read"),
+        [(a.id, revocation("idp"))]
+    );
+    assert_eq!(store.audit_range(0, 10).expect("read"), committed);
+    let next = store
+        .commit(vec![Write::Audit(event(
+            AuditKind::AgentStarted,
+            None,
+            None,
+        ))])
+        .expect("commit");
+    assert_eq!(next[0].seq, 3, "seqs continue after a reopen");
+    assert!(store.check_integrity().expect("check").is_healthy());
+}
+
+#[test]
+fn a_failing_write_leaves_nothing_of_its_commit() {
+    let dir = TempDir::new("atomic");
+    let store = open(&dir.state_file());
+    store
+        .commit(vec![Write::Audit(event(
+            AuditKind::AgentStarted,
+            None,
+            None,
+        ))])
+        .expect("commit");
+    store.hooks().fail_session.store(0xbad, Ordering::Relaxed);
+
+    let err = store
+        .commit(vec![
+            Write::PutSession(session(0xa, "alice@corp.example")),
+            Write::PutRevocation(SessionId(0xa), revocation("uid 0")),
+            Write::Audit(event(AuditKind::SessionAdmitted, Some(0xa), None)),
+            Write::PutSession(session(0xbad, "mallory@corp.example")),
+        ])
+        .expect_err("the injected failure must fail the commit");
+    assert!(
+        matches!(&err, StoreError::Encode { table: "sessions", what, .. } if what == "session 0000000000000bad"),
+        "{err:?}"
+    );
+    assert!(store.sessions().expect("read").is_empty());
+    assert!(store.revocations().expect("read").is_empty());
+    assert_eq!(store.last_audit_seq().expect("read"), 1);
+
+    // Other commits that share the failing one's group still go through, gap-free.
+    let workers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let store = store.clone();
+            thread::spawn(move || {
+                for i in 0..50u64 {
+                    let writes = if i % 10 == 0 {
+                        vec![
+                            Write::Audit(event(AuditKind::FlowOpened, None, None)),
+                            Write::PutSession(session(0xbad, "mallory@corp.example")),
+                        ]
+                    } else {
+                        vec![
+                            Write::PutSession(session(t << 32 | (i + 1), "x@corp.example")),
+                            Write::Audit(event(AuditKind::FlowOpened, None, None)),
+                        ]
+                    };
+                    assert_eq!(store.commit(writes).is_ok(), i % 10 != 0);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    assert_eq!(store.sessions().expect("read").len(), 4 * 45);
+    assert_eq!(store.last_audit_seq().expect("read"), 1 + 4 * 45);
+    let report = store.check_integrity().expect("check");
+    assert!(report.is_healthy(), "{report:?}");
+}
+
+#[test]
+fn seqs_are_gap_free_across_concurrent_committers_and_reopen() {
+    const THREADS: u64 = 8;
+    const COMMITS: u64 = 200;
+    let dir = TempDir::new("seqs");
+    let path = dir.state_file();
+    let store = open(&path);
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = store.clone();
+            thread::spawn(move || {
+                let mut seqs = Vec::new();
+                for i in 0..COMMITS {
+                    // Every other commit carries two events, which must get adjacent seqs.
+                    let n = 1 + i % 2;
+                    let writes = (0..n)
+                        .map(|_| Write::Audit(event(AuditKind::FlowOpened, Some(t + 1), None)))
+                        .collect();
+                    let committed = store.commit(writes).expect("commit");
+                    let got: Vec<u64> = committed.iter().map(|e| e.seq).collect();
+                    assert_eq!(got.len() as u64, n);
+                    assert!(
+                        got.windows(2).all(|w| w[1] == w[0] + 1),
+                        "one commit: {got:?}"
+                    );
+                    assert!(
+                        seqs.last().is_none_or(|&last| got[0] > last),
+                        "order in a thread"
+                    );
+                    seqs.extend(got);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut all: Vec<u64> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker"))
+        .collect();
+    all.sort_unstable();
+    let total = THREADS * COMMITS * 3 / 2;
+    assert_eq!(
+        all,
+        (1..=total).collect::<Vec<_>>(),
+        "every seq exactly once"
+    );
+    let transactions = store.hooks().transactions.load(Ordering::Relaxed);
+    eprintln!(
+        "{} commits shared {transactions} transactions",
+        THREADS * COMMITS
+    );
+    let stored: Vec<u64> = store
+        .audit_range(0, usize::MAX)
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(stored, (1..=total).collect::<Vec<_>>());
+    drop(store);
+
+    let store = open(&path);
+    assert_eq!(store.last_audit_seq().expect("read"), total);
+    let next = store
+        .commit(vec![Write::Audit(event(
+            AuditKind::AgentStarted,
+            None,
+            None,
+        ))])
+        .expect("commit");
+    assert_eq!(next[0].seq, total + 1);
+    assert!(store.check_integrity().expect("check").is_healthy());
+}
+
+#[test]
+fn close_finishes_queued_work_then_refuses_writes() {
+    let dir = TempDir::new("close");
+    let store = open(&dir.state_file());
+    let pending: Vec<_> = (0..20)
+        .map(|_| store.submit(vec![Write::Audit(event(AuditKind::FlowIdle, None, None))]))
+        .collect();
+    store.close();
+    for answer in pending {
+        answer
+            .blocking_recv()
+            .expect("answered")
+            .expect("queued before close, so committed");
+    }
+    let err = store
+        .commit(vec![Write::Audit(event(AuditKind::FlowIdle, None, None))])
+        .expect_err("closed");
+    assert!(matches!(err, StoreError::Closed { .. }), "{err:?}");
+    assert_eq!(store.last_audit_seq().expect("reads still work"), 20);
+}
+
+#[tokio::test]
+async fn submit_answers_async_callers() {
+    let dir = TempDir::new("submit");
+    let store = open(&dir.state_file());
+    let (first, second) = tokio::join!(
+        store.submit(vec![Write::Audit(event(
+            AuditKind::AgentStarted,
+            None,
+            None
+        ))]),
+        store.submit(vec![Write::PutSession(session(1, "alice@corp.example"))]),
+    );
+    assert_eq!(first.expect("answered").expect("committed")[0].seq, 1);
+    assert!(second.expect("answered").expect("committed").is_empty());
+    assert!(
+        store
+            .submit(Vec::new())
+            .await
+            .expect("answered")
+            .expect("ok")
+            .is_empty()
+    );
+    assert_eq!(store.sessions().expect("read").len(), 1);
+}
