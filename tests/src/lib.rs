@@ -6,5 +6,6 @@ pub mod frames;
 pub mod loaded;
 pub mod netns;
 pub mod privileged;
+pub mod ssh;
 pub mod stack;
 pub mod tcp;

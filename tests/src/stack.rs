@@ -56,6 +56,11 @@ impl Stack {
     /// Sets everything up and starts the agent. `policy` is the text of
     /// `policies/test.toml`; `sessions_extra` goes into the `[sessions]` table.
     pub fn start(tag: &str, policy: &str, sessions_extra: &str) -> Self {
+        Self::start_with(tag, policy, sessions_extra, "")
+    }
+
+    /// Like [`Stack::start`], with extra lines for the `[api]` table too.
+    pub fn start_with(tag: &str, policy: &str, sessions_extra: &str, api_extra: &str) -> Self {
         let pair = NetnsPair::new(tag).expect("namespace pair");
         let scratch = Scratch::new(tag);
         let pin_dir = private_pin_dir(tag);
@@ -87,6 +92,7 @@ sweep_interval_ms = 100
 
 [api]
 socket = "agent.sock"
+{api_extra}
 
 [[auth.issuer]]
 issuer = "{ISSUER}"
