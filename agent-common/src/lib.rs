@@ -51,10 +51,12 @@ pub mod map_sizes {
     /// One slot per (protocol, port): TCP ports first, then UDP ports.
     pub const RESOURCE_PORTS: u32 = 2 * 65_536;
     pub const RESOURCE_DSTS: u32 = 4_096;
-    pub const GRANTS: u32 = 65_536;
+    /// Grants, revocations and session counters are allocated on demand (no prealloc): room
+    /// for well over 100,000 sessions without pinning that memory up front.
+    pub const GRANTS: u32 = 262_144;
     pub const FLOWS: u32 = 262_144;
-    pub const REVOKED: u32 = 65_536;
-    pub const SESSION_STATS: u32 = 65_536;
+    pub const REVOKED: u32 = 262_144;
+    pub const SESSION_STATS: u32 = 262_144;
     pub const STATS: u32 = super::stat::COUNT;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     pub const CONFIG: u32 = 4;

@@ -5,6 +5,7 @@ use agent_common::{
     SessionStats, map_sizes,
 };
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
@@ -16,7 +17,7 @@ pub static RESOURCE_PORTS: Array<ResourcePort> = Array::pinned(map_sizes::RESOUR
 pub static RESOURCE_DSTS: LpmTrie<ResourceDst, u32> = LpmTrie::pinned(map_sizes::RESOURCE_DSTS, 0);
 
 #[map(name = "FW_GRANTS")]
-pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::pinned(map_sizes::GRANTS, 0);
+pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::pinned(map_sizes::GRANTS, BPF_F_NO_PREALLOC);
 
 // A plain (preallocated) hash, not LRU: a full table denies new flows instead of evicting
 // live ones, and an entry only leaves when the agent removes it.
@@ -25,10 +26,12 @@ pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(map_sizes::FLOWS, 0);
 
 // Never LRU: a revocation must not be evicted by pressure.
 #[map(name = "FW_REVOKED")]
-pub static REVOKED: HashMap<u64, Revocation> = HashMap::pinned(map_sizes::REVOKED, 0);
+pub static REVOKED: HashMap<u64, Revocation> =
+    HashMap::pinned(map_sizes::REVOKED, BPF_F_NO_PREALLOC);
 
 #[map(name = "FW_SESS_STATS")]
-pub static SESSION_STATS: HashMap<u64, SessionStats> = HashMap::pinned(map_sizes::SESSION_STATS, 0);
+pub static SESSION_STATS: HashMap<u64, SessionStats> =
+    HashMap::pinned(map_sizes::SESSION_STATS, BPF_F_NO_PREALLOC);
 
 #[map(name = "FW_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(map_sizes::STATS, 0);
