@@ -19,6 +19,7 @@ use crate::{
     config::Config,
     datapath::{Datapath, DatapathEvent, LoadOptions},
     enforce::Enforcer,
+    metrics::Metrics,
     policy::{Policy, PolicyError, PolicyHandle},
     sessions::Sessions,
     store::Store,
@@ -116,10 +117,12 @@ async fn serve(
         fingerprint = %format!("sha256:{}", tls.fingerprint),
         "admission endpoint (clients pin this fingerprint with `flowwarden login --fingerprint`)"
     );
+    let metrics = Arc::new(Metrics::default());
     let admission = Arc::new(Admission {
         sessions: Arc::clone(&sessions),
         verifier,
         limiter: RateLimiter::new(config.admission.rate_per_sec, config.admission.rate_burst),
+        metrics: Arc::clone(&metrics),
     });
     let core = Arc::new(crate::api::core::Core {
         sessions: Arc::clone(&sessions),
@@ -152,6 +155,18 @@ async fn serve(
         Arc::clone(&tls.config),
         admission,
     ));
+    if config.metrics.enabled {
+        let listener = tokio::net::TcpListener::bind(config.metrics.listen)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", config.metrics.listen))?;
+        tracing::info!(listen = %config.metrics.listen, "metrics at /metrics");
+        tasks.spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&metrics),
+            Arc::clone(&sessions),
+            Arc::clone(&enforcer),
+        ));
+    }
     tasks.spawn(sweep_loop(
         Arc::clone(&sessions),
         Duration::from_millis(config.sessions.sweep_interval_ms),
@@ -162,6 +177,7 @@ async fn serve(
         tasks.spawn(policy_loop(
             Arc::clone(&sessions),
             Arc::clone(&enforcer),
+            Arc::clone(&metrics),
             rx,
         ));
         crate::policy::watch(
@@ -258,16 +274,20 @@ async fn event_loop(sessions: Arc<Sessions>, mut events: crate::datapath::EventR
 async fn policy_loop(
     sessions: Arc<Sessions>,
     enforcer: Arc<Enforcer>,
+    metrics: Arc<Metrics>,
     mut changes: mpsc::UnboundedReceiver<Result<Arc<Policy>, PolicyError>>,
 ) {
     while let Some(change) = changes.recv().await {
         match change {
             Ok(policy) => {
-                if let Err(e) = apply_policy(&sessions, &enforcer, &policy).await {
+                let applied = apply_policy(&sessions, &enforcer, &policy).await;
+                metrics.policy_reloaded(applied.is_ok());
+                if let Err(e) = applied {
                     tracing::error!(error = %e, "applying the new policy failed");
                 }
             }
             Err(e) => {
+                metrics.policy_reloaded(false);
                 tracing::error!(error = %e, "policy edit refused; the last good policy stays in force");
                 let ev = AuditEvent::new(AuditKind::PolicyRejected {
                     error: e.to_string(),

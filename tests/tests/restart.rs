@@ -171,3 +171,54 @@ fn unused_addr(pair: &NetnsPair) -> std::net::Ipv4Addr {
     let o = pair.client_addr.octets();
     std::net::Ipv4Addr::new(o[0], o[1], o[2], 99)
 }
+
+#[test]
+fn a_corrupt_state_file_stops_the_start_and_leaves_enforcement_as_pinned() {
+    if !require_root("a_corrupt_state_file_stops_the_start_and_leaves_enforcement_as_pinned") {
+        return;
+    }
+    let mut stack = Stack::start("crp", POLICY, "");
+    let token = stack.token(&TokenSpec::user("heidi@corp.example", &["ops"]));
+    let (ok, out) = stack.login(&token, &stack.scratch.dir.join("heidi"));
+    assert!(ok, "login failed: {out}");
+    let addr: SocketAddr = (stack.pair.server_addr, 7100).into();
+    let listener = listen(&stack.pair.server, addr);
+    let mut client = connect(&stack.pair.client, addr, Duration::from_secs(5)).unwrap();
+    let mut server = accept(&listener, Duration::from_secs(5)).unwrap();
+    stack.agent.as_mut().expect("agent running").kill9();
+
+    let state = stack.scratch.dir.join("state/state.redb");
+    std::fs::write(&state, b"this is not a redb file").unwrap();
+    let before = std::fs::read(&state).unwrap();
+    let bin = flowwarden_tests::agent_proc::agent_bin();
+    let out = stack
+        .pair
+        .server
+        .command(bin.to_str().unwrap())
+        .args(["agent", "--config"])
+        .arg(&stack.config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the agent started on a corrupt state file"
+    );
+    assert!(
+        stderr.contains("refusing to start") && stderr.contains("state.redb"),
+        "the refusal should say why and which file: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "the corrupt file was modified"
+    );
+    // Nothing was opened or closed: the admitted flow still passes, strangers stay out.
+    use std::io::{Read as _, Write as _};
+    client.write_all(b"still here").unwrap();
+    let mut buf = [0u8; 10];
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"still here");
+    let pins = Maps::open_pinned(&stack.pin_dir).expect("the pins are still there");
+    assert!(!pins.grants().is_empty(), "the grants were dropped");
+}

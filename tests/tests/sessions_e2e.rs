@@ -190,7 +190,11 @@ fn bad_tokens_are_refused_with_their_reason_and_admit_nothing() {
     if !require_root("bad_tokens_are_refused_with_their_reason_and_admit_nothing") {
         return;
     }
-    let stack = Stack::start("bad", POLICY, "");
+    let stack = Stack::start(
+        "bad",
+        POLICY,
+        "\n[metrics]\nenabled = true\nlisten = \"127.0.0.1:9469\"\n",
+    );
     let cache = stack.scratch.dir.join("mallory");
     // Signed by a key the agent does not trust, under a kid it does not know.
     let rogue = stack.scratch.dir.join("rogue");
@@ -248,7 +252,31 @@ fn bad_tokens_are_refused_with_their_reason_and_admit_nothing() {
         "{kinds:?}"
     );
     assert!(kinds.iter().any(|k| k == "admission_denied"), "{kinds:?}");
-    let (_, log) = (true, stack.agent().log());
+    // The metrics endpoint counts each refusal by reason.
+    let scrape = stack.pair.server.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9469")?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok::<_, std::io::Error>(text)
+    });
+    let metrics =
+        scrape.unwrap_or_else(|e| panic!("metrics endpoint: {e}\n{}", stack.agent().log()));
+    for (_, code) in &cases {
+        let line =
+            format!("flowwarden_admissions_total{{result=\"rejected\",reason=\"{code}\"}} 1");
+        assert!(metrics.contains(&line), "metrics lack {line}:\n{metrics}");
+    }
+    assert!(
+        metrics.contains("flowwarden_admissions_total{result=\"denied\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("flowwarden_map_fill_ratio{map=\"flows\"}"),
+        "{metrics}"
+    );
+    let log = stack.agent().log();
     for (token, _) in &cases {
         if token.len() > 40 {
             assert!(!log.contains(&token[..40]), "the agent logged a token");

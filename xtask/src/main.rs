@@ -4,6 +4,7 @@
 //! toolchain that `setup` installs exists.
 
 mod cmd;
+mod install;
 mod run;
 mod setup;
 
@@ -30,7 +31,7 @@ enum Task {
     },
     /// Run setup, then a benchmark; results go to target/bench/<name>.json.
     Bench {
-        /// Which benchmark to run (known: datapath).
+        /// Which benchmark to run: datapath, admission, policy or revoke.
         name: String,
         /// Forwarded to the benchmark as `--repeat N`.
         #[arg(long, value_name = "N")]
@@ -47,6 +48,22 @@ enum Task {
     },
     /// Lint the user-space crates (stable) and the eBPF crate (nightly, BPF target).
     Clippy,
+    /// Build a release binary and install it with its man page, completions, systemd unit,
+    /// reference config (kept if present) and documentation.
+    Install {
+        /// Staging root for packaging; `/` installs for real.
+        #[arg(long, default_value = "/")]
+        destdir: std::path::PathBuf,
+        #[arg(long, default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+        #[arg(long, default_value = "/etc/flowwarden")]
+        etc: std::path::PathBuf,
+        #[arg(long, default_value = "/etc/systemd/system")]
+        unit_dir: std::path::PathBuf,
+        /// Install this binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +73,19 @@ fn main() -> ExitCode {
         Task::Bench { name, repeat, runs } => run::bench(&name, repeat, runs),
         Task::Demo { args } => run::demo(&args),
         Task::Clippy => run::clippy(),
+        Task::Install {
+            destdir,
+            prefix,
+            etc,
+            unit_dir,
+            binary,
+        } => install::install(&install::InstallArgs {
+            destdir,
+            prefix,
+            etc,
+            unit_dir,
+            binary,
+        }),
     };
     // Print the error chain ourselves: returning it from main would also dump a backtrace
     // whenever RUST_BACKTRACE is set, burying the actionable message.

@@ -25,6 +25,7 @@ use super::{
 use crate::{
     audit::event::{AuditEvent, AuditKind},
     auth::Verifier,
+    metrics::{AdmissionResult, Metrics},
     sessions::{Admitted, SessionError, Sessions, model::now_ms},
 };
 
@@ -37,6 +38,7 @@ pub struct Admission {
     pub sessions: Arc<Sessions>,
     pub verifier: Arc<Verifier>,
     pub limiter: RateLimiter,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Serves admissions on `listener` until the task is dropped.
@@ -147,6 +149,7 @@ impl Admission {
                 "send the identity provider's token as `Authorization: Bearer <jwt>`",
             );
         };
+        let started = std::time::Instant::now();
         let token = token.to_owned();
         let verifier = Arc::clone(&self.verifier);
         let now = now_ms() / 1000;
@@ -155,6 +158,10 @@ impl Admission {
         let identity = match verified {
             Ok(Ok(identity)) => identity,
             Ok(Err(rejection)) => {
+                self.metrics.admission(
+                    AdmissionResult::Rejected(rejection.code()),
+                    started.elapsed(),
+                );
                 let mut e = AuditEvent::new(AuditKind::AdmissionRejected {
                     reason: rejection.code().to_owned(),
                 });
@@ -177,7 +184,14 @@ impl Admission {
                 );
             }
         };
-        match self.sessions.admit(identity, source).await {
+        let result = self.sessions.admit(identity, source).await;
+        let outcome = match &result {
+            Ok(_) => AdmissionResult::Admitted,
+            Err(SessionError::Denied { .. }) => AdmissionResult::Denied,
+            Err(_) => AdmissionResult::Rejected("internal"),
+        };
+        self.metrics.admission(outcome, started.elapsed());
+        match result {
             Ok(admitted) => json(StatusCode::CREATED, &response(&admitted)),
             Err(e) => session_error(e),
         }

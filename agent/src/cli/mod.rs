@@ -84,6 +84,9 @@ enum Command {
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), for packaging.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,6 +224,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
+        Command::Man => {
+            clap_mangen::Man::new(command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut command(), "flowwarden", &mut std::io::stdout());
             Ok(())
