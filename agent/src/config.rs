@@ -408,6 +408,15 @@ impl Config {
                 "rate_per_sec and rate_burst must be at least 1".into(),
             ));
         }
+        if !(1..=86_400).contains(&self.api.idle_timeout_secs) {
+            return Err(invalid(
+                "api.idle_timeout_secs",
+                format!(
+                    "{} is out of range: use 1 to 86400",
+                    self.api.idle_timeout_secs
+                ),
+            ));
+        }
         if !(1..=100_000).contains(&self.api.max_connections) {
             return Err(invalid(
                 "api.max_connections",

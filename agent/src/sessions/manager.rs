@@ -239,6 +239,24 @@ impl Sessions {
             rc.last_counter = counter;
             let old_source = s.source;
             if source != old_source {
+                // A new address is a new evaluation: rules may restrict sources.
+                let decision = self.policy.current().evaluate(&s.identity, source);
+                let allowed: HashSet<&str> = decision
+                    .grants
+                    .iter()
+                    .map(|g| g.resource.as_str())
+                    .collect();
+                if s.grants
+                    .iter()
+                    .any(|g| !allowed.contains(g.resource.as_str()))
+                {
+                    return Err(refuse(
+                        "source_not_allowed",
+                        format!(
+                            "policy does not grant session {id} its resources from {source}: log in again from there"
+                        ),
+                    ));
+                }
                 self.enforcer.grant(id, source, &s.grants)?;
                 for g in &s.grants {
                     let _ = self.enforcer.withdraw(id, old_source, g.resource_id);
@@ -319,6 +337,7 @@ impl Sessions {
         let now = now_ms();
         let mut ended = Vec::new();
         let mut writes = Vec::new();
+        let mut handovers = Vec::new();
         let mut table = self.table();
         for id in ids {
             let Some(s) = table.get_mut(id) else { continue };
@@ -329,6 +348,7 @@ impl Sessions {
             for g in &s.grants {
                 let _ = self.enforcer.withdraw(*id, s.source, g.resource_id);
             }
+            handovers.push((*id, s.source, s.grants.clone()));
             s.state = state;
             s.updated_at_ms = now;
             s.ended = Some(SessionEnd {
@@ -350,6 +370,22 @@ impl Sessions {
                 },
             ));
             writes.push(Write::Audit(event(kind.clone(), s, reason)));
+        }
+        // A grant is one kernel entry per (source, resource): when the session holding it
+        // ends, another live session from the same source that was granted the resource
+        // (the newest) gets the entry back, instead of silently losing access.
+        for (gone, source, grants) in handovers {
+            for g in grants {
+                let heir = table
+                    .values()
+                    .filter(|o| o.id != gone && o.is_live() && o.source == source)
+                    .filter(|o| o.grants.iter().any(|og| og.resource_id == g.resource_id))
+                    .max_by_key(|o| o.created_at_ms)
+                    .map(|o| o.id);
+                if let Some(heir) = heir {
+                    let _ = self.enforcer.grant(heir, source, std::slice::from_ref(&g));
+                }
+            }
         }
         drop(table);
         if !ended.is_empty() {
