@@ -426,3 +426,52 @@ fn sessions_and_audit_survive_a_restart_and_expired_ones_are_revoked_at_start() 
     assert!(kinds.iter().any(|k| k == "agent_started"));
     assert!(Path::new(&stack.scratch.dir.join("state/state.redb")).exists());
 }
+
+#[test]
+fn idle_flows_age_out_then_the_session_goes_dormant_then_expires() {
+    if !require_root("idle_flows_age_out_then_the_session_goes_dormant_then_expires") {
+        return;
+    }
+    let policy = POLICY.replace(
+        "[rule.session]\nreconnect = true",
+        "[rule.session]\nreconnect = true\nidle_timeout = \"10s\"\ndormant_timeout = \"10s\"",
+    );
+    let stack = Stack::start("idle", &policy, "");
+    let echo: SocketAddr = (stack.pair.server_addr, 7000).into();
+    let listener = listen(&stack.pair.server, echo);
+    let ivan = stack.scratch.dir.join("ivan");
+    let (ok, out) = stack.login(
+        &stack.token(&TokenSpec::user("ivan@corp.example", &["ops"])),
+        &ivan,
+    );
+    assert!(ok, "{out}");
+    let id = stdout_json(&out)["session"].as_str().unwrap().to_owned();
+    let mut c = connect(&stack.pair.client, echo, LONG).unwrap();
+    let mut s = accept(&listener, LONG).unwrap();
+    assert!(carries(&mut c, &mut s, b"one exchange, then silence"));
+    assert_eq!(session(&stack, &id)["traffic"]["flows"], 1);
+
+    // Silence: the flow ages out (dead-peer detection), the session goes dormant…
+    stack.wait_until(Duration::from_secs(25), "the idle flow is removed", || {
+        session(&stack, &id)["traffic"]["flows"] == 0
+    });
+    stack.wait_until(Duration::from_secs(15), "the session goes dormant", || {
+        session(&stack, &id)["state"] == "dormant"
+    });
+    // …a new flow would wake it, but none comes: the dormant timeout expires it.
+    stack.wait_until(
+        Duration::from_secs(25),
+        "the dormant session expires",
+        || session(&stack, &id)["state"] == "expired",
+    );
+    let ended = session(&stack, &id);
+    assert_eq!(ended["ended"]["cause"], "dormant_timeout", "{ended}");
+    let kinds = audit_kinds(&stack);
+    for k in ["flow_idle", "state_changed", "session_expired"] {
+        assert!(kinds.iter().any(|x| x == k), "audit lacks {k}: {kinds:?}");
+    }
+    assert!(
+        connect(&stack.pair.client, echo, SHORT).is_err(),
+        "an expired session still admits"
+    );
+}
