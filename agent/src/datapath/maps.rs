@@ -89,6 +89,9 @@ pub struct Maps {
     grants: HashMap<MapData, GrantKey, Grant>,
     flows: HashMap<MapData, FlowKey, Flow>,
     flows_capacity: u32,
+    /// The resource table this handle last installed: later installs write only the
+    /// difference instead of scanning all 131,072 port slots.
+    installed: Option<ResourceTable>,
     revoked: HashMap<MapData, u64, Revocation>,
     session_stats: HashMap<MapData, u64, SessionStats>,
     stats: PerCpuArray<MapData, u64>,
@@ -165,6 +168,7 @@ impl Maps {
                 .try_into()
                 .map_err(map_err(names::FLOWS, "open"))?,
             flows_capacity,
+            installed: None,
             revoked: get(names::REVOKED)?
                 .try_into()
                 .map_err(map_err(names::REVOKED, "open"))?,
@@ -190,6 +194,9 @@ impl Maps {
     /// # Errors
     /// The kernel refuses a write (for example the destination trie is full).
     pub fn install_resources(&mut self, table: &ResourceTable) -> Result<()> {
+        if self.installed.as_ref() == Some(table) {
+            return Ok(());
+        }
         let wanted_ports = table.port_slots();
         let wanted_dsts: BTreeMap<(u32, [u8; 20]), (ResourceDst, u32)> = table
             .dst_entries()
@@ -207,13 +214,17 @@ impl Maps {
                 .insert(&Key::new(*bits, *dst), id, 0)
                 .map_err(map_err(names::RESOURCE_DSTS, "insert"))?;
         }
-        let current_ports: Vec<u32> = (0..self.resource_ports.len())
-            .filter(|i| {
-                self.resource_ports
-                    .get(i, 0)
-                    .is_ok_and(|slot| slot.resource_id != 0)
-            })
-            .collect();
+        let current_ports: Vec<u32> = match &self.installed {
+            Some(previous) => previous.port_slots().into_keys().collect(),
+            // First install by this handle: the pinned table may hold another agent's slots.
+            None => (0..self.resource_ports.len())
+                .filter(|i| {
+                    self.resource_ports
+                        .get(i, 0)
+                        .is_ok_and(|slot| slot.resource_id != 0)
+                })
+                .collect(),
+        };
         for (index, slot) in &wanted_ports {
             self.resource_ports
                 .set(*index, slot, 0)
@@ -235,6 +246,7 @@ impl Maps {
                 }
             }
         }
+        self.installed = Some(table.clone());
         Ok(())
     }
 
