@@ -15,7 +15,9 @@ const IPV6_HLEN: usize = 40;
 const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// Deepest L4 offset we accept; bounds the offset for the verifier too.
 const MAX_L4_OFFSET: usize = 512;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// What a frame is, as far as enforcement cares.
 pub enum Parsed {

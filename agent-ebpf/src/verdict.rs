@@ -7,7 +7,7 @@ use agent_common::{
     stat,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
 };
@@ -17,7 +17,7 @@ use crate::{
         DENY_RATE, FLOWS, GRANTS, RESOURCE_DSTS, RESOURCE_PORTS, REVOKED, SESSION_STATS,
         atomic_add, count, emit, monitor_mode,
     },
-    parse::{Packet, TCP_RST},
+    parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
 };
 
 const EEXIST: i64 = 17;
@@ -68,19 +68,28 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
         proto: pkt.proto,
         _pad: [0; 3],
     };
+    let mut replace = false;
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a map value pointer stays valid for the whole program run.
         let session_id = unsafe { (*flow).session_id };
         if let Some(revocation) = REVOKED.get_ptr_mut(session_id) {
-            return revoked(revocation, session_id, &key, resource_id, len);
+            // A fresh SYN reusing the 5-tuple of a revoked session's lingering flow is a new
+            // connection: it may open through a live grant (of a new session) instead.
+            let syn_only = pkt.proto == agent_common::IPPROTO_TCP
+                && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if !syn_only {
+                return revoked(revocation, session_id, &key, resource_id, len);
+            }
+            replace = true;
+        } else {
+            // SAFETY: as above; counters are shared by CPUs, hence the atomic adds.
+            unsafe {
+                atomic_add(&raw mut (*flow).rx_packets, 1);
+                atomic_add(&raw mut (*flow).rx_bytes, len);
+                (*flow).last_seen_ns = last_seen_now();
+            }
+            return Action::Pass;
         }
-        // SAFETY: as above; counters are shared by CPUs, hence the atomic adds.
-        unsafe {
-            atomic_add(&raw mut (*flow).rx_packets, 1);
-            atomic_add(&raw mut (*flow).rx_bytes, len);
-            (*flow).last_seen_ns = last_seen_now();
-        }
-        return Action::Pass;
     }
 
     let grant_key = GrantKey {
@@ -108,7 +117,8 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
         tx_packets: 0,
         tx_bytes: 0,
     };
-    match FLOWS.insert(key, flow, BPF_NOEXIST as u64) {
+    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
+    match FLOWS.insert(key, flow, flags as u64) {
         Ok(()) => {
             count(stat::FLOWS_OPENED, 1);
             session_flow_opened(session_id);

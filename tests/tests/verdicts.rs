@@ -525,6 +525,41 @@ fn a_revoked_session_is_dropped_both_ways_but_rst_leaves() {
     dp.datapath.maps.revoke(SESSION).unwrap();
     assert_eq!(dp.datapath.maps.revocation(SESSION).unwrap(), revocation);
 
+    // A new session from the same source: a fresh SYN reusing the revoked flow's 5-tuple opens
+    // a new flow through the new grant; anything else on that 5-tuple stays dropped.
+    const NEXT: u64 = SESSION + 7;
+    dp.datapath.maps.grant(ip(CLIENT), ssh_id, NEXT).unwrap();
+    check(
+        &mut dp,
+        "non-SYN on the revoked 5-tuple",
+        XDP_INGRESS,
+        &data,
+        XDP_DROP,
+        revoked(),
+    );
+    let syn = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+        .flags(TCP_SYN)
+        .build();
+    check(
+        &mut dp,
+        "fresh SYN on the revoked 5-tuple",
+        XDP_INGRESS,
+        &syn,
+        XDP_PASS,
+        opened(),
+    );
+    let key = flow_key(CLIENT, 40000, SERVER, 22, 6);
+    assert_eq!(dp.datapath.maps.flow(&key).unwrap().session_id, NEXT);
+    check(
+        &mut dp,
+        "the new session's flow",
+        XDP_INGRESS,
+        &data,
+        XDP_PASS,
+        Delta::default(),
+    );
+    dp.datapath.maps.grant(ip(CLIENT), ssh_id, SESSION).unwrap();
+
     let first_drops: Vec<_> = std::iter::from_fn(|| dp.datapath.events.try_next())
         .filter(|e| e.kind == EventKind::FirstDropAfterRevoke)
         .collect();
