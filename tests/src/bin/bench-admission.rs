@@ -1,0 +1,609 @@
+//! `cargo xtask bench admission`: durable admissions per second over TLS keep-alive with ES256
+//! tokens against a real agent process, latency under a paced open-loop load, and where the
+//! time goes (token verification and store commits measured alone in the same run), as JSON.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use flowwarden::{
+    admission::client::{Client, Trust},
+    audit::event::{AuditEvent, AuditKind},
+    auth::{Verifier, dev},
+    config::Config,
+    sessions::model::{Session, SessionId, now_ms},
+    store::{Store, Write},
+};
+use flowwarden_tests::{
+    agent_proc::{AgentProcess, Scratch},
+    loaded::private_pin_dir,
+    netns::NetnsPair,
+    privileged::require_root,
+    stack::{ADMISSION_PORT, AUDIENCE, ISSUER, cli},
+};
+use serde_json::{Value, json};
+
+const POLICY: &str = "[[resource]]\nname = \"echo\"\nprotocol = \"tcp\"\nports = [7000]\n\n\
+                      [[rule]]\nname = \"bench\"\ngroups = [\"bench\"]\nresources = [\"echo\"]\n";
+const TARGET_PER_SEC: f64 = 5_000.0;
+const TARGET_P99_MS: f64 = 10.0;
+/// Commits per caller in the store-alone reference.
+const STORE_COMMITS: usize = 500;
+const VERIFIES: usize = 2_000;
+/// The paced run: admissions per second, for how long.
+const RATE: u32 = 1_000;
+const SECS: u32 = 10;
+/// Connections of the paced run: enough that a slow answer never holds back the next send.
+const PACED_CONNECTIONS: usize = 32;
+
+struct Args {
+    out: PathBuf,
+    /// Admissions per throughput round (`--repeat`).
+    per_round: usize,
+    /// Throughput rounds (`--runs`); the median is reported.
+    rounds: usize,
+    /// Client threads of the throughput rounds, one connection each.
+    clients: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        out: PathBuf::from("target/bench/admission.json"),
+        per_round: 20_000,
+        rounds: 3,
+        clients: 16,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
+        let n = || value.parse::<usize>().with_context(|| arg.clone());
+        match arg.as_str() {
+            "--out" => a.out = PathBuf::from(&value),
+            "--repeat" => a.per_round = n()?,
+            "--runs" => a.rounds = n()?,
+            "--clients" => a.clients = n()?,
+            other => bail!(
+                "unknown argument {other}: use --out FILE --repeat ADMISSIONS_PER_ROUND \
+                 --runs ROUNDS --clients N"
+            ),
+        }
+    }
+    if a.per_round == 0 || a.rounds == 0 || a.clients == 0 {
+        bail!("--repeat, --runs and --clients must be at least 1");
+    }
+    Ok(a)
+}
+
+/// The agent under test, its namespaces and pins; everything goes away on drop.
+struct Bench {
+    agent: Option<AgentProcess>,
+    pair: NetnsPair,
+    scratch: Scratch,
+    pin_dir: PathBuf,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill9();
+        }
+        let _ = flowwarden::datapath::detach_all(&self.pin_dir);
+    }
+}
+
+impl Bench {
+    /// Like `Stack`, with its own config: every admission comes from the one client address,
+    /// so the per-source limiter (20/s by default) is raised out of the way.
+    fn start() -> anyhow::Result<Self> {
+        let pair = NetnsPair::new("badm")?;
+        let scratch = Scratch::new("badm");
+        let pin_dir = private_pin_dir("badm");
+        dev::keygen(&scratch.dir.join("keys"))?;
+        let config = scratch.dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[datapath]\ninterfaces = [\"{iface}\"]\npin_dir = \"{pin}\"\n\n\
+                 [policy]\ndir = \"policies\"\n\n[state]\ndir = \"state\"\n\n\
+                 [admission]\nlisten = \"{addr}:{ADMISSION_PORT}\"\n\
+                 rate_per_sec = 1000000\nrate_burst = 1000000\n\n\
+                 [api]\nsocket = \"agent.sock\"\n\n\
+                 [[auth.issuer]]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\n\
+                 algorithms = [\"ES256\"]\njwks_file = \"keys/{jwks}\"\n",
+                iface = pair.server_if,
+                pin = pin_dir.display(),
+                addr = pair.server_addr,
+                jwks = dev::JWKS_FILE,
+            ),
+        )?;
+        std::fs::write(scratch.dir.join("policies/bench.toml"), POLICY)?;
+        let agent = Some(AgentProcess::start(&pair.server, &config));
+        Ok(Self {
+            agent,
+            pair,
+            scratch,
+            pin_dir,
+        })
+    }
+
+    fn status(&self) -> anyhow::Result<Value> {
+        let socket = self.scratch.dir.join("agent.sock");
+        let (ok, out) = cli(&["--socket", socket.to_str().unwrap(), "status", "--json"]);
+        if !ok {
+            bail!("flowwarden status failed: {out}");
+        }
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// The agent is the only process in the server namespace (nsenter execs it).
+    fn agent_pid(&self) -> anyhow::Result<u32> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "pids", &self.pair.server.name])
+            .output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("no process in the server namespace")
+    }
+}
+
+/// Runs the release agent: a debug agent would measure the compiler's settings, not the agent.
+fn use_release_agent() -> anyhow::Result<()> {
+    if std::env::var_os("FLOWWARDEN_BIN").is_some() {
+        return Ok(());
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "--quiet", "-p", "flowwarden"])
+        .args(["--bin", "flowwarden"])
+        .current_dir(workspace)
+        .status()?;
+    if !status.success() {
+        bail!("cargo build --release -p flowwarden failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    // SAFETY: called first thing in main, before this process starts any thread.
+    unsafe { std::env::set_var("FLOWWARDEN_BIN", target.join("release/flowwarden")) };
+    Ok(())
+}
+
+/// ES256 development tokens with distinct subjects.
+fn mint(keys: &Path, count: usize) -> anyhow::Result<Vec<String>> {
+    let kid = dev::kid_of(&keys.join(dev::JWKS_FILE))?;
+    let (key, now) = (keys.join(dev::KEY_FILE), now_ms() / 1000);
+    (0..count)
+        .map(|i| {
+            let mut c = dev::DevClaims::new(&format!("bench-user-{i:07}"));
+            c.email = Some(format!("bench-user-{i:07}@corp.example"));
+            c.groups = vec!["staff".into(), "bench".into()];
+            c.managed = Some(true);
+            Ok(dev::token(&key, &kid, &c, now)?)
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Outcome {
+    ok: usize,
+    errors: usize,
+    first_error: Option<String>,
+    /// Closed loop: send to answer. Paced: scheduled send time to answer. Sorted.
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+/// One admission, checked: a 201 comes only after the commit, with the one granted resource.
+fn admit(client: &Client, token: &str) -> Result<(), String> {
+    match client.login(token) {
+        Ok(r) if r.grants.len() == 1 => Ok(()),
+        Ok(r) => Err(format!("unexpected grants {:?}", r.grants)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Each client (one keep-alive connection each) takes the next token until none are left.
+/// With `pace`, token i is due at start + i × pace and its latency counts from then, so a slow
+/// answer cannot hide the requests it delayed (no coordinated omission).
+fn drive(clients: &[Client], tokens: &[String], pace: Option<Duration>) -> Outcome {
+    let next = AtomicUsize::new(0);
+    let start = Instant::now() + Duration::from_millis(20);
+    let parts: Vec<Outcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .iter()
+            .map(|client| {
+                let next = &next;
+                s.spawn(move || {
+                    let mut out = Outcome::default();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(token) = tokens.get(i) else { break };
+                        let due = match pace {
+                            Some(p) => start + p * u32::try_from(i).unwrap_or(u32::MAX),
+                            None => Instant::now(),
+                        };
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        match admit(client, token) {
+                            Ok(()) => out.latencies.push(due.elapsed()),
+                            Err(e) => {
+                                out.errors += 1;
+                                out.first_error.get_or_insert(e);
+                            }
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all = Outcome {
+        elapsed: start.elapsed(),
+        ..Outcome::default()
+    };
+    for p in parts {
+        all.errors += p.errors;
+        all.first_error = all.first_error.or(p.first_error);
+        all.latencies.extend(p.latencies);
+    }
+    all.ok = all.latencies.len();
+    all.latencies.sort_unstable();
+    all
+}
+
+/// Whitespace-separated numbers of a /proc file's line, after `skip` text fields.
+fn numbers(line: &str, skip: usize) -> Vec<u64> {
+    let fields = line.split_whitespace().skip(skip);
+    fields.map(|v| v.parse().unwrap_or(0)).collect()
+}
+
+/// utime + stime of a /proc/…/stat file, in clock ticks (fields 14 and 15; the command name
+/// before them may hold spaces, so counting starts after its ")").
+fn ticks(stat: PathBuf) -> u64 {
+    let text = std::fs::read_to_string(stat).unwrap_or_default();
+    let f = numbers(text.rsplit_once(')').map_or("", |(_, r)| r), 0);
+    f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0)
+}
+
+/// Clock ticks of the agent, its store writer thread, this process (the clients), and the
+/// machine's busy and total time.
+fn cpu(agent: u32) -> [u64; 5] {
+    let tasks = std::fs::read_dir(format!("/proc/{agent}/task"))
+        .into_iter()
+        .flatten();
+    let writer = tasks.flatten().find(|t| {
+        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c == "store-writer\n")
+    });
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let m = numbers(stat.lines().next().unwrap_or_default(), 1);
+    let total: u64 = m.iter().take(8).sum();
+    [
+        ticks(format!("/proc/{agent}/stat").into()),
+        writer.map_or(0, |t| ticks(t.path().join("stat"))),
+        ticks("/proc/self/stat".into()),
+        total - m.get(3).unwrap_or(&0) - m.get(4).unwrap_or(&0),
+        total,
+    ]
+}
+
+/// CPU µs per admission between two samples, and how busy the machine was.
+fn cpu_share(before: [u64; 5], after: [u64; 5], admissions: usize) -> Value {
+    // SAFETY: sysconf only reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let d: Vec<f64> = (0..5).map(|i| (after[i] - before[i]) as f64).collect();
+    let us = |t: f64| t * 1e6 / hz / admissions.max(1) as f64;
+    json!({
+        "agent_us_per_admission": us(d[0]),
+        "store_writer_us_per_admission": us(d[1]),
+        "bench_clients_us_per_admission": us(d[2]),
+        "machine_busy_percent": 100.0 * d[3] / d[4].max(1.0),
+    })
+}
+
+/// Nearest-rank quantiles of sorted durations, in ms.
+fn quantiles(sorted: &[Duration]) -> [f64; 4] {
+    [0.5, 0.9, 0.99, 1.0].map(|p| {
+        let i = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
+        sorted.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    })
+}
+
+fn quantiles_json(sorted: &[Duration]) -> Value {
+    let [p50, p90, p99, max] = quantiles(sorted);
+    json!({"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max})
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if !require_root("bench-admission") {
+        bail!("the admission benchmark runs an agent in network namespaces: run it as root");
+    }
+    use_release_agent()?;
+    let load_before = loadavg();
+    let mut bench = Bench::start()?;
+    let fingerprint = bench.status()?["admission"]["fingerprint"]
+        .as_str()
+        .context("no fingerprint in status")?
+        .to_owned();
+    let warmup = args.clients + PACED_CONNECTIONS;
+    let paced_count = (RATE * SECS) as usize;
+    let total = warmup + args.rounds * args.per_round + paced_count;
+    eprintln!("minting {total} ES256 tokens…");
+    let tokens = mint(&bench.scratch.dir.join("keys"), total)?;
+    let pid = bench.agent_pid()?;
+    let agent = format!("{}:{ADMISSION_PORT}", bench.pair.server_addr);
+
+    // Every client thread runs in the client namespace, like `flowwarden login` would.
+    let (rounds, (paced, paced_cpu)) = bench.pair.client.run(|| -> anyhow::Result<_> {
+        let trust = Trust::Fingerprint(fingerprint.clone());
+        let connect = |n| -> anyhow::Result<Vec<Client>> {
+            (0..n).map(|_| Ok(Client::new(&agent, &trust)?)).collect()
+        };
+        let (clients, paced_clients) = (connect(args.clients)?, connect(PACED_CONNECTIONS)?);
+        // One admission per connection first: TLS handshakes are not what is measured.
+        let (warm, mut rest) = tokens.split_at(warmup);
+        for (c, t) in clients.iter().chain(&paced_clients).zip(warm) {
+            admit(c, t).map_err(|e| anyhow!("warm-up admission failed: {e}"))?;
+        }
+        let mut rounds = Vec::new();
+        for r in 0..args.rounds {
+            let (now, later) = rest.split_at(args.per_round);
+            rest = later;
+            let before = cpu(pid);
+            let out = drive(&clients, now, None);
+            rounds.push((out, cpu_share(before, cpu(pid), args.per_round)));
+            eprintln!("throughput round {}/{} done", r + 1, args.rounds);
+        }
+        let before = cpu(pid);
+        let out = drive(&paced_clients, rest, Some(Duration::from_secs(1) / RATE));
+        Ok((rounds, (out, cpu_share(before, cpu(pid), rest.len()))))
+    })?;
+    let load_after = loadavg();
+    // Killed as in a crash: every admission that was answered must be in the store.
+    if let Some(mut a) = bench.agent.take() {
+        a.kill9();
+    }
+    let stored = Store::open(&bench.scratch.dir.join("state/state.redb"))?.sessions()?;
+    eprintln!("measuring token verification and store commits alone…");
+    let alone = reference(&bench, &tokens, &stored[0], args.clients)?;
+
+    let per_sec: Vec<f64> = (rounds.iter())
+        .map(|(o, _)| o.ok as f64 / o.elapsed.as_secs_f64())
+        .collect();
+    // The median round (the upper of two middle ones): its CPU and latency go with the median.
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| per_sec[a].total_cmp(&per_sec[b]));
+    let mid = order[order.len() / 2];
+    let med = per_sec[mid];
+    let errors = rounds.iter().map(|(o, _)| o.errors).sum::<usize>() + paced.errors;
+    let first_error = (rounds.iter().map(|(o, _)| &o.first_error))
+        .chain([&paced.first_error])
+        .find_map(Option::clone);
+    let admitted = warmup + rounds.iter().map(|(o, _)| o.ok).sum::<usize>() + paced.ok;
+    let [p50, p90, p99, max] = quantiles(&paced.latencies);
+    let (throughput_met, latency_met) = (med >= TARGET_PER_SEC, p99 <= TARGET_P99_MS);
+    let report = json!({
+        "benchmark": "admission",
+        "date": command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "machine": {
+            "kernel": command_output("uname", &["-r"]),
+            "cpu": cpu_model(),
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        },
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "method": "a release agent in a network namespace pair, its state on the local disk; each \
+                   POST /v1/sessions carries a distinct pre-minted ES256 token (group `bench`, \
+                   one granted resource) over TLS keep-alive (one connection per client thread, \
+                   warmed up first); a 201 comes only once the session is committed with fsync. \
+                   Throughput: closed loop, N client threads on the same 2 cores as the agent, \
+                   median over rounds. Latency: open loop, admission i is due at t0 + i/rate and \
+                   its latency runs from that due time to the answer (no coordinated omission). \
+                   CPU: /proc ticks of the agent, its store-writer thread and the bench process. \
+                   Then the agent is killed (SIGKILL) and its store must hold every admitted \
+                   session. Reference, in-process once the agent is gone: Verifier::verify alone, \
+                   and Store::commit of what an admission commits (one of the agent's stored \
+                   sessions under a new id, and its audit event) from 1 and from N callers",
+        "throughput": {
+            "clients": args.clients,
+            "admissions_per_round": args.per_round,
+            "rounds_per_sec": per_sec,
+            "median_per_sec": med,
+            "closed_loop_latency_median_round": quantiles_json(&rounds[mid].0.latencies),
+            "cpu_median_round": rounds[mid].1,
+        },
+        "paced": {
+            "rate_per_sec": RATE,
+            "secs": SECS,
+            "connections": PACED_CONNECTIONS,
+            "admitted": paced.ok,
+            "achieved_per_sec": paced.ok as f64 / paced.elapsed.as_secs_f64(),
+            "latency_from_scheduled_send": quantiles_json(&paced.latencies),
+            "cpu": paced_cpu,
+        },
+        "reference": alone,
+        "errors": errors,
+        "first_error": first_error,
+        "admitted": admitted,
+        "sessions_in_store_after_kill": stored.len(),
+        "targets": {
+            "min_admissions_per_sec": TARGET_PER_SEC,
+            "admissions_per_sec": med,
+            "throughput_met": throughput_met && errors == 0,
+            "max_p99_ms_at_rate": TARGET_P99_MS,
+            "p99_ms_at_rate": p99,
+            "latency_met": latency_met && errors == 0,
+        },
+    });
+    let met = |m: bool| if m && errors == 0 { "met" } else { "NOT met" };
+    let cpu = |c: &Value| {
+        let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+        format!(
+            "  CPU per admission: agent {:.0} µs (store writer {:.0} µs), bench clients {:.0} \
+             µs; machine {:.0}% busy",
+            f("agent_us_per_admission"),
+            f("store_writer_us_per_admission"),
+            f("bench_clients_us_per_admission"),
+            f("machine_busy_percent")
+        )
+    };
+    let rounds_text: Vec<String> = per_sec.iter().map(|v| format!("{v:.0}")).collect();
+    println!(
+        "throughput: {med:.0} admissions/s median, {} clients (rounds {}; target ≥ \
+         {TARGET_PER_SEC}/s: {})\n{}",
+        args.clients,
+        rounds_text.join(", "),
+        met(throughput_met),
+        cpu(&rounds[mid].1)
+    );
+    println!(
+        "paced {RATE}/s for {SECS} s: p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max \
+         {max:.2} ms (target p99 ≤ {TARGET_P99_MS} ms: {})\n{}",
+        met(latency_met),
+        cpu(&paced_cpu)
+    );
+    println!(
+        "alone: verify {:.0} µs; store commits from 1 caller: p50 {:.2} ms, {:.0}/s, {:.0} µs \
+         CPU each; from {} callers: {:.0}/s, {:.0} µs CPU each",
+        alone.verify_us_mean,
+        alone.one_caller_p50_ms,
+        alone.one_caller_commits_per_sec,
+        alone.one_caller_cpu_us_per_commit,
+        alone.callers,
+        alone.concurrent_commits_per_sec,
+        alone.concurrent_cpu_us_per_commit,
+    );
+    println!(
+        "errors: {errors} (first: {}); {} of {admitted} admitted sessions in the store after \
+         SIGKILL; load {load_before} → {load_after}",
+        first_error.as_deref().unwrap_or("none"),
+        stored.len()
+    );
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!("wrote {}", args.out.display());
+    if errors > 0 || stored.len() != admitted {
+        bail!("admissions failed or were lost: see above");
+    }
+    Ok(())
+}
+
+/// Token verification, and store commits (PutSession + Audit) from one caller and from many,
+/// each alone; CPU is this process's (the store's writer thread and the callers).
+#[derive(serde::Serialize)]
+struct Alone {
+    verify_us_mean: f64,
+    one_caller_p50_ms: f64,
+    one_caller_commits_per_sec: f64,
+    one_caller_cpu_us_per_commit: f64,
+    callers: usize,
+    concurrent_commits_per_sec: f64,
+    concurrent_cpu_us_per_commit: f64,
+}
+
+/// CPU time of this process so far (all threads), µs.
+fn process_cpu_us() -> f64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(u.ru_utime) + us(u.ru_stime)
+}
+
+/// Token verification and the store commit, each alone, on the same machine and disk.
+fn reference(
+    bench: &Bench,
+    tokens: &[String],
+    template: &Session,
+    callers: usize,
+) -> anyhow::Result<Alone> {
+    let jwks = bench.scratch.dir.join("keys").join(dev::JWKS_FILE);
+    let issuer = format!(
+        "[[auth.issuer]]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\n\
+         algorithms = [\"ES256\"]\njwks_file = \"{}\"\n",
+        jwks.display()
+    );
+    let verifier = Verifier::new(&Config::parse(&issuer, Path::new("reference.toml"))?.auth)?;
+    let now = now_ms() / 1000;
+    let sample = &tokens[..VERIFIES.min(tokens.len())];
+    let start = Instant::now();
+    for t in sample {
+        verifier.verify(t, now).map_err(|e| anyhow!("{e}"))?;
+    }
+    let verify_us = start.elapsed().as_secs_f64() * 1e6 / sample.len() as f64;
+
+    let store = Store::open(&bench.scratch.dir.join("reference/state.redb"))?;
+    let commit = |n: usize| -> anyhow::Result<Vec<Duration>> {
+        (0..n)
+            .map(|_| {
+                let mut session = template.clone();
+                session.id = SessionId::random();
+                let mut e = AuditEvent::new(AuditKind::SessionAdmitted);
+                (e.session, e.source) = (Some(session.id), Some(session.source));
+                e.user = Some(session.identity.user().to_owned());
+                e.detail = "granted echo".into();
+                let t = Instant::now();
+                store.commit(vec![Write::PutSession(session), Write::Audit(e)])?;
+                Ok(t.elapsed())
+            })
+            .collect()
+    };
+    let (start, cpu) = (Instant::now(), process_cpu_us());
+    let mut one = commit(STORE_COMMITS)?;
+    let one_per_sec = STORE_COMMITS as f64 / start.elapsed().as_secs_f64();
+    let one_cpu = (process_cpu_us() - cpu) / STORE_COMMITS as f64;
+    one.sort_unstable();
+    let (start, cpu) = (Instant::now(), process_cpu_us());
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..callers)
+            .map(|_| s.spawn(|| commit(STORE_COMMITS)))
+            .collect();
+        hs.into_iter().try_for_each(|h| h.join().unwrap().map(drop))
+    })?;
+    let n = (callers * STORE_COMMITS) as f64;
+    Ok(Alone {
+        verify_us_mean: verify_us,
+        one_caller_p50_ms: quantiles(&one)[0],
+        one_caller_commits_per_sec: one_per_sec,
+        one_caller_cpu_us_per_commit: one_cpu,
+        callers,
+        concurrent_commits_per_sec: n / start.elapsed().as_secs_f64(),
+        concurrent_cpu_us_per_commit: (process_cpu_us() - cpu) / n,
+    })
+}
+
+fn loadavg() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,498 @@
+//! `cargo xtask bench policy`: time from a policy change to every one of 100,000 live sessions
+//! re-evaluated, its grants updated in the kernel and the change durable, and the memory those
+//! sessions take, with the agent's own library in-process; written as JSON.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::BTreeMap,
+    hint::black_box,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use flowwarden::{
+    audit::{
+        Audit,
+        event::{AuditEvent, AuditKind},
+    },
+    config::SessionsConfig,
+    datapath::{Datapath, LoadOptions, detach_all, maps_dir},
+    enforce::Enforcer,
+    identity::{Device, Identity},
+    policy::{PolicyHandle, Reload},
+    sessions::{Sessions, model::now_ms},
+    store::{Store, Write},
+};
+use flowwarden_tests::{agent_proc::Scratch, loaded::private_pin_dir, privileged};
+use serde_json::json;
+
+const TARGET_MS: f64 = 200.0;
+const TARGET_RSS_MIB: f64 = 256.0;
+/// Concurrent admissions: enough for the store to commit large groups, as a busy agent does.
+const TASKS: usize = 512;
+
+/// Every session is granted both resources; the edit takes `web` from everyone's rule, so each
+/// session loses one grant and keeps one (none is terminated).
+fn policy_text(granted: &str) -> String {
+    format!(
+        "[[resource]]\nname = \"ssh\"\nprotocol = \"tcp\"\nports = [22]\n\n\
+         [[resource]]\nname = \"web\"\nprotocol = \"tcp\"\nports = [443]\n\n\
+         [[rule]]\nname = \"staff\"\ngroups = [\"bench\"]\nresources = [{granted}]\n"
+    )
+}
+
+struct Args {
+    out: PathBuf,
+    sessions: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        out: PathBuf::from("target/bench/policy.json"),
+        sessions: 100_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--out" => a.out = PathBuf::from(value),
+            "--sessions" => a.sessions = value.parse().context("--sessions")?,
+            // One change per run: a policy change never widens live sessions, so the grants
+            // it removes cannot be given back without admitting everyone again.
+            "--repeat" | "--runs" => eprintln!("{arg} {value}: ignored, one change per run"),
+            other => bail!("unknown argument {other}: use --out FILE --sessions N"),
+        }
+    }
+    Ok(a)
+}
+
+/// Counts live heap bytes, so that RSS can be split into the session records and the rest
+/// (the store's page cache, allocator overhead). An atomic add per allocation is all it costs.
+struct Counting;
+
+static HEAP: AtomicUsize = AtomicUsize::new(0);
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+// SAFETY: every call is passed on unchanged to the system allocator; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            HEAP.fetch_add(layout.size(), Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            HEAP.fetch_add(layout.size(), Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, which got it from `System`.
+        unsafe { System.dealloc(ptr, layout) };
+        HEAP.fetch_sub(layout.size(), Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as for `dealloc`; on failure the old block stays, and so does its count.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            HEAP.fetch_add(new_size, Relaxed);
+            HEAP.fetch_sub(layout.size(), Relaxed);
+        }
+        p
+    }
+}
+
+fn heap_mib() -> f64 {
+    HEAP.load(Relaxed) as f64 / (1024.0 * 1024.0)
+}
+
+/// Removes the private pins (and so the maps) on the way out, whatever happened.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = detach_all(&self.0);
+    }
+}
+
+/// An identity as `auth` builds it from a development token of the admission bench: the same
+/// claims (a real identity provider's tokens usually carry more, and memory grows with them).
+fn identity(i: usize, now: u64) -> Identity {
+    let sub = format!("bench-user-{i:07}");
+    let email = format!("{sub}@corp.example");
+    let groups = vec!["staff".to_owned(), "bench".to_owned()];
+    let exp = now + 8 * 3600;
+    let claims: BTreeMap<String, serde_json::Value> = [
+        ("iss", json!("https://idp.flowwarden.dev")),
+        ("aud", json!("flowwarden")),
+        ("sub", json!(sub)),
+        ("iat", json!(now)),
+        ("exp", json!(exp)),
+        ("email", json!(email)),
+        ("groups", json!(groups)),
+        ("device_managed", json!(true)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Identity {
+        issuer: "https://idp.flowwarden.dev".into(),
+        subject: sub,
+        email: Some(email),
+        groups,
+        device: Device {
+            managed: Some(true),
+            ..Device::default()
+        },
+        claims,
+        token_sha256: format!("{:064x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        token_expires_at: exp,
+        token_issued_at: Some(now),
+    }
+}
+
+/// Distinct sources (grants are keyed by source and resource): 10.0.0.1 upwards.
+fn source(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0001 + u32::try_from(i).unwrap()))
+}
+
+/// VmRSS and VmHWM of this process, MiB.
+fn memory() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if !privileged::require_root("bench-policy") {
+        bail!("the policy benchmark loads BPF maps: run it as root");
+    }
+    let load_before = loadavg();
+    privileged::ensure_bpffs()?;
+    let scratch = Scratch::new("bpol");
+    let pins = Pins(private_pin_dir("bpol"));
+    let policy_file = scratch.dir.join("policies/bench.toml");
+    std::fs::write(&policy_file, policy_text("\"ssh\", \"web\""))?;
+    let policy = Arc::new(PolicyHandle::new(scratch.dir.join("policies"))?);
+    let datapath = Datapath::load(&LoadOptions {
+        pin_dir: pins.0.clone(),
+        flow_table_size: agent_common::map_sizes::FLOWS,
+    })?;
+    let grant_capacity =
+        aya::maps::MapData::from_pin(maps_dir(&pins.0).join(agent_common::map_names::GRANTS))?
+            .info()?
+            .max_entries() as usize;
+    // Two grants per session must fit in the kernel's grant map.
+    let n = args.sessions.min(grant_capacity / 2);
+    if n < args.sessions {
+        eprintln!(
+            "the kernel grant map holds {grant_capacity} entries: measuring {n} sessions, \
+             not {}",
+            args.sessions
+        );
+    }
+    let mut maps = datapath.maps;
+    maps.install_resources(&policy.current().resources)?;
+    let enforcer = Arc::new(Enforcer::new(maps));
+    let store = Store::open(&scratch.dir.join("state/state.redb"))?;
+    let sessions = Arc::new(Sessions::new(
+        Arc::clone(&enforcer),
+        store.clone(),
+        Audit::new(store.clone()),
+        Arc::clone(&policy),
+        SessionsConfig::default(),
+        Vec::new(),
+    ));
+    // As the agent runs: two async workers.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()?;
+    let (rss_empty, _) = memory();
+    let heap_empty = heap_mib();
+
+    eprintln!("admitting {n} sessions…");
+    let now = now_ms() / 1000;
+    let started = Instant::now();
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let sessions = Arc::clone(&sessions);
+                tokio::spawn(async move {
+                    for i in (task..n).step_by(TASKS) {
+                        sessions.admit(identity(i, now), source(i)).await?;
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
+    })?;
+    let admit_secs = started.elapsed().as_secs_f64();
+    // The store writer frees each group's writes after answering: let it finish first.
+    std::thread::sleep(Duration::from_millis(200));
+    let (rss_sessions, hwm_sessions) = memory();
+    let heap_sessions = heap_mib();
+    // A copy of every session has the heap of the records in the table (less its index).
+    let (records_mib, claims_mib) = {
+        let copies = sessions.all();
+        let records = heap_mib() - heap_sessions;
+        // Kept alive (not `_`) until measured: how much of a record is the raw claims map.
+        let _claims: Vec<_> = copies.iter().map(|s| s.identity.claims.clone()).collect();
+        (records, heap_mib() - heap_sessions - records)
+    };
+    if sessions.live_count() != n {
+        bail!(
+            "{} live sessions after {n} admissions",
+            sessions.live_count()
+        );
+    }
+    let web = policy
+        .current()
+        .resources
+        .by_name("web")
+        .context("no web resource")?
+        .id;
+
+    // The change: the file edited, read and validated, resources installed, every session
+    // re-evaluated, the removed grants deleted from the kernel, everything committed.
+    eprintln!("changing the policy…");
+    let tmp = scratch.dir.join("policies/.bench.toml.tmp");
+    std::fs::write(&tmp, policy_text("\"ssh\""))?;
+    std::fs::rename(&tmp, &policy_file)?;
+    let t0 = Instant::now();
+    let Reload::Changed(new) = policy.reload()? else {
+        bail!("the policy edit was not noticed");
+    };
+    let reload = t0.elapsed();
+    let t = Instant::now();
+    enforcer.with_maps(|m| m.install_resources(&new.resources))?;
+    let install = t.elapsed();
+    let t = Instant::now();
+    let outcome = rt.block_on(sessions.apply_policy(&new))?;
+    let apply = t.elapsed();
+    let total = t0.elapsed();
+    let (_, hwm_change) = memory();
+    // Copies for the phases measured alone, taken after the peak was read (untimed).
+    let copies = sessions.all();
+    if outcome.grants_removed != n || outcome.sessions_terminated != 0 {
+        bail!("unexpected outcome of the change: {outcome:?}");
+    }
+    let kernel_grants = enforcer.grants();
+    if kernel_grants.len() != n || kernel_grants.iter().any(|g| g.1 == web) {
+        bail!(
+            "{} grants left in the kernel, expected {n} (ssh only)",
+            kernel_grants.len()
+        );
+    }
+
+    // The phases of apply_policy, each alone on the same sessions (it has no timers inside).
+    eprintln!("measuring the phases alone…");
+    let t = Instant::now();
+    for s in &copies {
+        black_box(new.evaluate(&s.identity, s.source));
+    }
+    let evaluate = t.elapsed();
+    let t = Instant::now();
+    enforcer.with_maps(|m| {
+        copies
+            .iter()
+            .try_for_each(|s| m.grant(s.source, web, s.id.0))
+    })?;
+    let regrant = t.elapsed();
+    // What apply_policy does per removed grant: check the owner, then delete.
+    let t = Instant::now();
+    for s in &copies {
+        enforcer.withdraw(s.id, s.source, web)?;
+    }
+    let withdraw = t.elapsed();
+    let writes: Vec<Write> = copies
+        .into_iter()
+        .flat_map(|s| {
+            let mut e = AuditEvent::new(AuditKind::GrantRemoved {
+                reason: "policy change".into(),
+            });
+            e.session = Some(s.id);
+            e.user = Some(s.identity.user().to_owned());
+            e.source = Some(s.source);
+            e.resource = Some("web".into());
+            e.detail = "web is no longer granted by policy".into();
+            [Write::Audit(e), Write::PutSession(s)]
+        })
+        .collect();
+    let t = Instant::now();
+    rt.block_on(store.submit(writes))??;
+    let commit = t.elapsed();
+    let load_after = loadavg();
+
+    // Table walk, session clones and event texts, plus whatever the commit varied by.
+    let rest = apply.saturating_sub(evaluate + withdraw + commit);
+    let report = json!({
+        "benchmark": "policy",
+        "date": command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "machine": {
+            "kernel": command_output("uname", &["-r"]),
+            "cpu": cpu_model(),
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        },
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "method": "in-process, the agent's own library: a private datapath (maps pinned under \
+                   /sys/fs/bpf, no interface attached), a redb store on the local disk, \
+                   Enforcer, Audit, PolicyHandle and Sessions as the agent builds them, a \
+                   2-worker tokio runtime. Sessions are admitted with Sessions::admit from 512 \
+                   concurrent tasks, each with a distinct IPv4 source and an identity like a \
+                   verified development token's, granted ssh and web. The change rewrites the \
+                   policy file to take web from the rule; timed from PolicyHandle::reload through \
+                   resource install to Sessions::apply_policy returning (kernel updated, store \
+                   committed with fsync). No flows exist, so nothing is severed. The phases are \
+                   then timed alone on the same sessions: evaluate() over all of them, the grant \
+                   withdrawals (Enforcer::withdraw after re-writing the grants), and one commit \
+                   of the same writes (a GrantRemoved event and the session, per session). RSS \
+                   from /proc/self/status: this process holds what the agent holds (session \
+                   table, store and its cache, policy, map handles) but not its TLS and socket \
+                   servers",
+        "grant_map_capacity": grant_capacity,
+        "sessions_requested": args.sessions,
+        "sessions": n,
+        "limited_by_grant_map": n < args.sessions,
+        "admissions_per_sec": n as f64 / admit_secs,
+        "outcome": outcome,
+        "change_ms": {
+            "total": ms(total),
+            "reload_and_validate": ms(reload),
+            "install_resources": ms(install),
+            "apply_policy": ms(apply),
+        },
+        "phases_alone_ms": {
+            "evaluate_all": ms(evaluate),
+            "kernel_withdraw_all": ms(withdraw),
+            "store_commit": ms(commit),
+            "apply_policy_unattributed": ms(rest),
+            "kernel_grant_write_all": ms(regrant),
+        },
+        "memory_mib": {
+            "rss_before_sessions": rss_empty,
+            "rss_with_sessions": rss_sessions,
+            "hwm_with_sessions": hwm_sessions,
+            "hwm_after_change": hwm_change,
+            "per_session_kib": (rss_sessions - rss_empty) * 1024.0 / n as f64,
+            "heap_live_before_sessions": heap_empty,
+            "heap_live_with_sessions": heap_sessions,
+            "session_records_heap": records_mib,
+            "session_record_kib": records_mib * 1024.0 / n as f64,
+            "of_which_raw_token_claims_heap": claims_mib,
+            "state_file": std::fs::metadata(store.path()).map_or(0, |m| m.len()) as f64
+                / (1024.0 * 1024.0),
+        },
+        "targets": {
+            "max_change_ms": TARGET_MS,
+            "change_ms": ms(total),
+            "change_met": ms(total) <= TARGET_MS && n == args.sessions,
+            "max_rss_mib": TARGET_RSS_MIB,
+            "rss_mib": rss_sessions,
+            "rss_met": rss_sessions <= TARGET_RSS_MIB && n == args.sessions,
+        },
+    });
+    let met = |m: bool| if m { "met" } else { "NOT met" };
+    println!(
+        "{n} sessions ({:.0} admissions/s in-process), {} grants removed by the change",
+        n as f64 / admit_secs,
+        outcome.grants_removed
+    );
+    println!(
+        "change: {:.1} ms total = reload {:.1} + resources {:.1} + apply_policy {:.1} \
+         (target ≤ {TARGET_MS} ms: {})",
+        ms(total),
+        ms(reload),
+        ms(install),
+        ms(apply),
+        met(report["targets"]["change_met"] == true)
+    );
+    println!(
+        "  alone: evaluate {:.1} ms, kernel withdraw {:.1} ms, store commit {:.1} ms, unattributed \
+         {:.1} ms (writing the grants: {:.1} ms)",
+        ms(evaluate),
+        ms(withdraw),
+        ms(commit),
+        ms(rest),
+        ms(regrant)
+    );
+    println!(
+        "memory: RSS {rss_empty:.0} MiB empty, {rss_sessions:.0} MiB with the sessions \
+         ({:.2} KiB each; target ≤ {TARGET_RSS_MIB} MiB: {}), peak {hwm_change:.0} MiB after \
+         the change",
+        (rss_sessions - rss_empty) * 1024.0 / n as f64,
+        met(report["targets"]["rss_met"] == true)
+    );
+    println!(
+        "  live heap {heap_sessions:.0} MiB, of which session records {records_mib:.0} MiB \
+         ({:.2} KiB each, raw token claims {claims_mib:.0} MiB of it); load {load_before} → \
+         {load_after}",
+        records_mib * 1024.0 / n as f64
+    );
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default()
+}
