@@ -348,7 +348,7 @@ impl Sessions {
             for g in &s.grants {
                 let _ = self.enforcer.withdraw(*id, s.source, g.resource_id);
             }
-            handovers.push((*id, s.source, s.grants.clone()));
+            handovers.push((s.source, s.grants.clone()));
             s.state = state;
             s.updated_at_ms = now;
             s.ended = Some(SessionEnd {
@@ -374,17 +374,30 @@ impl Sessions {
         // A grant is one kernel entry per (source, resource): when the session holding it
         // ends, another live session from the same source that was granted the resource
         // (the newest) gets the entry back, instead of silently losing access.
-        for (gone, source, grants) in handovers {
-            for g in grants {
-                let heir = table
-                    .values()
-                    .filter(|o| o.id != gone && o.is_live() && o.source == source)
-                    .filter(|o| o.grants.iter().any(|og| og.resource_id == g.resource_id))
-                    .max_by_key(|o| o.created_at_ms)
-                    .map(|o| o.id);
-                if let Some(heir) = heir {
-                    let _ = self.enforcer.grant(heir, source, std::slice::from_ref(&g));
+        // One pass over the table for all freed (source, resource) pairs: the ending sessions
+        // may be many, and the table large.
+        let freed: HashSet<(IpAddr, u32)> = handovers
+            .iter()
+            .flat_map(|(source, grants)| grants.iter().map(move |g| (*source, g.resource_id)))
+            .collect();
+        if !freed.is_empty() {
+            let mut heirs: HashMap<(IpAddr, u32), (u64, SessionId, SessionGrant)> = HashMap::new();
+            for o in table.values().filter(|o| o.is_live()) {
+                for g in &o.grants {
+                    let key = (o.source, g.resource_id);
+                    if freed.contains(&key)
+                        && heirs
+                            .get(&key)
+                            .is_none_or(|(at, _, _)| o.created_at_ms > *at)
+                    {
+                        heirs.insert(key, (o.created_at_ms, o.id, g.clone()));
+                    }
                 }
+            }
+            for ((source, _), (_, heir, grant)) in heirs {
+                let _ = self
+                    .enforcer
+                    .grant(heir, source, std::slice::from_ref(&grant));
             }
         }
         drop(table);
