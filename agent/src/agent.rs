@@ -97,6 +97,15 @@ async fn serve(
     ));
     let reconciled = sessions.reconcile().await?;
     tracing::info!(?reconciled, "store and kernel reconciled");
+    // The policy may have been edited while the agent was down: restored sessions are held
+    // to the policy in force now, not the one they were admitted under.
+    let outcome = sessions.apply_policy(&policy.current()).await?;
+    if outcome.grants_removed > 0 {
+        tracing::info!(
+            ?outcome,
+            "policy edited while the agent was down: applied to restored sessions"
+        );
+    }
     sessions
         .record(vec![AuditEvent::new(AuditKind::AgentStarted)])
         .await?;
