@@ -2,6 +2,7 @@
 
 pub mod agent_proc;
 pub mod attachments;
+pub mod bench;
 pub mod frames;
 pub mod loaded;
 pub mod netns;

@@ -2,6 +2,7 @@
 //! tokens against a real agent process, latency under a paced open-loop load, and where the
 //! time goes (token verification and store commits measured alone in the same run), as JSON.
 
+use flowwarden_tests::bench::{command_output, cpu_model, loadavg};
 use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
@@ -579,31 +580,4 @@ fn reference(
         concurrent_commits_per_sec: n / start.elapsed().as_secs_f64(),
         concurrent_cpu_us_per_commit: (process_cpu_us() - cpu) / n,
     })
-}
-
-fn loadavg() -> String {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn command_output(cmd: &str, args: &[&str]) -> String {
-    std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default()
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench datapath`: ns per packet of the kernel programs through
 //! BPF_PROG_TEST_RUN, next to two reference programs measured in the same run, written as JSON.
 
+use flowwarden_tests::bench::{command_output, cpu_model};
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use agent_common::program_names::{BENCH_FLOOR, BENCH_PASS, TC_EGRESS, XDP_INGRESS};
@@ -274,23 +275,4 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
-}
-
-fn command_output(cmd: &str, args: &[&str]) -> String {
-    std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default()
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench revoke`: how fast `sessions terminate` severs a live stream and a live
 //! `ssh`, and where the time goes (RPC, map write, socket destroy, store commit), as JSON.
 
+use flowwarden_tests::bench::{command_output, loadavg};
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
@@ -764,18 +765,4 @@ fn print_summary(r: &Report) {
         "load average: before {}, after {}",
         r.machine["loadavg_before"], r.machine["loadavg_after"]
     );
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn command_output(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
 }
