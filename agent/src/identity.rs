@@ -1,9 +1,13 @@
 //! Who a verified token says the user is: the typed identity snapshot a session is admitted
 //! with, and evaluated against policy. Built only by `auth` from a token it has verified.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt};
 
-use serde::{Deserialize, Serialize};
+use serde::{
+    Deserialize, Deserializer, Serialize, Serializer,
+    de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor},
+};
+use serde_json::{Value, value::RawValue};
 
 /// The identity of a verified token. The bearer token itself is never kept: only its claims
 /// and the SHA-256 fingerprint of the token (to correlate with IdP logs).
@@ -19,7 +23,7 @@ pub struct Identity {
     pub groups: Vec<String>,
     pub device: Device,
     /// Every claim of the token as issued, for display and claim-match rules.
-    pub claims: BTreeMap<String, serde_json::Value>,
+    pub claims: Claims,
     /// Lowercase hex SHA-256 of the bearer token.
     pub token_sha256: String,
     /// `exp` of the token, seconds since the Unix epoch: a session never outlives it unless
@@ -71,9 +75,141 @@ impl Identity {
         }
         match self.claims.get(claim) {
             Some(serde_json::Value::Array(items)) => items.iter().filter_map(scalar).collect(),
-            Some(v) => scalar(v).into_iter().collect(),
+            Some(v) => scalar(&v).into_iter().collect(),
             None => Vec::new(),
         }
+    }
+}
+
+/// Every claim of a token, kept as one compact JSON object: a session holds them for display
+/// and for the rare claim-match rule, and one string per session costs a fraction of a map
+/// of small allocations (a claims map was half of a session's memory).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Claims(Box<str>);
+
+impl Default for Claims {
+    fn default() -> Self {
+        Self("{}".into())
+    }
+}
+
+impl fmt::Debug for Claims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Claims {
+    /// The compact JSON text of the claims object.
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+
+    /// One claim's value, found by scanning the text (no map is built).
+    pub fn get(&self, name: &str) -> Option<Value> {
+        let mut de = serde_json::Deserializer::from_str(&self.0);
+        // The text was checked to be an object when it was made: a failure cannot happen, and
+        // would only mean "no such claim".
+        Find(name).deserialize(&mut de).ok().flatten()
+    }
+
+    /// Every claim, as a map.
+    pub fn to_map(&self) -> serde_json::Map<String, Value> {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+
+    /// Adds or replaces a claim (rebuilds the text: for building identities, not hot paths).
+    pub fn insert(&mut self, name: String, value: Value) {
+        let mut map = self.to_map();
+        map.insert(name, value);
+        *self = Self::from(map);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref() == "{}"
+    }
+}
+
+impl From<serde_json::Map<String, Value>> for Claims {
+    fn from(map: serde_json::Map<String, Value>) -> Self {
+        Self(Value::Object(map).to_string().into_boxed_str())
+    }
+}
+
+impl From<BTreeMap<String, Value>> for Claims {
+    fn from(map: BTreeMap<String, Value>) -> Self {
+        Self::from(map.into_iter().collect::<serde_json::Map<_, _>>())
+    }
+}
+
+impl Serialize for Claims {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Written as the object itself (as a map of claims always was), not as a string.
+        match RawValue::from_string(self.0.to_string()) {
+            Ok(raw) => raw.serialize(s),
+            Err(e) => Err(serde::ser::Error::custom(e)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Claims {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = serde_json::Map::<String, Value>::deserialize(d)?;
+        Ok(Self::from(map))
+    }
+}
+
+/// Finds one key of a JSON object, skipping the other values without building them.
+struct Find<'a>(&'a str);
+
+impl<'de> DeserializeSeed<'de> for Find<'_> {
+    type Value = Option<Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Find<'_> {
+    type Value = Option<Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object of claims")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(hit) = map.next_key_seed(KeyIs(self.0))? {
+            if hit && found.is_none() {
+                found = Some(map.next_value::<Value>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Whether a key equals the wanted name, compared without allocating when it can be.
+struct KeyIs<'a>(&'a str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a claim name")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
     }
 }
 
@@ -85,7 +221,7 @@ pub(crate) fn test_identity(email: &str, groups: &[&str]) -> Identity {
         email: Some(email.into()),
         groups: groups.iter().map(|g| g.to_string()).collect(),
         device: Device::default(),
-        claims: BTreeMap::new(),
+        claims: Claims::default(),
         token_sha256: "00".repeat(32),
         token_expires_at: u64::MAX / 2,
         token_issued_at: None,
@@ -112,5 +248,35 @@ mod tests {
         assert_eq!(id.claim_values("acr"), ["gold"]);
         assert!(id.claim_values("obj").is_empty());
         assert!(id.claim_values("missing").is_empty());
+    }
+
+    #[test]
+    fn claims_are_kept_compactly_and_read_back_exactly() {
+        let mut map = serde_json::Map::new();
+        map.insert("sub".into(), serde_json::json!("alice"));
+        map.insert("we\"ird".into(), serde_json::json!({"nested": [1, "two"]}));
+        map.insert("n".into(), serde_json::json!(1.5));
+        let claims = Claims::from(map.clone());
+        assert_eq!(claims.get("sub"), Some(serde_json::json!("alice")));
+        assert_eq!(
+            claims.get("we\"ird"),
+            Some(serde_json::json!({"nested": [1, "two"]}))
+        );
+        assert_eq!(claims.get("n"), Some(serde_json::json!(1.5)));
+        assert_eq!(
+            claims.get("nested"),
+            None,
+            "only top-level claims are claims"
+        );
+        assert_eq!(claims.to_map(), map);
+        // Stored as the object it always was, so older state files read back the same.
+        let json = serde_json::to_string(&claims).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&json).unwrap(),
+            Value::Object(map)
+        );
+        assert_eq!(serde_json::from_str::<Claims>(&json).unwrap(), claims);
+        assert!(serde_json::from_str::<Claims>("[1]").is_err());
+        assert!(Claims::default().is_empty() && !claims.is_empty());
     }
 }

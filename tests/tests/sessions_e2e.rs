@@ -8,7 +8,7 @@ use flowwarden::admission::client::{Client, ClientError, Trust};
 use flowwarden_tests::{
     privileged::require_root,
     stack::{ADMISSION_PORT, Stack, TokenSpec, cli},
-    tcp::{accept, carries, connect, listen, read_timeout},
+    tcp::{accept, carries, connect, connect_from, listen, read_timeout},
 };
 use serde_json::Value;
 
@@ -473,5 +473,77 @@ fn idle_flows_age_out_then_the_session_goes_dormant_then_expires() {
     assert!(
         connect(&stack.pair.client, echo, SHORT).is_err(),
         "an expired session still admits"
+    );
+}
+
+#[test]
+fn a_reconnect_from_a_new_address_moves_the_grants_with_the_session() {
+    if !require_root("a_reconnect_from_a_new_address_moves_the_grants_with_the_session") {
+        return;
+    }
+    let stack = Stack::start("mov", POLICY, "");
+    let echo: SocketAddr = (stack.pair.server_addr, 7000).into();
+    let listener = listen(&stack.pair.server, echo);
+    let cache = stack.scratch.dir.join("erin");
+    let (ok, out) = stack.login(
+        &stack.token(&TokenSpec::user("erin@corp.example", &["ops"])),
+        &cache,
+    );
+    assert!(ok, "{out}");
+    let id = stdout_json(&out)["session"].as_str().unwrap().to_owned();
+    let old = stack.pair.client_addr;
+    let mut c = connect(&stack.pair.client, echo, LONG).unwrap();
+    let mut s = accept(&listener, LONG).unwrap();
+    assert!(carries(&mut c, &mut s, b"from the first address"));
+
+    // The client moves: a second address on its interface becomes the source of everything
+    // it opens towards the server (as after a DHCP renewal or a roam).
+    let [a, b, c3, _] = old.octets();
+    let new = std::net::Ipv4Addr::new(a, b, c3, 3);
+    let ns = &stack.pair.client;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{new}/24"),
+        "dev",
+        &stack.pair.client_if,
+    ])
+    .unwrap();
+    ns.ip(&[
+        "route",
+        "replace",
+        &format!("{a}.{b}.{c3}.0/24"),
+        "dev",
+        &stack.pair.client_if,
+        "src",
+        &new.to_string(),
+    ])
+    .unwrap();
+    assert!(
+        connect(&stack.pair.client, echo, SHORT).is_err(),
+        "the new address has no grant before the reconnect"
+    );
+
+    let (ok, out) = stack.reconnect(&cache);
+    assert!(ok, "reconnect from {new} failed: {out}");
+    let shown = session(&stack, &id);
+    assert_eq!(shown["source"], new.to_string(), "{shown}");
+    assert_eq!(shown["previous_sources"][0], old.to_string(), "{shown}");
+    let mut c =
+        connect(&stack.pair.client, echo, LONG).expect("the grant moved to the new address");
+    let mut s = accept(&listener, LONG).unwrap();
+    assert_eq!(c.local_addr().unwrap().ip(), std::net::IpAddr::V4(new));
+    assert!(carries(&mut c, &mut s, b"from the new address"));
+
+    // The old address lost its grant: a new connection from it is dropped.
+    let from_old = stack
+        .pair
+        .client
+        .run(move || connect_from((old, 0).into(), echo, SHORT));
+    assert!(from_old.is_err(), "the old address still opens flows");
+    let kinds = audit_kinds(&stack);
+    assert!(
+        kinds.iter().any(|k| k == "session_reconnected"),
+        "{kinds:?}"
     );
 }

@@ -280,7 +280,7 @@ impl Core {
 
     fn list(&self, f: &SessionFilter) -> Vec<super::views::SessionView> {
         let traffic = self.enforcer.traffic();
-        let mut sessions: Vec<Session> = self
+        let mut sessions: Vec<std::sync::Arc<Session>> = self
             .sessions
             .all()
             .into_iter()
@@ -317,7 +317,7 @@ impl Core {
                 flow_view(
                     k,
                     f,
-                    s.as_ref(),
+                    s.as_deref(),
                     &policy,
                     revoked.contains(&SessionId(f.session_id)),
                 )
@@ -350,7 +350,13 @@ impl Core {
             let id = SessionId(flow.session_id);
             let session = self.sessions.get(id);
             let revoked = self.enforcer.revocation(id).is_some();
-            let fv = flow_view(&k, &flow, session.as_ref(), &self.policy.current(), revoked);
+            let fv = flow_view(
+                &k,
+                &flow,
+                session.as_deref(),
+                &self.policy.current(),
+                revoked,
+            );
             let sv = session.map(|s| self.detail(&s));
             return Ok(json!({ "flow": fv, "session": sv }));
         }
@@ -385,7 +391,7 @@ impl Core {
         if let Some(dir) = e.candidate {
             let candidate = load_policy(&dir).map_err(|err| rpc(APP_ERROR, err.to_string()))?;
             let mut affected = Vec::new();
-            for s in self.sessions.all().into_iter().filter(Session::is_live) {
+            for s in self.sessions.all().into_iter().filter(|s| s.is_live()) {
                 let d = candidate.evaluate(&s.identity, s.source);
                 let removed: Vec<&str> = s
                     .grants
@@ -406,7 +412,7 @@ impl Core {
         let session = match (e.session, e.user.as_deref()) {
             (Some(id), _) => self.sessions.get(id),
             (None, Some(user)) => {
-                let mut of_user: Vec<Session> = self
+                let mut of_user: Vec<std::sync::Arc<Session>> = self
                     .sessions
                     .all()
                     .into_iter()

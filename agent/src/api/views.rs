@@ -134,7 +134,7 @@ pub fn session_view(
         },
         dropped_after_termination: drops,
         ended: s.ended.clone(),
-        claims: full.then(|| s.identity.claims.clone().into_iter().collect()),
+        claims: full.then(|| s.identity.claims.to_map()),
         token_sha256: full.then(|| s.identity.token_sha256.clone()),
         flows: None,
     }

@@ -52,7 +52,7 @@ fn subscribers_see_every_commit_once_in_seq_order() {
                         audit
                             .store()
                             .commit(vec![
-                                Write::PutSession(session(id, "alice@corp.example")),
+                                Write::PutSession(session(id, "alice@corp.example").into()),
                                 Write::Audit(event(AuditKind::SessionAdmitted, Some(id), None)),
                             ])
                             .expect("commit");

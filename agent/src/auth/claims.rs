@@ -78,7 +78,7 @@ pub(crate) fn identity(
         token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
         token_expires_at: exp,
         token_issued_at: iat,
-        claims: claims.into_iter().collect(),
+        claims: crate::identity::Claims::from(claims),
     })
 }
 

@@ -271,6 +271,31 @@ impl Maps {
         }
     }
 
+    /// Removes many grants in one syscall where the kernel can (BPF_MAP_DELETE_BATCH), one
+    /// by one where it cannot; absent ones are fine. Returns how many were removed.
+    ///
+    /// # Errors
+    /// The kernel refuses a delete.
+    pub fn remove_grants(&mut self, grants: &[(IpAddr, u32)]) -> Result<usize> {
+        use aya::maps::IterableMap as _;
+        let keys: Vec<GrantKey> = grants.iter().map(|&(s, r)| grant_key(s, r)).collect();
+        match super::batch::delete_parallel(self.grants.map().fd(), &keys) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                tracing::debug!(error = %e, "batch delete unavailable: deleting grants one by one");
+                let mut n = 0;
+                for k in &keys {
+                    match self.grants.remove(k) {
+                        Ok(()) => n += 1,
+                        Err(e) if not_found(&e) => {}
+                        Err(e) => return Err(map_err(names::GRANTS, "remove")(e)),
+                    }
+                }
+                Ok(n)
+            }
+        }
+    }
+
     pub fn grant_for(&self, source: IpAddr, resource_id: u32) -> Option<u64> {
         self.grants
             .get(&grant_key(source, resource_id), 0)

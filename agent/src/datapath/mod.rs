@@ -2,6 +2,7 @@
 //! agent pinned, and hands out typed map handles. The only code in the agent that touches aya.
 
 mod attach;
+mod batch;
 mod events;
 mod maps;
 mod test_run;

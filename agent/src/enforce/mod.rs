@@ -22,6 +22,8 @@ pub enum EnforceError {
         action: &'static str,
         source: DatapathError,
     },
+    #[error("withdrawing {count} grants: {source}")]
+    Withdraw { count: usize, source: DatapathError },
     #[error("reading kernel state: {0}")]
     Read(#[source] DatapathError),
 }
@@ -103,6 +105,23 @@ impl Enforcer {
                 })?;
         }
         Ok(())
+    }
+
+    /// Removes these grants whoever holds them, in one batch: the caller decided that no
+    /// live session keeps them.
+    ///
+    /// # Errors
+    /// The kernel refuses a delete.
+    pub fn withdraw_all(&self, grants: &[(IpAddr, u32)]) -> Result<usize, EnforceError> {
+        if grants.is_empty() {
+            return Ok(0);
+        }
+        self.maps()
+            .remove_grants(grants)
+            .map_err(|source| EnforceError::Withdraw {
+                count: grants.len(),
+                source,
+            })
     }
 
     /// Severs every flow of the session on its next packet: one map write.

@@ -124,11 +124,12 @@ impl DeviceRequirements {
 }
 
 impl ClaimRequirement {
-    /// Allocation-free: evaluation runs this for every live session on every policy change.
+    /// Reads the one claim from the compact claims text: evaluation runs this for every live
+    /// session on every policy change.
     pub fn matches(&self, identity: &Identity) -> bool {
         match identity.claims.get(&self.claim) {
             Some(serde_json::Value::Array(items)) => items.iter().any(|v| self.matches_value(v)),
-            Some(v) => self.matches_value(v),
+            Some(v) => self.matches_value(&v),
             None => false,
         }
     }

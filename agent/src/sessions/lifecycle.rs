@@ -1,7 +1,10 @@
 //! Time-driven transitions (expiry, idle flows, dormancy), kernel events turned into audit
 //! records, and the reconciliation of store and kernel when the agent starts.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use super::manager::{SessionError, Sessions};
 use crate::{
@@ -83,44 +86,47 @@ impl Sessions {
                     writes.push(Write::Audit(e));
                 }
             }
-            for s in table.values_mut().filter(|s| s.is_live()) {
-                if now >= s.expires_at_ms {
-                    expired.push(s.id);
+            for entry in table.values_mut().filter(|s| s.is_live()) {
+                if now >= entry.expires_at_ms {
+                    expired.push(entry.id);
                     continue;
                 }
-                let t = traffic.get(&s.id).copied().unwrap_or_default();
-                let from = s.state;
-                match s.state {
+                let t = traffic.get(&entry.id).copied().unwrap_or_default();
+                let from = entry.state;
+                // Decided on the shared record; copied (if shared) only when it changes.
+                let to = match from {
                     SessionState::Active if t.flows == 0 => {
-                        let quiet_for = now.saturating_sub(s.updated_at_ms);
-                        if quiet_for >= s.settings.idle_timeout_secs * 1000 {
-                            s.state = SessionState::Dormant;
-                            s.dormant_since_ms = Some(now);
-                            out.went_dormant += 1;
-                        }
+                        let quiet_for = now.saturating_sub(entry.updated_at_ms);
+                        (quiet_for >= entry.settings.idle_timeout_secs * 1000)
+                            .then_some(SessionState::Dormant)
                     }
-                    SessionState::Dormant if t.flows > 0 => {
-                        s.state = SessionState::Active;
-                        s.dormant_since_ms = None;
-                        out.woke_up += 1;
-                    }
+                    SessionState::Dormant if t.flows > 0 => Some(SessionState::Active),
                     SessionState::Dormant => {
-                        let since = s.dormant_since_ms.unwrap_or(s.updated_at_ms);
-                        if now.saturating_sub(since) >= s.settings.dormant_timeout_secs * 1000 {
-                            dormant_expired.push(s.id);
+                        let since = entry.dormant_since_ms.unwrap_or(entry.updated_at_ms);
+                        if now.saturating_sub(since) >= entry.settings.dormant_timeout_secs * 1000 {
+                            dormant_expired.push(entry.id);
                         }
+                        None
                     }
-                    _ => {}
+                    _ => None,
+                };
+                let Some(to) = to else { continue };
+                let s = Arc::make_mut(entry);
+                s.state = to;
+                s.updated_at_ms = now;
+                if to == SessionState::Dormant {
+                    s.dormant_since_ms = Some(now);
+                    out.went_dormant += 1;
+                } else {
+                    s.dormant_since_ms = None;
+                    out.woke_up += 1;
                 }
-                if s.state != from {
-                    s.updated_at_ms = now;
-                    writes.push(Write::PutSession(s.clone()));
-                    let mut e = AuditEvent::new(AuditKind::StateChanged { from, to: s.state });
-                    e.session = Some(s.id);
-                    e.user = Some(s.identity.user().to_owned());
-                    e.source = Some(s.source);
-                    writes.push(Write::Audit(e));
-                }
+                let mut e = AuditEvent::new(AuditKind::StateChanged { from, to });
+                e.session = Some(s.id);
+                e.user = Some(s.identity.user().to_owned());
+                e.source = Some(s.source);
+                writes.push(Write::PutSession(Arc::clone(entry)));
+                writes.push(Write::Audit(e));
             }
         }
         for (ids, cause, why) in [

@@ -42,7 +42,7 @@ pub enum SessionError {
 /// What an admission or a reconnect hands back to the client.
 #[derive(Debug, Clone)]
 pub struct Admitted {
-    pub session: Session,
+    pub session: Arc<Session>,
     /// Present when reconnect is enabled: the seed the client keeps to mint reconnect tokens.
     pub reconnect_seed: Option<String>,
 }
@@ -64,7 +64,9 @@ pub struct Ended {
 }
 
 pub struct Sessions {
-    table: Mutex<HashMap<SessionId, Session>>,
+    /// Sessions are shared, not copied, with the store's pending writes and with readers;
+    /// a change copies one only if someone still holds the old version (`Arc::make_mut`).
+    table: Mutex<HashMap<SessionId, Arc<Session>>>,
     pub(super) enforcer: Arc<Enforcer>,
     pub(super) store: Store,
     pub(super) audit: Audit,
@@ -91,7 +93,7 @@ impl Sessions {
         sessions: Vec<Session>,
     ) -> Self {
         Self {
-            table: Mutex::new(sessions.into_iter().map(|s| (s.id, s)).collect()),
+            table: Mutex::new(sessions.into_iter().map(|s| (s.id, Arc::new(s))).collect()),
             enforcer,
             store,
             audit,
@@ -100,7 +102,7 @@ impl Sessions {
         }
     }
 
-    pub(super) fn table(&self) -> MutexGuard<'_, HashMap<SessionId, Session>> {
+    pub(super) fn table(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<Session>>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -143,19 +145,60 @@ impl Sessions {
         identity: Identity,
         source: IpAddr,
     ) -> Result<Admitted, SessionError> {
-        let policy = self.policy.current();
-        let decision = policy.evaluate(&identity, source);
+        let (session, reconnect_seed) = match self.decide(identity, source)? {
+            Ok(admitted) => admitted,
+            Err((identity, reason)) => {
+                let mut e = AuditEvent::new(AuditKind::AdmissionDenied {
+                    reason: reason.clone(),
+                });
+                e.user = Some(identity.user().to_owned());
+                e.source = Some(source);
+                self.record(vec![e]).await?;
+                return Err(SessionError::Denied { reason });
+            }
+        };
+        let resources: Vec<&str> = session.grants.iter().map(|g| g.resource.as_str()).collect();
+        let admitted = event(
+            AuditKind::SessionAdmitted,
+            &session,
+            format!("granted {}", resources.join(", ")),
+        );
+        if let Err(e) = self
+            .persist(vec![
+                Write::PutSession(Arc::clone(&session)),
+                Write::Audit(admitted),
+            ])
+            .await
+        {
+            self.table().remove(&session.id);
+            for g in &session.grants {
+                let _ = self.enforcer.withdraw(session.id, source, g.resource_id);
+            }
+            return Err(e.into());
+        }
+        Ok(Admitted {
+            session,
+            reconnect_seed,
+        })
+    }
+
+    /// The first half of an admission: evaluated, written to the kernel and entered in the
+    /// table under the table lock, so that a concurrent policy change either sees this session
+    /// (and re-evaluates it) or was decided before it: never a session granted by a policy
+    /// already replaced. A denial hands the identity back with the reason.
+    #[allow(clippy::type_complexity)]
+    fn decide(
+        &self,
+        identity: Identity,
+        source: IpAddr,
+    ) -> Result<Result<(Arc<Session>, Option<String>), (Identity, String)>, SessionError> {
+        let mut table = self.table();
+        let decision = self.policy.current().evaluate(&identity, source);
         if decision.grants.is_empty() {
             let reason = decision
                 .denied_reason
                 .unwrap_or_else(|| "no rule grants this identity anything".into());
-            let mut e = AuditEvent::new(AuditKind::AdmissionDenied {
-                reason: reason.clone(),
-            });
-            e.user = Some(identity.user().to_owned());
-            e.source = Some(source);
-            self.record(vec![e]).await?;
-            return Err(SessionError::Denied { reason });
+            return Ok(Err((identity, reason)));
         }
         let now = now_ms();
         let settings = decision.settings;
@@ -181,30 +224,9 @@ impl Sessions {
             ended: None,
         };
         self.enforcer.grant(session.id, source, &session.grants)?;
-        self.table().insert(session.id, session.clone());
-        let resources: Vec<&str> = session.grants.iter().map(|g| g.resource.as_str()).collect();
-        let admitted = event(
-            AuditKind::SessionAdmitted,
-            &session,
-            format!("granted {}", resources.join(", ")),
-        );
-        if let Err(e) = self
-            .persist(vec![
-                Write::PutSession(session.clone()),
-                Write::Audit(admitted),
-            ])
-            .await
-        {
-            self.table().remove(&session.id);
-            for g in &session.grants {
-                let _ = self.enforcer.withdraw(session.id, source, g.resource_id);
-            }
-            return Err(e.into());
-        }
-        Ok(Admitted {
-            session,
-            reconnect_seed,
-        })
+        let session = Arc::new(session);
+        table.insert(session.id, Arc::clone(&session));
+        Ok(Ok((session, reconnect_seed)))
     }
 
     /// Re-admits a live session with a reconnect token, possibly from a new source address.
@@ -219,24 +241,27 @@ impl Sessions {
         let now = now_ms();
         let (session, old_source) = {
             let mut table = self.table();
-            let Some(s) = table.get_mut(&id) else {
+            let Some(entry) = table.get_mut(&id) else {
                 return Err(refuse("unknown_session", format!("no session {id}")));
             };
-            if !s.is_live() {
+            if !entry.is_live() {
                 return Err(refuse(
                     "session_ended",
-                    format!("session {id} is {}: log in again", s.state),
+                    format!("session {id} is {}: log in again", entry.state),
                 ));
             }
-            let Some(rc) = s.reconnect.as_mut() else {
+            let Some(seen) = entry.reconnect.as_ref() else {
                 return Err(refuse(
                     "reconnect_disabled",
                     format!("session {id} was admitted without reconnect"),
                 ));
             };
-            let counter = reconnect::check(token, &rc.seed_hex, rc.last_counter, now / 1000)
+            let counter = reconnect::check(token, &seen.seed_hex, seen.last_counter, now / 1000)
                 .map_err(|e| refuse(e.code(), e.to_string()))?;
-            rc.last_counter = counter;
+            let s = Arc::make_mut(entry);
+            if let Some(rc) = s.reconnect.as_mut() {
+                rc.last_counter = counter;
+            }
             let old_source = s.source;
             if source != old_source {
                 // A new address is a new evaluation: rules may restrict sources.
@@ -267,7 +292,7 @@ impl Sessions {
             s.state = SessionState::Active;
             s.dormant_since_ms = None;
             s.updated_at_ms = now;
-            (s.clone(), old_source)
+            (Arc::clone(entry), old_source)
         };
         let detail = if old_source == source {
             "reconnected".to_owned()
@@ -275,8 +300,11 @@ impl Sessions {
             format!("reconnected, moved from {old_source}")
         };
         let e = event(AuditKind::SessionReconnected, &session, detail);
-        self.persist(vec![Write::PutSession(session.clone()), Write::Audit(e)])
-            .await?;
+        self.persist(vec![
+            Write::PutSession(Arc::clone(&session)),
+            Write::Audit(e),
+        ])
+        .await?;
         Ok(Admitted {
             session,
             reconnect_seed: None,
@@ -337,18 +365,18 @@ impl Sessions {
         let now = now_ms();
         let mut ended = Vec::new();
         let mut writes = Vec::new();
-        let mut handovers = Vec::new();
+        let mut freed: HashSet<(IpAddr, u32)> = HashSet::new();
         let mut table = self.table();
         for id in ids {
-            let Some(s) = table.get_mut(id) else { continue };
-            if !s.is_live() {
+            let Some(entry) = table.get_mut(id) else {
+                continue;
+            };
+            if !entry.is_live() {
                 continue;
             }
             self.enforcer.revoke(*id)?;
-            for g in &s.grants {
-                let _ = self.enforcer.withdraw(*id, s.source, g.resource_id);
-            }
-            handovers.push((s.source, s.grants.clone()));
+            let s = Arc::make_mut(entry);
+            freed.extend(s.grants.iter().map(|g| (s.source, g.resource_id)));
             s.state = state;
             s.updated_at_ms = now;
             s.ended = Some(SessionEnd {
@@ -360,7 +388,7 @@ impl Sessions {
                 user: s.identity.user().to_owned(),
                 source: s.source,
             });
-            writes.push(Write::PutSession(s.clone()));
+            writes.push(Write::PutSession(Arc::clone(entry)));
             writes.push(Write::PutRevocation(
                 *id,
                 RevocationRecord {
@@ -369,37 +397,11 @@ impl Sessions {
                     reason: reason.to_owned(),
                 },
             ));
-            writes.push(Write::Audit(event(kind.clone(), s, reason)));
+            writes.push(Write::Audit(event(kind.clone(), entry, reason)));
         }
-        // A grant is one kernel entry per (source, resource): when the session holding it
-        // ends, another live session from the same source that was granted the resource
-        // (the newest) gets the entry back, instead of silently losing access.
-        // One pass over the table for all freed (source, resource) pairs: the ending sessions
-        // may be many, and the table large.
-        let freed: HashSet<(IpAddr, u32)> = handovers
-            .iter()
-            .flat_map(|(source, grants)| grants.iter().map(move |g| (*source, g.resource_id)))
-            .collect();
-        if !freed.is_empty() {
-            let mut heirs: HashMap<(IpAddr, u32), (u64, SessionId, SessionGrant)> = HashMap::new();
-            for o in table.values().filter(|o| o.is_live()) {
-                for g in &o.grants {
-                    let key = (o.source, g.resource_id);
-                    if freed.contains(&key)
-                        && heirs
-                            .get(&key)
-                            .is_none_or(|(at, _, _)| o.created_at_ms > *at)
-                    {
-                        heirs.insert(key, (o.created_at_ms, o.id, g.clone()));
-                    }
-                }
-            }
-            for ((source, _), (_, heir, grant)) in heirs {
-                let _ = self
-                    .enforcer
-                    .grant(heir, source, std::slice::from_ref(&grant));
-            }
-        }
+        // The revocations above already stop every flow; the grants go (or pass to another
+        // live session from the same source) so that no new flow opens.
+        self.reassign(&table, &freed)?;
         drop(table);
         if !ended.is_empty() {
             let ids: HashSet<u64> = ended.iter().map(|e| e.id.0).collect();
@@ -420,59 +422,77 @@ impl Sessions {
     /// Continuous evaluation: every live session against `policy`. Grants the policy no longer
     /// allows are withdrawn and, unless configured otherwise, their live flows severed; a
     /// session left with nothing is terminated. A policy change never widens a live session:
-    /// new grants need a new login.
+    /// new grants need a new login. Answers once the change is enforced and durable.
     ///
     /// # Errors
     /// The kernel or the store fails.
     pub async fn apply_policy(&self, policy: &Policy) -> Result<PolicyOutcome, SessionError> {
-        let reason = "policy change".to_owned();
+        let change = self.enforce_policy(policy)?;
+        let outcome = change.outcome;
+        self.record_policy_change(change).await?;
+        Ok(outcome)
+    }
+
+    /// The enforcing half of [`Sessions::apply_policy`]: the table and the kernel follow
+    /// `policy` when it returns. What it did is made durable by
+    /// [`Sessions::record_policy_change`]; until then a crash loses only the record, not the
+    /// enforcement (the policy files are the truth, and a start applies them to every stored
+    /// session again).
+    ///
+    /// # Errors
+    /// The kernel fails.
+    pub fn enforce_policy(&self, policy: &Policy) -> Result<PolicyChange, SessionError> {
+        let reason = "policy change";
         let now = now_ms();
+        let sever = self.config.on_policy_change == OnPolicyChange::Sever;
         let mut outcome = PolicyOutcome::default();
-        let mut writes = Vec::new();
+        let mut changed = Vec::new();
         let mut severed: HashSet<(u64, u32)> = HashSet::new();
         let mut emptied = Vec::new();
         {
+            // Held through the kernel writes: an admission cannot slip in between the decision
+            // and the kernel (see `admit`).
             let mut table = self.table();
-            for s in table.values_mut().filter(|s| s.is_live()) {
-                outcome.evaluated += 1;
-                let decision = policy.evaluate(&s.identity, s.source);
-                let still: HashSet<&str> = decision
-                    .grants
-                    .iter()
-                    .map(|g| g.resource.as_str())
-                    .collect();
-                let (kept, removed): (Vec<SessionGrant>, Vec<SessionGrant>) =
-                    s.grants.drain(..).partition(|g| {
-                        still.contains(g.resource.as_str())
-                            && policy.resources.by_id(g.resource_id).is_some()
-                    });
-                s.grants = kept;
-                if removed.is_empty() {
-                    continue;
-                }
-                for g in &removed {
-                    self.enforcer.withdraw(s.id, s.source, g.resource_id)?;
-                    if self.config.on_policy_change == OnPolicyChange::Sever {
-                        severed.insert((s.id.0, g.resource_id));
+            let mut live: Vec<&mut Arc<Session>> =
+                table.values_mut().filter(|s| s.is_live()).collect();
+            // Sessions are independent of each other: large tables are shared out over the
+            // cores (each part is evaluated and updated by one thread).
+            let threads = if live.len() < PARALLEL_FROM {
+                1
+            } else {
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+            };
+            let per_thread = live.len().div_ceil(threads).max(1);
+            let parts: Vec<Reevaluated> = if threads == 1 {
+                vec![reevaluate(policy, &mut live, now)]
+            } else {
+                std::thread::scope(|scope| {
+                    let running: Vec<_> = live
+                        .chunks_mut(per_thread)
+                        .map(|part| scope.spawn(move || reevaluate(policy, part, now)))
+                        .collect();
+                    running
+                        .into_iter()
+                        .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                        .collect()
+                })
+            };
+            let mut freed: HashSet<(IpAddr, u32)> = HashSet::new();
+            for part in parts {
+                outcome.evaluated += part.evaluated;
+                for (s, removed) in &part.changed {
+                    outcome.grants_removed += removed.len();
+                    freed.extend(removed.iter().map(|g| (s.source, g.resource_id)));
+                    if sever {
+                        severed.extend(removed.iter().map(|g| (s.id.0, g.resource_id)));
                     }
-                    outcome.grants_removed += 1;
-                    let mut e = event(
-                        AuditKind::GrantRemoved {
-                            reason: reason.clone(),
-                        },
-                        s,
-                        format!("{} is no longer granted by policy", g.resource),
-                    );
-                    e.resource = Some(g.resource.clone());
-                    writes.push(Write::Audit(e));
+                    if s.grants.is_empty() {
+                        emptied.push(s.id);
+                    }
                 }
-                s.updated_at_ms = now;
-                if s.grants.is_empty() {
-                    emptied.push(s.id);
-                } else {
-                    writes.push(Write::PutSession(s.clone()));
-                }
+                changed.extend(part.changed);
             }
+            self.reassign(&table, &freed)?;
         }
         if !severed.is_empty() {
             if let Err(e) = self
@@ -490,36 +510,165 @@ impl Sessions {
             &emptied,
             SessionState::Terminated,
             EndCause::PolicyChange {
-                reason: reason.clone(),
+                reason: reason.to_owned(),
             },
             AuditKind::SessionTerminated {
                 by: "policy".into(),
-                reason: reason.clone(),
+                reason: reason.to_owned(),
             },
             "policy",
             "policy change left nothing to reach",
         )?;
         outcome.sessions_terminated = ended.len();
-        writes.extend(end_writes);
-        if !writes.is_empty() {
-            self.persist(writes).await?;
-        }
-        Ok(outcome)
+        Ok(PolicyChange {
+            outcome,
+            changed,
+            end_writes,
+        })
     }
 
-    /// A copy of one session.
-    pub fn get(&self, id: SessionId) -> Option<Session> {
+    /// The recording half of [`Sessions::apply_policy`]: an audit event per removed grant and
+    /// the session records, committed in slices of a few thousand sessions so that admissions
+    /// and terminations queued meanwhile are not held behind one huge commit. A session's
+    /// events and record share a slice; the record written is the session as it is now (a
+    /// termination may have come in between).
+    ///
+    /// # Errors
+    /// The store fails.
+    pub async fn record_policy_change(&self, change: PolicyChange) -> Result<(), SessionError> {
+        for slice in change.changed.chunks(POLICY_COMMIT_SLICE) {
+            let mut writes = Vec::with_capacity(slice.len() * 2);
+            for (s, removed) in slice {
+                for g in removed {
+                    let mut e = event(
+                        AuditKind::GrantRemoved {
+                            reason: "policy change".to_owned(),
+                        },
+                        s,
+                        format!("{} is no longer granted by policy", g.resource),
+                    );
+                    e.resource = Some(g.resource.clone());
+                    writes.push(Write::Audit(e));
+                }
+            }
+            {
+                let table = self.table();
+                writes.extend(
+                    slice
+                        .iter()
+                        .filter_map(|(s, _)| table.get(&s.id))
+                        .map(|now| Write::PutSession(Arc::clone(now))),
+                );
+            }
+            self.persist(writes).await?;
+        }
+        if !change.end_writes.is_empty() {
+            self.persist(change.end_writes).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel's grants for `freed` (source, resource) pairs follow the table: a
+    /// grant is one kernel entry per pair, so when the session holding it loses it, the newest
+    /// live session from the same source that still holds the resource gets the entry, and
+    /// pairs nobody holds any more are deleted (in one batch). One pass over the table.
+    fn reassign(
+        &self,
+        table: &HashMap<SessionId, Arc<Session>>,
+        freed: &HashSet<(IpAddr, u32)>,
+    ) -> Result<(), EnforceError> {
+        if freed.is_empty() {
+            return Ok(());
+        }
+        let mut heirs: HashMap<(IpAddr, u32), (u64, SessionId, &SessionGrant)> = HashMap::new();
+        for o in table.values().filter(|o| o.is_live()) {
+            for g in &o.grants {
+                let key = (o.source, g.resource_id);
+                if freed.contains(&key)
+                    && heirs
+                        .get(&key)
+                        .is_none_or(|(at, _, _)| o.created_at_ms > *at)
+                {
+                    heirs.insert(key, (o.created_at_ms, o.id, g));
+                }
+            }
+        }
+        let orphaned: Vec<(IpAddr, u32)> = freed
+            .iter()
+            .filter(|key| !heirs.contains_key(key))
+            .copied()
+            .collect();
+        self.enforcer.withdraw_all(&orphaned)?;
+        for ((source, _), (_, heir, grant)) in heirs {
+            self.enforcer
+                .grant(heir, source, std::slice::from_ref(grant))?;
+        }
+        Ok(())
+    }
+
+    /// One session, as it is now.
+    pub fn get(&self, id: SessionId) -> Option<Arc<Session>> {
         self.table().get(&id).cloned()
     }
 
-    /// Copies of every session the agent holds (live and ended).
-    pub fn all(&self) -> Vec<Session> {
+    /// Every session the agent holds (live and ended), shared rather than copied.
+    pub fn all(&self) -> Vec<Arc<Session>> {
         self.table().values().cloned().collect()
     }
 
     pub fn live_count(&self) -> usize {
         self.table().values().filter(|s| s.is_live()).count()
     }
+}
+
+/// Live sessions from which a policy change is evaluated on every core.
+const PARALLEL_FROM: usize = 4096;
+
+/// What re-evaluating a part of the live sessions changed.
+struct Reevaluated {
+    evaluated: usize,
+    /// Each changed session (as the change left it) and the grants it lost.
+    changed: Vec<(Arc<Session>, Vec<SessionGrant>)>,
+}
+
+/// Re-evaluates `sessions` against `policy` and takes from each the grants it no longer
+/// allows (a change never adds any). The audit events are made later, by
+/// `record_policy_change`: they are not on the way to enforcement.
+fn reevaluate(policy: &Policy, sessions: &mut [&mut Arc<Session>], now: u64) -> Reevaluated {
+    let mut out = Reevaluated {
+        evaluated: sessions.len(),
+        changed: Vec::new(),
+    };
+    for entry in sessions.iter_mut() {
+        let decision = policy.evaluate(&entry.identity, entry.source);
+        let keeps = |g: &SessionGrant| {
+            decision.grants.iter().any(|d| d.resource == g.resource)
+                && policy.resources.by_id(g.resource_id).is_some()
+        };
+        if entry.grants.iter().all(keeps) {
+            continue;
+        }
+        let s = Arc::make_mut(entry);
+        let (kept, removed): (Vec<SessionGrant>, Vec<SessionGrant>) =
+            s.grants.drain(..).partition(keeps);
+        s.grants = kept;
+        s.updated_at_ms = now;
+        out.changed.push((Arc::clone(entry), removed));
+    }
+    out
+}
+
+/// Sessions per commit when a policy change is recorded: large enough to amortise the fsync,
+/// small enough that an admission waits for at most one slice.
+const POLICY_COMMIT_SLICE: usize = 2048;
+
+/// A policy change that is enforced and not yet recorded: see [`Sessions::enforce_policy`].
+pub struct PolicyChange {
+    pub outcome: PolicyOutcome,
+    /// Each changed session (as the change left it) and the grants it lost.
+    changed: Vec<(Arc<Session>, Vec<SessionGrant>)>,
+    /// The records of the sessions the change terminated.
+    end_writes: Vec<Write>,
 }
 
 /// What a policy change did to the live sessions.

@@ -7,4 +7,4 @@ mod manager;
 pub mod model;
 
 pub use lifecycle::{Reconciled, SweepOutcome};
-pub use manager::{Admitted, Ended, PolicyOutcome, SessionError, Sessions, Target};
+pub use manager::{Admitted, Ended, PolicyChange, PolicyOutcome, SessionError, Sessions, Target};

@@ -19,7 +19,7 @@ fn small_commit(caller: usize, i: usize, with_session: bool) -> Vec<Write> {
     let id = ((caller as u64) << 32) | (i as u64 + 1);
     let mut writes = vec![Write::Audit(event(AuditKind::FlowOpened, Some(id), None))];
     if with_session {
-        writes.push(Write::PutSession(session(id, "alice@corp.example")));
+        writes.push(Write::PutSession(session(id, "alice@corp.example").into()));
     }
     writes
 }

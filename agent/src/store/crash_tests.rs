@@ -43,7 +43,7 @@ fn crash_child() {
                     let id = random_u64() | 1;
                     let committed = store
                         .commit(vec![
-                            Write::PutSession(session(id, "alice@corp.example")),
+                            Write::PutSession(session(id, "alice@corp.example").into()),
                             Write::Audit(event(AuditKind::SessionAdmitted, Some(id), None)),
                         ])
                         .expect("the child commits");

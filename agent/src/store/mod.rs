@@ -63,14 +63,9 @@ pub struct RevocationRecord {
 
 /// One change to the state. The writes of one commit are applied in order, all or none.
 #[derive(Debug, Clone, PartialEq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a write is moved into its commit's Vec once; boxing sessions would only add an \
-              allocation and make every caller write Box::new"
-)]
 pub enum Write {
-    /// Insert or replace the session with this id.
-    PutSession(Session),
+    /// Insert or replace the session with this id. Shared with the session table, not copied.
+    PutSession(std::sync::Arc<Session>),
     /// Remove the session; removing an absent one is not an error.
     DeleteSession(SessionId),
     PutRevocation(SessionId, RevocationRecord),

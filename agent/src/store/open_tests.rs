@@ -101,7 +101,7 @@ fn truncated_files_are_refused_untouched() {
     for i in 1..=200u64 {
         store
             .commit(vec![
-                Write::PutSession(session(i, "alice@corp.example")),
+                Write::PutSession(session(i, "alice@corp.example").into()),
                 Write::Audit(event(AuditKind::SessionAdmitted, Some(i), None)),
             ])
             .expect("commit");
@@ -196,7 +196,7 @@ fn integrity_check_reports_what_is_wrong() {
     for i in 1..=5u64 {
         store
             .commit(vec![
-                Write::PutSession(session(i, "alice@corp.example")),
+                Write::PutSession(session(i, "alice@corp.example").into()),
                 Write::PutRevocation(SessionId(i), revocation("uid 0")),
                 Write::Audit(event(AuditKind::SessionAdmitted, Some(i), None)),
             ])

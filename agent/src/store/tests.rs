@@ -31,8 +31,8 @@ fn every_write_kind_round_trips_and_survives_reopen() {
     );
     let committed = store
         .commit(vec![
-            Write::PutSession(a.clone()),
-            Write::PutSession(b.clone()),
+            Write::PutSession(a.clone().into()),
+            Write::PutSession(b.clone().into()),
             Write::PutRevocation(b.id, revocation("uid 0")),
             Write::Audit(event(
                 AuditKind::SessionAdmitted,
@@ -60,7 +60,7 @@ fn every_write_kind_round_trips_and_survives_reopen() {
     a2.state = SessionState::Dormant;
     store
         .commit(vec![
-            Write::PutSession(a2.clone()),
+            Write::PutSession(a2.clone().into()),
             Write::DeleteSession(b.id),
             Write::DeleteRevocation(b.id),
             Write::DeleteSession(SessionId(0xdead)),
@@ -106,10 +106,10 @@ fn a_failing_write_leaves_nothing_of_its_commit() {
 
     let err = store
         .commit(vec![
-            Write::PutSession(session(0xa, "alice@corp.example")),
+            Write::PutSession(session(0xa, "alice@corp.example").into()),
             Write::PutRevocation(SessionId(0xa), revocation("uid 0")),
             Write::Audit(event(AuditKind::SessionAdmitted, Some(0xa), None)),
-            Write::PutSession(session(0xbad, "mallory@corp.example")),
+            Write::PutSession(session(0xbad, "mallory@corp.example").into()),
         ])
         .expect_err("the injected failure must fail the commit");
     assert!(
@@ -129,11 +129,11 @@ fn a_failing_write_leaves_nothing_of_its_commit() {
                     let writes = if i % 10 == 0 {
                         vec![
                             Write::Audit(event(AuditKind::FlowOpened, None, None)),
-                            Write::PutSession(session(0xbad, "mallory@corp.example")),
+                            Write::PutSession(session(0xbad, "mallory@corp.example").into()),
                         ]
                     } else {
                         vec![
-                            Write::PutSession(session(t << 32 | (i + 1), "x@corp.example")),
+                            Write::PutSession(session(t << 32 | (i + 1), "x@corp.example").into()),
                             Write::Audit(event(AuditKind::FlowOpened, None, None)),
                         ]
                     };
@@ -255,7 +255,9 @@ async fn submit_answers_async_callers() {
             None,
             None
         ))]),
-        store.submit(vec![Write::PutSession(session(1, "alice@corp.example"))]),
+        store.submit(vec![Write::PutSession(
+            session(1, "alice@corp.example").into()
+        )]),
     );
     assert_eq!(first.expect("answered").expect("committed")[0].seq, 1);
     assert!(second.expect("answered").expect("committed").is_empty());

@@ -210,7 +210,7 @@ impl Writer {
                 let what = format!("session {}", session.id);
                 #[cfg(test)]
                 self.hooks.check(path, session.id, &what)?;
-                let bytes = encode(path, "sessions", what, session)?;
+                let bytes = encode(path, "sessions", what, &**session)?;
                 tables
                     .sessions
                     .insert(session.id.0, bytes.as_slice())

@@ -552,7 +552,7 @@ fn reference(
                 e.user = Some(session.identity.user().to_owned());
                 e.detail = "granted echo".into();
                 let t = Instant::now();
-                store.commit(vec![Write::PutSession(session), Write::Audit(e)])?;
+                store.commit(vec![Write::PutSession(session.into()), Write::Audit(e)])?;
                 Ok(t.elapsed())
             })
             .collect()

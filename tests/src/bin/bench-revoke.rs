@@ -428,7 +428,7 @@ fn terminate_writes(id: u64, source: IpAddr) -> anyhow::Result<Vec<Write>> {
         reason,
     };
     Ok(vec![
-        Write::PutSession(session),
+        Write::PutSession(session.into()),
         Write::PutRevocation(SessionId(id), record),
         Write::Audit(event),
     ])
