@@ -1,6 +1,7 @@
-//! BPF_MAP_DELETE_BATCH (Linux 5.6): many keys out of a hash map in one syscall. A policy
-//! change can withdraw a grant from every live session at once; one syscall per grant was most
-//! of its cost at 100,000 sessions.
+//! Batched hash-map syscalls (Linux 5.6): BPF_MAP_DELETE_BATCH takes many keys out in one call,
+//! BPF_MAP_LOOKUP_BATCH reads thousands of entries per call. A policy change can withdraw a
+//! grant from every live session at once, and `sessions list` walks a flow table of a million
+//! entries; one syscall per entry (two per entry for a walk) was most of their cost.
 
 use std::{
     io,
@@ -23,7 +24,107 @@ struct BatchAttr {
     flags: u64,
 }
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// The kernel's internal "operation not supported", which leaks to user space from map types
+/// without a batch operation.
+const ENOTSUPP: i32 = 524;
+
+/// How a [`lookup`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Every entry was handed over, in this many syscalls.
+    Done { syscalls: usize },
+    /// The kernel has no batch lookup for this map (before 5.6, or another map type); nothing
+    /// was handed over, so the caller can walk the map key by key instead.
+    Unsupported,
+}
+
+/// Hands every (key, value) of the hash map behind `map` to `each`, reading up to `chunk`
+/// entries per syscall into two buffers reused from call to call, so a walk over a million
+/// entries takes a few hundred syscalls and never holds more than one chunk in memory.
+///
+/// The kernel returns whole hash buckets, each read under its bucket lock: an entry present
+/// for the whole walk is seen exactly once (a key-by-key walk may restart from the first
+/// bucket when the key it stands on is deleted, and so repeat entries). Entries inserted or
+/// deleted during the walk may or may not be seen.
+///
+/// `K` and `V` must be the map's key and value types (for example those of an aya
+/// `HashMap<_, K, V>`, which checks their sizes): the kernel writes entries at those strides.
+///
+/// # Errors
+/// The kernel refuses a read part way through (`each` may have seen some entries).
+pub fn lookup<K: Pod, V: Pod>(
+    map: impl AsFd,
+    chunk: usize,
+    mut each: impl FnMut(&K, &V),
+) -> io::Result<Lookup> {
+    let fd = map.as_fd().as_raw_fd();
+    let mut chunk = chunk.clamp(1, u32::MAX as usize);
+    let mut keys: Vec<K> = Vec::with_capacity(chunk);
+    let mut values: Vec<V> = Vec::with_capacity(chunk);
+    // For hash maps the batch token is a u32 bucket index. The first call passes no token
+    // (start at bucket 0); each call writes where the next one starts.
+    let mut token: u32 = 0;
+    let token_ptr = &raw mut token;
+    let mut started = false;
+    let mut syscalls = 0;
+    loop {
+        keys.clear();
+        values.clear();
+        let mut attr = BatchAttr {
+            in_batch: if started { token_ptr as u64 } else { 0 },
+            out_batch: token_ptr as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch`: `keys` and `values` point at room for
+        // `count` keys and values of the map's sizes (K and V are the map's Pod types), and
+        // `in_batch`/`out_batch` at a u32 token; all stay alive for the call. The kernel reads
+        // the token before it writes it, and writes `attr.count` and at most that many entries.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        syscalls += 1;
+        let err = (rc != 0).then(io::Error::last_os_error);
+        let errno = err.as_ref().and_then(io::Error::raw_os_error);
+        let n = (attr.count as usize).min(chunk);
+        if err.is_none() || errno == Some(libc::ENOENT) {
+            // SAFETY: the kernel wrote `n` ≤ capacity entries at the start of both buffers,
+            // and any bytes are valid values of Pod types.
+            unsafe {
+                keys.set_len(n);
+                values.set_len(n);
+            }
+            for (k, v) in keys.iter().zip(&values) {
+                each(k, v);
+            }
+        }
+        match (err, errno) {
+            (None, _) => started = true,
+            // The walk passed the last bucket: these were the last entries.
+            (Some(_), Some(libc::ENOENT)) => return Ok(Lookup::Done { syscalls }),
+            // The next bucket holds more entries than a whole chunk: read it with room to spare.
+            (Some(_), Some(libc::ENOSPC)) if n == 0 && chunk < u32::MAX as usize / 2 => {
+                chunk *= 2;
+                keys.reserve(chunk);
+                values.reserve(chunk);
+            }
+            (Some(_), Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)) if !started => {
+                return Ok(Lookup::Unsupported);
+            }
+            (Some(e), _) => return Err(e),
+        }
+    }
+}
 
 /// Deletes `keys` from the hash map behind `map`. A key that is absent is skipped, not an
 /// error. Returns how many were deleted.

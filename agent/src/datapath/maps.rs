@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use agent_common::{
@@ -15,7 +16,10 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 
-use super::{DatapathError, addr_bytes, maps_dir, monotonic_ns};
+use super::{
+    DatapathError, addr_bytes, maps_dir, monotonic_ns,
+    walk::{FlowTable, Walk, walk},
+};
 use crate::{config::Mode, policy::ResourceTable};
 
 /// Why the kernel dropped packets.
@@ -88,6 +92,9 @@ pub struct Maps {
     resource_dsts: LpmTrie<MapData, ResourceDst, u32>,
     grants: HashMap<MapData, GrantKey, Grant>,
     flows: HashMap<MapData, FlowKey, Flow>,
+    /// A second handle on the flow map, for walks that must not wait for (or hold up) the
+    /// writers that share this one.
+    flow_table: Arc<FlowTable>,
     flows_capacity: u32,
     /// The resource table this handle last installed: later installs write only the
     /// difference instead of scanning all 131,072 port slots.
@@ -100,7 +107,13 @@ pub struct Maps {
 
 type Result<T> = std::result::Result<T, DatapathError>;
 
-fn map_err(name: &'static str, action: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+/// Entries read per call from the session-keyed maps (grants, revocations, counters).
+const CHUNK: usize = 8_192;
+
+pub(super) fn map_err(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map {
         name,
         action,
@@ -153,6 +166,10 @@ impl Maps {
             Map::HashMap(data) => data.info().map(|i| i.max_entries()).unwrap_or(0),
             _ => 0,
         };
+        let flows: HashMap<MapData, FlowKey, Flow> = flows_map
+            .try_into()
+            .map_err(map_err(names::FLOWS, "open"))?;
+        let flow_table = Arc::new(FlowTable::new(&flows)?);
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
             resource_ports: get(names::RESOURCE_PORTS)?
@@ -164,9 +181,8 @@ impl Maps {
             grants: get(names::GRANTS)?
                 .try_into()
                 .map_err(map_err(names::GRANTS, "open"))?,
-            flows: flows_map
-                .try_into()
-                .map_err(map_err(names::FLOWS, "open"))?,
+            flows,
+            flow_table,
             flows_capacity,
             installed: None,
             revoked: get(names::REVOKED)?
@@ -305,11 +321,11 @@ impl Maps {
 
     /// Every grant: (key, session id).
     pub fn grants(&self) -> Vec<(GrantKey, u64)> {
-        self.grants
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, g)| (k, g.session_id))
-            .collect()
+        let mut out = Vec::new();
+        walk(&self.grants, names::GRANTS, CHUNK, |k, g| {
+            out.push((*k, g.session_id));
+        });
+        out
     }
 
     /// Severs every flow of `session_id` on its next packet: one map write. Revoking twice
@@ -351,12 +367,39 @@ impl Maps {
     }
 
     pub fn revoked_sessions(&self) -> Vec<(u64, Revocation)> {
-        self.revoked.iter().filter_map(|r| r.ok()).collect()
+        let mut out = Vec::new();
+        walk(&self.revoked, names::REVOKED, CHUNK, |id, r| {
+            out.push((*id, *r))
+        });
+        out
     }
 
     /// Every flow the kernel holds.
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
-        self.flows.iter().filter_map(|r| r.ok()).collect()
+        let mut out = Vec::new();
+        self.for_each_flow(|k, f| out.push((*k, *f)));
+        out
+    }
+
+    /// Hands every flow the kernel holds to `each`, in chunks, without collecting them.
+    pub fn for_each_flow(&self, each: impl FnMut(&FlowKey, &Flow)) {
+        self.flow_table.for_each(each);
+    }
+
+    /// [`FlowTable::for_each_in_chunks`] on this datapath's flow table.
+    pub fn for_each_flow_in_chunks(&self, chunk: usize, each: impl FnMut(&FlowKey, &Flow)) -> Walk {
+        self.flow_table.for_each_in_chunks(chunk, each)
+    }
+
+    /// A handle for walking the flow table that does not borrow these maps: walks of a large
+    /// table take a good part of a second, and must not hold up grant and revocation writes.
+    pub fn flow_table(&self) -> Arc<FlowTable> {
+        Arc::clone(&self.flow_table)
+    }
+
+    /// The flow table's capacity (`flow_table_size` when the maps were created).
+    pub fn flows_capacity(&self) -> u32 {
+        self.flows_capacity
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
@@ -386,11 +429,23 @@ impl Maps {
 
     /// Flows held and the table's capacity: the flow map's pressure.
     pub fn flow_fill(&self) -> (usize, u32) {
-        (self.flows.keys().count(), self.flows_capacity)
+        let mut count = 0;
+        self.for_each_flow(|_, _| count += 1);
+        (count, self.flows_capacity)
     }
 
     pub fn session_stats(&self, session_id: u64) -> Option<SessionStats> {
         self.session_stats.get(&session_id, 0).ok()
+    }
+
+    /// Every session's kernel counters, in one batched walk: cheaper than a lookup per
+    /// session when most sessions are wanted.
+    pub fn all_session_stats(&self) -> std::collections::HashMap<u64, SessionStats> {
+        let mut out = std::collections::HashMap::new();
+        walk(&self.session_stats, names::SESSION_STATS, CHUNK, |id, s| {
+            out.insert(*id, *s);
+        });
+        out
     }
 
     /// Global counters summed over CPUs.

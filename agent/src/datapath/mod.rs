@@ -6,6 +6,7 @@ mod batch;
 mod events;
 mod maps;
 mod test_run;
+mod walk;
 
 use std::{
     net::{IpAddr, Ipv6Addr},
@@ -19,6 +20,7 @@ pub use attach::{Attachment, detach_all};
 pub use events::{DatapathEvent, EventKind, EventReader};
 pub use maps::{Counters, DropReason, Maps};
 pub use test_run::TestRunOutcome;
+pub use walk::{FLOW_CHUNK, FlowTable, Walk};
 
 use crate::config::{IngressHook, Mode, XdpModeChoice};
 
