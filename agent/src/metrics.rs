@@ -147,9 +147,9 @@ impl Metrics {
             "Admission attempts by result and rejection reason.",
             &admissions,
         );
-        let traffic = enforcer.traffic();
+        let census = enforcer.recent_census();
         let (mut rx_p, mut rx_b, mut tx_p, mut tx_b, mut flows) = (0u64, 0u64, 0u64, 0u64, 0u64);
-        for t in traffic.values() {
+        for t in census.traffic.values() {
             flows += t.flows;
             rx_p += t.rx_packets;
             rx_b += t.rx_bytes;

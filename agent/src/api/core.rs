@@ -1,7 +1,7 @@
 //! The core behind the status socket: each typed request answered from the sessions, the
 //! kernel and the policy. The transport only moves bytes and checks credentials.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashSet, sync::Arc, time::Instant};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     audit::event::{AuditEvent, AuditKind},
-    datapath::{DropReason, FlowKey, addr_bytes},
+    datapath::{DropReason, FlowKey, SessionStats, addr_bytes},
     enforce::Enforcer,
     policy::{PolicyHandle, Reload, load_policy},
     sessions::{
@@ -36,6 +36,10 @@ pub struct AgentInfo {
     pub admission_fingerprint: String,
     pub started: Instant,
 }
+
+/// Listed sessions up to which each one's kernel counters are looked up on their own; above,
+/// one batched read of all of them is cheaper.
+const STATS_ONE_BY_ONE: usize = 64;
 
 pub struct Core {
     pub sessions: Arc<Sessions>,
@@ -269,17 +273,13 @@ impl Core {
     }
 
     fn drops(&self, id: SessionId) -> DropsView {
-        self.enforcer
-            .session_stats(id)
-            .map(|s| DropsView {
-                packets: s.dropped_after_revoke_packets,
-                bytes: s.dropped_after_revoke_bytes,
-            })
-            .unwrap_or_default()
+        drops_view(self.enforcer.session_stats(id))
     }
 
+    /// Sessions first, filtered (nothing else is read when none match); their traffic from
+    /// one census of the flow table (a recent one when the table is large); their kernel
+    /// counters in one batched read when there are many.
     fn list(&self, f: &SessionFilter) -> Vec<super::views::SessionView> {
-        let traffic = self.enforcer.traffic();
         let mut sessions: Vec<std::sync::Arc<Session>> = self
             .sessions
             .all()
@@ -290,28 +290,37 @@ impl Core {
             .filter(|s| f.resource.as_deref().is_none_or(|r| s.grants_resource(r)))
             .filter(|s| f.source.is_none_or(|ip| s.source == ip))
             .collect();
+        if sessions.is_empty() {
+            return Vec::new();
+        }
         sessions.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+        let census = self.enforcer.recent_census();
+        let stats = (sessions.len() > STATS_ONE_BY_ONE).then(|| self.enforcer.all_session_stats());
         sessions
             .iter()
-            .map(|s| session_view(s, traffic.get(&s.id), self.drops(s.id), false))
+            .map(|s| {
+                let drops = match &stats {
+                    Some(all) => drops_view(all.get(&s.id).copied()),
+                    None => self.drops(s.id),
+                };
+                session_view(s, census.traffic.get(&s.id), drops, false)
+            })
             .collect()
     }
 
     fn detail(&self, s: &Session) -> super::views::SessionView {
-        let traffic = self.enforcer.traffic();
-        let mut v = session_view(s, traffic.get(&s.id), self.drops(s.id), true);
+        let census = self.enforcer.recent_census();
+        let mut v = session_view(s, census.traffic.get(&s.id), self.drops(s.id), true);
         v.flows = Some(self.flows(Some(s.id)));
         v
     }
 
     fn flows(&self, session: Option<SessionId>) -> Vec<super::views::FlowView> {
         let policy = self.policy.current();
-        let revoked: std::collections::HashSet<SessionId> =
-            self.enforcer.revoked().into_iter().collect();
+        let revoked: HashSet<SessionId> = self.enforcer.revoked().into_iter().collect();
         self.enforcer
-            .flows()
+            .flows_where(|f| session.is_none_or(|id| f.session_id == id.0))
             .iter()
-            .filter(|(_, f)| session.is_none_or(|id| f.session_id == id.0))
             .map(|(k, f)| {
                 let s = self.sessions.get(SessionId(f.session_id));
                 flow_view(
@@ -484,6 +493,15 @@ impl Core {
         });
         (json!({ "subscribed": true }), out)
     }
+}
+
+fn drops_view(stats: Option<SessionStats>) -> DropsView {
+    stats
+        .map(|s| DropsView {
+            packets: s.dropped_after_revoke_packets,
+            bytes: s.dropped_after_revoke_bytes,
+        })
+        .unwrap_or_default()
 }
 
 fn matches(f: &AuditFilter, e: &AuditEvent) -> bool {

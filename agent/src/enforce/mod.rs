@@ -4,13 +4,17 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
 };
 
+mod census;
 pub mod sockets;
 
+pub use census::{CENSUS_MAX_AGE, FlowCensus, LARGE_TABLE, Traffic, TrafficMap, WALK_DUTY};
+
 use crate::{
-    datapath::{Counters, DatapathError, Flow, FlowKey, Maps, Revocation, SessionStats},
+    datapath::{Counters, DatapathError, Flow, FlowKey, FlowTable, Maps, Revocation, SessionStats},
     sessions::model::{SessionGrant, SessionId},
 };
 
@@ -28,26 +32,22 @@ pub enum EnforceError {
     Read(#[source] DatapathError),
 }
 
-/// Live traffic of one session, summed over its flows in the kernel.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Traffic {
-    pub flows: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    /// CLOCK_MONOTONIC_COARSE ns of the newest packet of any flow; 0 without flows.
-    pub last_seen_ns: u64,
-}
-
 pub struct Enforcer {
     maps: Mutex<Maps>,
+    /// Walks go through their own handle, outside the lock that map writers share.
+    flow_table: Arc<FlowTable>,
+    flows_capacity: u32,
+    /// The newest census of the flow table, for reads of a large table to reuse.
+    census: Mutex<Option<Arc<FlowCensus>>>,
 }
 
 impl Enforcer {
     pub fn new(maps: Maps) -> Self {
         Self {
+            flow_table: maps.flow_table(),
+            flows_capacity: maps.flows_capacity(),
             maps: Mutex::new(maps),
+            census: Mutex::new(None),
         }
     }
 
@@ -176,41 +176,116 @@ impl Enforcer {
             .map_err(EnforceError::Read)
     }
 
+    /// Every flow in the kernel.
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
-        self.maps().flows()
+        self.flows_where(|_| true)
+    }
+
+    /// The flows `pick` selects, from one pass that copies only those.
+    pub fn flows_where(&self, pick: impl Fn(&Flow) -> bool) -> Vec<(FlowKey, Flow)> {
+        let mut out = Vec::new();
+        self.flow_table.for_each(|k, f| {
+            if pick(f) {
+                out.push((*k, *f));
+            }
+        });
+        out
     }
 
     /// Removes the flows for which `sever` says yes; returns them.
     pub fn remove_flows(&self, sever: impl Fn(&FlowKey, &Flow) -> bool) -> Vec<(FlowKey, Flow)> {
-        let mut maps = self.maps();
-        let doomed: Vec<_> = maps
-            .flows()
-            .into_iter()
-            .filter(|(k, f)| sever(k, f))
-            .collect();
-        for (k, _) in &doomed {
-            let _ = maps.remove_flow(k);
-        }
+        let mut doomed = Vec::new();
+        self.flow_table.for_each(|k, f| {
+            if sever(k, f) {
+                doomed.push((*k, *f));
+            }
+        });
+        self.remove_all(&doomed);
         doomed
     }
 
-    /// Live traffic per session, from one pass over the flow table.
-    pub fn traffic(&self) -> HashMap<SessionId, Traffic> {
-        let mut out: HashMap<SessionId, Traffic> = HashMap::new();
-        for (_, f) in self.maps().flows() {
-            let t = out.entry(SessionId(f.session_id)).or_default();
-            t.flows += 1;
-            t.rx_packets += f.rx_packets;
-            t.rx_bytes += f.rx_bytes;
-            t.tx_packets += f.tx_packets;
-            t.tx_bytes += f.tx_bytes;
-            t.last_seen_ns = t.last_seen_ns.max(f.last_seen_ns);
+    /// Only the removals take the writers' lock; the walk before them does not.
+    fn remove_all(&self, doomed: &[(FlowKey, Flow)]) {
+        if doomed.is_empty() {
+            return;
         }
-        out
+        let mut maps = self.maps();
+        for (k, _) in doomed {
+            let _ = maps.remove_flow(k);
+        }
+    }
+
+    /// The sweep's one pass over the flow table: removes the flows `sever` picks, and takes a
+    /// census of the rest that reads of a large table may reuse for a while. A large table
+    /// whose last census still stands in (see [`FlowCensus::lifetime`]) is not walked: the
+    /// sweep gets that census and removes nothing this time, so idle flows go a few seconds
+    /// later instead of the sweep walking a million flows every second.
+    pub fn sweep_flows(
+        &self,
+        sever: impl Fn(&FlowKey, &Flow) -> bool,
+    ) -> (Vec<(FlowKey, Flow)>, Arc<FlowCensus>) {
+        if let Some(last) = self.last_census().filter(|c| c.stands_in(Instant::now())) {
+            return (Vec::new(), last);
+        }
+        let mut doomed = Vec::new();
+        let mut census = FlowCensus::new();
+        self.flow_table.for_each(|k, f| {
+            if sever(k, f) {
+                doomed.push((*k, *f));
+            } else {
+                census.add(f);
+            }
+        });
+        self.remove_all(&doomed);
+        (doomed, self.keep(census.done()))
+    }
+
+    /// A fresh census of the flow table: one pass, kept for later reads.
+    pub fn census(&self) -> Arc<FlowCensus> {
+        let mut census = FlowCensus::new();
+        self.flow_table.for_each(|_, f| census.add(f));
+        self.keep(census.done())
+    }
+
+    /// The census for a read (a list, status, metrics): the last one if it counted a large
+    /// table recently enough (see [`FlowCensus::lifetime`]: [`CENSUS_MAX_AGE`], more when
+    /// walks are slow), a fresh one otherwise. Traffic of a large table is then up to that
+    /// old; small tables are always walked.
+    pub fn recent_census(&self) -> Arc<FlowCensus> {
+        match self.last_census() {
+            Some(c) if c.stands_in(Instant::now()) => c,
+            _ => self.census(),
+        }
+    }
+
+    fn last_census(&self) -> Option<Arc<FlowCensus>> {
+        self.census
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn keep(&self, census: FlowCensus) -> Arc<FlowCensus> {
+        let census = Arc::new(census);
+        let mut slot = self.census.lock().unwrap_or_else(|e| e.into_inner());
+        // Walks may overlap: the one that ended last is the newest.
+        if slot.as_ref().is_none_or(|c| c.taken <= census.taken) {
+            *slot = Some(Arc::clone(&census));
+        }
+        census
     }
 
     pub fn session_stats(&self, session: SessionId) -> Option<SessionStats> {
         self.maps().session_stats(session.0)
+    }
+
+    /// Every session's kernel counters, in one batched read.
+    pub fn all_session_stats(&self) -> HashMap<SessionId, SessionStats> {
+        self.maps()
+            .all_session_stats()
+            .into_iter()
+            .map(|(id, s)| (SessionId(id), s))
+            .collect()
     }
 
     /// # Errors
@@ -219,9 +294,9 @@ impl Enforcer {
         self.maps().counters().map_err(EnforceError::Read)
     }
 
-    /// Flows held and the table's capacity.
+    /// Flows held (from [`Enforcer::recent_census`]) and the table's capacity.
     pub fn flow_fill(&self) -> (usize, u32) {
-        self.maps().flow_fill()
+        (self.recent_census().flows, self.flows_capacity)
     }
 
     /// Destroys the local TCP sockets of these sessions' flows (netlink SOCK_DESTROY in this
@@ -240,15 +315,15 @@ impl Enforcer {
         &self,
         pick: impl Fn(&Flow) -> bool,
     ) -> Result<sockets::Destroyed, sockets::SocketError> {
-        let flows: Vec<sockets::FlowSockets> = self
-            .flows()
-            .iter()
-            .filter(|(k, f)| k.proto == agent_common::IPPROTO_TCP && pick(f))
-            .map(|(k, _)| sockets::FlowSockets {
-                remote: (crate::datapath::addr_from_bytes(k.src), k.sport).into(),
-                local: (crate::datapath::addr_from_bytes(k.dst), k.dport).into(),
-            })
-            .collect();
+        let mut flows: Vec<sockets::FlowSockets> = Vec::new();
+        self.flow_table.for_each(|k, f| {
+            if k.proto == agent_common::IPPROTO_TCP && pick(f) {
+                flows.push(sockets::FlowSockets {
+                    remote: (crate::datapath::addr_from_bytes(k.src), k.sport).into(),
+                    local: (crate::datapath::addr_from_bytes(k.dst), k.dport).into(),
+                });
+            }
+        });
         sockets::destroy_tcp(&flows)
     }
 

@@ -58,13 +58,14 @@ impl Sessions {
             .values()
             .map(|s| (s.id.0, s.settings.idle_timeout_secs * 1_000_000_000))
             .collect();
-        let idle = self.enforcer.remove_flows(|_, f| {
+        // One pass removes the idle flows and counts the rest per session.
+        let (idle, census) = self.enforcer.sweep_flows(|_, f| {
             let limit = idle_ns.get(&f.session_id).copied().unwrap_or(0);
             // Flows of unknown sessions are left to reconciliation; only known ones age out.
             limit > 0 && mono.saturating_sub(f.last_seen_ns) > limit
         });
         out.idle_flows_removed = idle.len();
-        let traffic = self.enforcer.traffic();
+        let traffic = &census.traffic;
 
         let mut expired = Vec::new();
         let mut dormant_expired = Vec::new();
