@@ -3,6 +3,7 @@
 pub mod agent_proc;
 pub mod attachments;
 pub mod bench;
+pub mod flood;
 pub mod frames;
 pub mod loaded;
 pub mod netns;

@@ -31,7 +31,7 @@ enum Task {
     },
     /// Run setup, then a benchmark; results go to target/bench/<name>.json.
     Bench {
-        /// Which benchmark to run: datapath, admission, policy, revoke or scale.
+        /// Which benchmark to run: datapath, admission, policy, revoke, scale or flood.
         name: String,
         /// Forwarded to the benchmark as `--repeat N`.
         #[arg(long, value_name = "N")]
