@@ -91,6 +91,26 @@ impl FlowCensus {
         t.last_seen_ns = t.last_seen_ns.max(f.last_seen_ns);
     }
 
+    /// Takes a removed flow out again, so that a census kept for reads does not show flows
+    /// the agent itself removed (a terminated session's, say). The newest-packet stamp of
+    /// the flows that remain cannot be recovered and stays as it was.
+    pub(super) fn remove(&mut self, f: &Flow) {
+        let id = SessionId(f.session_id);
+        let Some(t) = self.traffic.get_mut(&id) else {
+            return;
+        };
+        self.flows = self.flows.saturating_sub(1);
+        t.flows = t.flows.saturating_sub(1);
+        if t.flows == 0 {
+            self.traffic.remove(&id);
+            return;
+        }
+        t.rx_packets = t.rx_packets.saturating_sub(f.rx_packets);
+        t.rx_bytes = t.rx_bytes.saturating_sub(f.rx_bytes);
+        t.tx_packets = t.tx_packets.saturating_sub(f.tx_packets);
+        t.tx_bytes = t.tx_bytes.saturating_sub(f.tx_bytes);
+    }
+
     pub(super) fn done(mut self) -> Self {
         let now = Instant::now();
         self.walk_time = now.saturating_duration_since(self.taken);
@@ -151,6 +171,30 @@ mod tests {
         );
         assert_eq!(c.traffic[&SessionId(9)].flows, 1);
         assert!(!c.traffic.contains_key(&SessionId(8)));
+    }
+
+    #[test]
+    fn removed_flows_leave_the_census() {
+        let mut c = FlowCensus::new();
+        c.add(&flow(7, 2, 10));
+        c.add(&flow(7, 3, 30));
+        c.add(&flow(9, 1, 5));
+        c.remove(&flow(7, 3, 30));
+        assert_eq!(c.flows, 2);
+        assert_eq!(
+            (
+                c.traffic[&SessionId(7)].flows,
+                c.traffic[&SessionId(7)].rx_packets
+            ),
+            (1, 2)
+        );
+        c.remove(&flow(9, 1, 5));
+        assert!(
+            !c.traffic.contains_key(&SessionId(9)),
+            "a session without flows is gone"
+        );
+        c.remove(&flow(4, 1, 5));
+        assert_eq!(c.flows, 1, "a flow the census never saw changes nothing");
     }
 
     #[test]

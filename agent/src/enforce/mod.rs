@@ -201,6 +201,17 @@ impl Enforcer {
             }
         });
         self.remove_all(&doomed);
+        // A census kept for reads loses them too: a terminated session's flows must not
+        // linger in lists for the census's lifetime.
+        if !doomed.is_empty() {
+            let mut slot = self.census.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(kept) = slot.as_mut() {
+                let census = Arc::make_mut(kept);
+                for (_, f) in &doomed {
+                    census.remove(f);
+                }
+            }
+        }
         doomed
     }
 
