@@ -95,10 +95,10 @@ async fn serve(
         config.sessions.clone(),
         stored,
     ));
-    let reconciled = sessions.reconcile().await?;
-    tracing::info!(?reconciled, "store and kernel reconciled");
-    // The policy may have been edited while the agent was down: restored sessions are held
-    // to the policy in force now, not the one they were admitted under.
+    // The policy may have been edited while the agent was down (or the last change was
+    // enforced and not yet recorded when it stopped): restored sessions are held to the
+    // policy in force now, not the one they were admitted under. Before the reconciliation,
+    // so that it never writes back to the kernel a grant the policy took away.
     let outcome = sessions.apply_policy(&policy.current()).await?;
     if outcome.grants_removed > 0 {
         tracing::info!(
@@ -106,6 +106,8 @@ async fn serve(
             "policy edited while the agent was down: applied to restored sessions"
         );
     }
+    let reconciled = sessions.reconcile().await?;
+    tracing::info!(?reconciled, "store and kernel reconciled");
     sessions
         .record(vec![AuditEvent::new(AuditKind::AgentStarted)])
         .await?;
