@@ -1,8 +1,9 @@
 //! Tests of the auth room that span its modules: verification, hostile tokens, key files and
-//! rotation, and OIDC discovery against a local HTTP server.
+//! rotation, OIDC discovery against a local HTTP server, and a hostile provider.
 
 pub(crate) mod fixtures;
 
+mod chaos;
 mod discovery;
 mod hostile;
 mod keys;
