@@ -637,8 +637,7 @@ fn a_rotation_storm_never_lets_a_forged_token_through() {
                     for token in &legit {
                         let got = code(&verifier.verify(token, NOW));
                         assert!(
-                            ["ok", "unknown_key", "keys_unavailable", "bad_signature"]
-                                .contains(&got),
+                            ["ok", "unknown_key", "keys_unavailable"].contains(&got),
                             "a signed token got {got}"
                         );
                         accepted += usize::from(got == "ok");
