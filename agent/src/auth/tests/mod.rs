@@ -7,4 +7,5 @@ mod chaos;
 mod discovery;
 mod hostile;
 mod keys;
+mod provider;
 mod verify;
