@@ -6,14 +6,14 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use agent_common::map_names;
 use aya::maps::{MapInfo, MapType};
 use flowwarden::{
-    datapath::{DropReason, Flow, FlowKey, Maps, addr_bytes, monotonic_ns},
+    datapath::{DropReason, Flow, FlowKey, Maps, addr_bytes, detach_all, monotonic_ns},
     policy::parse_resources,
 };
 use flowwarden_tests::{
@@ -34,6 +34,16 @@ const SHORT: Duration = Duration::from_millis(400);
 const LONG: Duration = Duration::from_secs(5);
 const FULL_LOG: &str = "flow table full";
 const ROOM_LOG: &str = "flow table has room again";
+
+/// Removes the agent's pins (links and maps) when the test ends, however it ends: the agent
+/// leaves them on purpose, so that enforcement outlives it.
+struct Unpin(PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = detach_all(&self.0);
+    }
+}
 
 fn wait_for(what: &str, agent: &AgentProcess, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + Duration::from_secs(10);
@@ -61,6 +71,8 @@ fn a_full_flow_table_is_visible_logged_once_and_evicts_nothing() {
     }
     let pair = NetnsPair::new("press").expect("namespace pair");
     let pin_dir = private_pin_dir("press");
+    // Declared before the agent, so dropped after it is killed.
+    let _unpin = Unpin(pin_dir.clone());
     let scratch = Scratch::new("press");
     // datapath_extra ends the [datapath] table with more tables of our own.
     let extra = format!(
