@@ -183,6 +183,10 @@ async fn serve(
         Duration::from_millis(config.sessions.sweep_interval_ms),
     ));
     tasks.spawn(event_loop(Arc::clone(&sessions), events));
+    tasks.spawn(crate::enforce::pressure::watch(
+        Arc::clone(&enforcer),
+        Duration::from_millis(config.sessions.sweep_interval_ms),
+    ));
     let _watch = (config.policy.watch_interval_ms > 0).then(|| {
         let (tx, rx) = mpsc::unbounded_channel();
         tasks.spawn(policy_loop(

@@ -4,6 +4,7 @@ pub mod agent_proc;
 pub mod attachments;
 pub mod bench;
 pub mod frames;
+pub mod hostile_frames;
 pub mod loaded;
 pub mod netns;
 pub mod privileged;

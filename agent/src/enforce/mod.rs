@@ -7,6 +7,7 @@ use std::{
     sync::{Mutex, MutexGuard},
 };
 
+pub mod pressure;
 pub mod sockets;
 
 use crate::{
