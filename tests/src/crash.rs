@@ -11,6 +11,7 @@ mod driver;
 mod policy;
 
 use std::{
+    collections::{BTreeSet, HashSet},
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -35,7 +36,7 @@ use crate::{
 const STATUS_BOUND: Duration = Duration::from_secs(30);
 /// How long the driver runs before the kill: long enough for every kind of operation to be
 /// under way, short enough that restarts, not driving, set the pace.
-const KILL_AFTER_MS: (u64, u64) = (15, 250);
+const KILL_AFTER_MS: (u64, u64) = (20, 500);
 /// One restart in this many is itself killed while the agent starts (during store open,
 /// datapath adoption or reconciliation), before the restart that is checked.
 const START_KILL_ONE_IN: u64 = 8;
@@ -157,6 +158,10 @@ pub struct Report {
     pub final_revocations: u64,
     pub final_audit_events: u64,
     pub wall_secs: f64,
+    #[serde(skip)]
+    lost_ids: (BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>),
+    #[serde(skip)]
+    seen: HashSet<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -175,11 +180,20 @@ impl Report {
     }
 
     fn absorb(&mut self, f: Findings) {
-        self.lost.admissions += f.lost_admissions;
-        self.lost.terminations += f.lost_terminations;
-        self.lost.audit_records += f.lost_audit;
-        self.violation_count += f.violations.len();
+        self.lost_ids.0.extend(f.lost_admissions);
+        self.lost_ids.1.extend(f.lost_terminations);
+        self.lost_ids.2.extend(f.lost_audit);
+        self.lost = Lost {
+            admissions: self.lost_ids.0.len(),
+            terminations: self.lost_ids.1.len(),
+            audit_records: self.lost_ids.2.len(),
+        };
         for v in f.violations {
+            // The same broken thing is seen again after every later kill: report it once.
+            if !self.seen.insert(v.clone()) {
+                continue;
+            }
+            self.violation_count += 1;
             eprintln!("crash harness: VIOLATION: {v}");
             if self.violations.len() < 100 {
                 self.violations.push(v);
@@ -223,7 +237,19 @@ pub fn run(opts: &Options) -> Report {
     driver::reload(&target, &ledger, Variant::Wide);
 
     let state = stack.scratch.dir.join("state/state.redb");
-    let copy = stack.scratch.dir.join("snapshot.redb");
+    // On tmpfs when there is one: the copy is thrown away, so the fsyncs of its repair and close
+    // need not wait for a disk.
+    let shm = std::path::Path::new("/dev/shm");
+    let copy = if shm.is_dir() {
+        shm
+    } else {
+        stack.scratch.dir.as_path()
+    }
+    .join(format!(
+        "fw-crash-snapshot-{}-{}.redb",
+        opts.tag,
+        std::process::id()
+    ));
     let mut report = Report {
         seed: opts.seed,
         kills: 0,
@@ -242,6 +268,8 @@ pub fn run(opts: &Options) -> Report {
         final_revocations: 0,
         final_audit_events: 0,
         wall_secs: 0.0,
+        lost_ids: Default::default(),
+        seen: HashSet::new(),
     };
     let (mut to_status, mut kill_to_status) = (Vec::new(), Vec::new());
     let (mut drive, mut offline, mut kernel) = (Vec::new(), Vec::new(), Vec::new());

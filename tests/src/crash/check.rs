@@ -34,12 +34,13 @@ use super::{
     policy::{self, USERS},
 };
 
-/// What one check found.
+/// What one check found. Lost things are named (session ids, audit seqs) so that one loss seen
+/// again after later kills counts once.
 #[derive(Debug, Default)]
 pub struct Findings {
-    pub lost_admissions: usize,
-    pub lost_terminations: usize,
-    pub lost_audit: usize,
+    pub lost_admissions: BTreeSet<u64>,
+    pub lost_terminations: BTreeSet<u64>,
+    pub lost_audit: BTreeSet<u64>,
     pub violations: Vec<String>,
 }
 
@@ -123,7 +124,7 @@ pub fn store(snap: &Snapshot, ledger: &Ledger) -> Findings {
             .get(seq)
             .map(|e| serde_json::to_value(e).expect("an audit event encodes"));
         if now.as_ref() != Some(seen) {
-            f.lost_audit += 1;
+            f.lost_audit.insert(*seq);
             v.push(format!(
                 "LOST: audit record {seq} was {seen} before the kill, now {now:?}"
             ));
@@ -150,7 +151,7 @@ pub fn store(snap: &Snapshot, ledger: &Ledger) -> Findings {
                     && s.identity.device.id.as_deref() == Some(acked.tag.as_str())
                     && s.source == acked.source => {}
             other => {
-                f.lost_admissions += 1;
+                f.lost_admissions.insert(*id);
                 v.push(format!(
                     "LOST: acknowledged admission {} of {} from {} is {other:?}",
                     SessionId(*id),
@@ -165,7 +166,7 @@ pub fn store(snap: &Snapshot, ledger: &Ledger) -> Findings {
         if s.is_none_or(|s| s.state != SessionState::Terminated)
             || !snap.revocations.contains_key(id)
         {
-            f.lost_terminations += 1;
+            f.lost_terminations.insert(*id);
             v.push(format!(
                 "LOST: acknowledged termination of {} is {:?}, revocation {:?}",
                 SessionId(*id),
@@ -324,7 +325,7 @@ pub fn kernel(target: &Target, ledger: &Ledger) -> Findings {
 
     for id in ledger.admitted.keys() {
         if !after.contains_key(id) {
-            f.lost_admissions += 1;
+            f.lost_admissions.insert(*id);
             v.push(format!(
                 "LOST: the restarted agent does not know acknowledged session {}",
                 SessionId(*id)
@@ -334,7 +335,7 @@ pub fn kernel(target: &Target, ledger: &Ledger) -> Findings {
     for id in &ledger.terminated {
         let state = after.get(id).map(|s| s.state.as_str());
         if state != Some("terminated") || !revoked.contains(id) {
-            f.lost_terminations += 1;
+            f.lost_terminations.insert(*id);
             v.push(format!(
                 "OPEN DOOR: acknowledged termination of {} is {state:?} in the agent, revoked in \
                  the kernel: {}",

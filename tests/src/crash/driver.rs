@@ -79,6 +79,9 @@ pub struct Ledger {
     pub violations: Vec<String>,
 }
 
+/// What a driver thread runs: until told to stop, or until the agent stops answering.
+type Body = fn(&Target, &Mutex<Ledger>, &AtomicBool, Rng);
+
 /// The driver threads of one stretch between two kills.
 pub(crate) struct Driver {
     stop: Arc<AtomicBool>,
@@ -89,8 +92,7 @@ impl Driver {
     /// Starts two admitters, a terminator, a policy reloader and an audit reader.
     pub(crate) fn start(target: Arc<Target>, ledger: Arc<Mutex<Ledger>>, seed: u64) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let bodies: [fn(&Target, &Mutex<Ledger>, &AtomicBool, Rng); 5] =
-            [admitter, admitter, terminator, reloader, audit_reader];
+        let bodies: [Body; 5] = [admitter, admitter, terminator, reloader, audit_reader];
         let threads = bodies
             .into_iter()
             .enumerate()
