@@ -42,11 +42,13 @@ fn main() -> anyhow::Result<ExitCode> {
     if !require_root("soak") {
         bail!("the soak needs root (network namespaces, bpffs)");
     }
+    let loadavg_before = loadavg();
     let report = crash::run(&Options::new("soak", args.kills));
     let out = json!({
         "harness": "crash consistency (tests/src/crash.rs)",
         "agent": flowwarden_tests::agent_proc::agent_bin(),
         "cpu": cpu_model(),
+        "loadavg_before": loadavg_before,
         "loadavg_after": loadavg(),
         "report": report,
     });

@@ -23,7 +23,7 @@ use flowwarden::{
     audit::event::AuditEvent,
     datapath::{Maps, addr_from_bytes},
     policy::load_resources,
-    sessions::model::{Session, SessionId, SessionState},
+    sessions::model::{Session, SessionId, SessionState, now_ms},
     store::{IntegrityReport, RevocationRecord, Store},
 };
 use serde_json::{Value, json};
@@ -33,6 +33,11 @@ use super::{
     driver::Ledger,
     policy::{self, USERS},
 };
+
+/// The agent forgets a revocation an hour after its session ended and its last flow went away
+/// (`REVOCATION_LINGER_MS` in sessions/lifecycle.rs); a long soak must not count that as an open
+/// door. Five minutes of margin for the sweep's timing.
+const REVOCATION_KEPT_MS: u64 = 55 * 60 * 1000;
 
 /// What one check found. Lost things are named (session ids, audit seqs) so that one loss seen
 /// again after later kills counts once.
@@ -237,6 +242,8 @@ pub fn store(snap: &Snapshot, ledger: &Ledger) -> Findings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
     state: String,
+    /// When it ended (Unix ms), for ended sessions.
+    ended_ms: Option<u64>,
     source: IpAddr,
     groups: Vec<String>,
     grants: BTreeSet<String>,
@@ -245,6 +252,12 @@ struct Seen {
 impl Seen {
     fn live(&self) -> bool {
         self.state == "active" || self.state == "dormant"
+    }
+
+    /// Whether the kernel must still hold its revocation.
+    fn revocation_kept(&self, now_ms: u64) -> bool {
+        self.ended_ms
+            .is_none_or(|at| now_ms.saturating_sub(at) < REVOCATION_KEPT_MS)
     }
 }
 
@@ -260,6 +273,7 @@ fn agent_view(rpc: &mut RpcClient) -> anyhow::Result<BTreeMap<u64, Seen>> {
             id.0,
             Seen {
                 state: text(&s["state"]),
+                ended_ms: s["ended"]["at_ms"].as_u64(),
                 source: text(&s["source"]).parse()?,
                 groups: strings(&s["groups"]),
                 grants: s["grants"]
@@ -332,9 +346,12 @@ pub fn kernel(target: &Target, ledger: &Ledger) -> Findings {
             ));
         }
     }
+    let now = now_ms();
     for id in &ledger.terminated {
-        let state = after.get(id).map(|s| s.state.as_str());
-        if state != Some("terminated") || !revoked.contains(id) {
+        let seen = after.get(id);
+        let state = seen.map(|s| s.state.as_str());
+        let kept = seen.is_none_or(|s| s.revocation_kept(now));
+        if state != Some("terminated") || (kept && !revoked.contains(id)) {
             f.lost_terminations.insert(*id);
             v.push(format!(
                 "OPEN DOOR: acknowledged termination of {} is {state:?} in the agent, revoked in \
@@ -347,7 +364,7 @@ pub fn kernel(target: &Target, ledger: &Ledger) -> Findings {
     for (id, s) in &stable {
         let sid = SessionId(*id);
         if !s.live() {
-            if !revoked.contains(id) {
+            if s.revocation_kept(now) && !revoked.contains(id) {
                 v.push(format!(
                     "OPEN DOOR: {} session {sid} is not revoked in the kernel",
                     s.state
