@@ -297,31 +297,34 @@ pub fn kernel(target: &Target, ledger: &Ledger) -> Findings {
     let Ok(mut rpc) = RpcClient::connect(&target.socket) else {
         return Findings::violation("the restarted agent's socket refused a connection".into());
     };
+    // The maps are read between two reads of the agent, so that a session the sweep ends
+    // meanwhile shows as changed (and is left for a later check) instead of as a mismatch.
     let before = agent_view(&mut rpc);
-    let maps = Maps::open_pinned(&target.pin_dir);
+    let kernel = Maps::open_pinned(&target.pin_dir).map(|maps| {
+        let grants: HashMap<(IpAddr, u32), u64> = maps
+            .grants()
+            .into_iter()
+            .map(|(k, s)| ((addr_from_bytes(k.src), k.resource_id), s))
+            .collect();
+        let revoked: HashSet<u64> = maps
+            .revoked_sessions()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        (grants, revoked)
+    });
     let after = agent_view(&mut rpc);
-    let (before, maps, after) = match (before, maps, after) {
-        (Ok(b), Ok(m), Ok(a)) => (b, m, a),
-        (b, m, a) => {
+    let (before, (grants, revoked), after) = match (before, kernel, after) {
+        (Ok(b), Ok(k), Ok(a)) => (b, k, a),
+        (b, k, a) => {
             return Findings::violation(format!(
                 "cannot read the agent or the pins: {:?} {:?} {:?}",
                 b.err(),
-                m.err(),
+                k.err(),
                 a.err()
             ));
         }
     };
-    let grants: HashMap<(IpAddr, u32), u64> = maps
-        .grants()
-        .into_iter()
-        .map(|(k, s)| ((addr_from_bytes(k.src), k.resource_id), s))
-        .collect();
-    let revoked: HashSet<u64> = maps
-        .revoked_sessions()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    drop(maps);
     let policy_dir = target
         .policy_file
         .parent()
