@@ -312,13 +312,13 @@ fn write_report(out: &Path, seconds: u32, outcomes: &[Outcome]) -> Result<()> {
     let mut json = format!("{{\n  \"seconds_per_target\": {seconds},\n  \"targets\": [\n");
     for (i, o) in outcomes.iter().enumerate() {
         let f = &o.figures;
-        let _ = write!(
+        let _ = writeln!(
             json,
             "    {{\"target\": \"{}\", \"wall_secs\": {:.1}, \"cpu_secs\": {:.1}, \
              \"libfuzzer_secs\": {}, \"executions\": {}, \"exec_per_sec\": {}, \
              \"corpus_units\": {}, \
              \"new_units\": {}, \"coverage\": {}, \"features\": {}, \"peak_rss_mb\": {}, \
-             \"crashes\": {}, \"failure\": {}, \"artifact\": {}}}{}\n",
+             \"crashes\": {}, \"failure\": {}, \"artifact\": {}}}{}",
             o.target,
             o.wall_secs,
             o.cpu_secs,
