@@ -4,6 +4,7 @@
 //! toolchain that `setup` installs exists.
 
 mod cmd;
+mod fuzz;
 mod install;
 mod run;
 mod setup;
@@ -23,7 +24,8 @@ struct Cli {
 enum Task {
     /// Install what is missing to build and test (rust-src, bpf-linker, Debian packages, bpffs).
     Setup,
-    /// Run setup, build the workspace, then unit tests and the privileged integration tests.
+    /// Run setup, build the workspace, then unit tests, the privileged integration tests and a
+    /// short fuzz pass.
     Test {
         /// Only run tests whose name contains this string (in both test runs).
         #[arg(long, value_name = "NAME")]
@@ -45,6 +47,16 @@ enum Task {
         /// Arguments for the demo binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Build the cargo-fuzz targets (fuzz/) and run each for a while; figures go to
+    /// target/bench/fuzz.json, and any crash fails the command.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        seconds: u32,
+        /// Only this target (repeatable): token, jsonrpc, policy or admission.
+        #[arg(long = "target", value_name = "T")]
+        targets: Vec<String>,
     },
     /// Lint the user-space crates (stable) and the eBPF crate (nightly, BPF target).
     Clippy,
@@ -72,6 +84,10 @@ fn main() -> ExitCode {
         Task::Test { filter } => run::test(filter.as_deref()),
         Task::Bench { name, repeat, runs } => run::bench(&name, repeat, runs),
         Task::Demo { args } => run::demo(&args),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(&fuzz::FuzzArgs {
+            seconds,
+            targets: &targets,
+        }),
         Task::Clippy => run::clippy(),
         Task::Install {
             destdir,

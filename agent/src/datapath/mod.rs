@@ -35,6 +35,11 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "this build has no kernel programs: it was built with AYA_BUILD_SKIP set; rebuild \
+         without it"
+    )]
+    NotBuilt,
     #[error("cannot load the kernel programs (maps pinned under {pin_dir}): {source}")]
     Load {
         pin_dir: PathBuf,
@@ -96,9 +101,12 @@ impl Datapath {
     /// (counters, grants and revocations continue); missing ones are created and pinned.
     ///
     /// # Errors
-    /// bpffs cannot be mounted, the pin directory cannot be created, or the kernel refuses
-    /// the programs or maps.
+    /// The build has no kernel programs (`AYA_BUILD_SKIP`), bpffs cannot be mounted, the pin
+    /// directory cannot be created, or the kernel refuses the programs or maps.
     pub fn load(opts: &LoadOptions) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NotBuilt);
+        }
         ensure_bpffs()?;
         let maps_dir = maps_dir(&opts.pin_dir);
         for dir in [&maps_dir, &links_dir(&opts.pin_dir)] {
