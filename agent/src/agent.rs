@@ -150,15 +150,16 @@ async fn serve(
     socket.read_group = access.read_gid;
     socket.max_connections = config.api.max_connections;
     socket.idle_timeout = Duration::from_secs(config.api.idle_timeout_secs);
-    // Bind now so a taken or unusable socket path stops the start with its reason.
-    drop(crate::api::transport::bind(&socket)?);
-    let (fatal_tx, mut fatal) = mpsc::channel::<String>(1);
+    // Bound here, and served on as it is: a taken or unusable socket path stops the start
+    // with its reason.
+    let status_socket = crate::api::transport::bind(&socket)?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(async move {
-        if let Err(e) = crate::api::transport::serve(socket, access, core).await {
-            let _ = fatal_tx.send(format!("status socket: {e}")).await;
-        }
-    });
+    tasks.spawn(crate::api::transport::serve_listener(
+        status_socket,
+        socket,
+        access,
+        core,
+    ));
     tasks.spawn(admission::serve(
         listener,
         Arc::clone(&tls.config),
@@ -206,10 +207,7 @@ async fn serve(
         pin_dir = %config.datapath.pin_dir.display(),
         "ready"
     );
-    let failure = tokio::select! {
-        () = wait_for_stop() => None,
-        reason = fatal.recv() => reason,
-    };
+    wait_for_stop().await;
     tasks.abort_all();
     if let Err(e) = sessions
         .record(vec![AuditEvent::new(AuditKind::AgentStopped)])
@@ -220,10 +218,7 @@ async fn serve(
     tracing::info!(
         "stopping; enforcement stays in place (`flowwarden datapath detach` removes it)"
     );
-    match failure {
-        Some(reason) => anyhow::bail!("{reason}"),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 async fn wait_for_stop() {
