@@ -84,7 +84,13 @@ async fn serve(
             tracing::info!(interface = %a.interface, hook = a.hook, how = %a.how, adopted = a.adopted, "attached");
         }
     }
-    let Datapath { maps, events, .. } = datapath;
+    let Datapath {
+        maps,
+        events,
+        kernel_log,
+        ..
+    } = datapath;
+    forward_kernel_logs(kernel_log);
     let enforcer = Arc::new(Enforcer::new(maps));
     let audit = Audit::new(store.clone());
     let sessions = Arc::new(Sessions::new(
@@ -270,6 +276,22 @@ async fn event_loop(sessions: Arc<Sessions>, mut events: crate::datapath::EventR
         if let Err(err) = sessions.on_datapath_event(&e).await {
             tracing::error!(error = %err, "cannot record a datapath event");
         }
+    }
+}
+
+/// The kernel programs' log records go into the agent's log, from a blocking reader thread
+/// (poll(2) on aya-log's ring buffer) that lives as long as the process.
+fn forward_kernel_logs(mut kernel_log: crate::datapath::KernelLog) {
+    let spawned = std::thread::Builder::new()
+        .name("kernel-log".into())
+        .spawn(move || {
+            loop {
+                kernel_log.wait(Duration::from_millis(500));
+                kernel_log.flush();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the kernel log reader: kernel log records are not shown");
     }
 }
 
