@@ -108,8 +108,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let code = cmd::exit_code(&e);
+            if code == cmd::EXIT_INTERRUPTED {
+                // The child has said what it cleaned up; this was no failure to report.
+                eprintln!("xtask: interrupted");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(code)
         }
     }
 }
