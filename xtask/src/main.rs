@@ -42,6 +42,13 @@ enum Task {
         #[arg(long, value_name = "N")]
         runs: Option<u32>,
     },
+    /// Run setup, then the crash-consistency soak: SIGKILLs of a real agent at random moments
+    /// of admissions, terminations and reloads; counts go to target/bench/soak.json.
+    Soak {
+        /// Kills in the middle of operations (kills during restarts come on top).
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        kills: u32,
+    },
     /// Run setup, then the demo; further arguments go to the demo.
     Demo {
         /// Arguments for the demo binary.
@@ -83,6 +90,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test { filter } => run::test(filter.as_deref()),
         Task::Bench { name, repeat, runs } => run::bench(&name, repeat, runs),
+        Task::Soak { kills } => run::soak(kills),
         Task::Demo { args } => run::demo(&args),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(&fuzz::FuzzArgs {
             seconds,

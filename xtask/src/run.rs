@@ -113,6 +113,21 @@ pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>) -> Result<()> {
     Ok(())
 }
 
+/// The crash harness of tests/src/crash.rs with `kills` SIGKILLs (debug agent, as in the
+/// test suite); fails if anything acknowledged was lost or any invariant broke.
+pub fn soak(kills: u32) -> Result<()> {
+    setup()?;
+    let out = workspace_root().join("target/bench/soak.json");
+    let mut run = cargo(["run", "-p", TESTS_CRATE, "--bin", "soak", "--"]);
+    run.args(["--kills", &kills.to_string()])
+        .arg("--out")
+        .arg(&out);
+    banner(1, 1, "soak", &run);
+    cmd::run(&mut run)?;
+    println!("\nxtask soak: results in {}", out.display());
+    Ok(())
+}
+
 pub fn demo(args: &[OsString]) -> Result<()> {
     setup()?;
     let mut run = cargo(["run", "-p", TESTS_CRATE, "--bin", "demo", "--"]);
