@@ -56,7 +56,12 @@ fuzz_target!(|data: &[u8]| {
             let sent = Rc::clone(&sent);
             async move { Ok::<_, Infallible>(answer(&req, &sent)) }
         });
-        let conn = http1_builder().serve_connection(TokioIo::new(server), service);
+        // One change to the endpoint's settings: the input ends with the client closing its
+        // write side, and without half-close hyper would drop the requests still in flight
+        // at that EOF instead of answering them.
+        let conn = http1_builder()
+            .half_close(true)
+            .serve_connection(TokioIo::new(server), service);
         let (mut rd, mut wr) = tokio::io::split(client);
         let write = async move {
             // The server may close first (a request it cannot parse): that ends the write.
@@ -69,7 +74,7 @@ fuzz_target!(|data: &[u8]| {
         read.expect("reading the answers from memory");
         answers
     });
-    // Every answer is one of ours, or hyper's own answer to bad HTTP (400, 414, 431, 505).
+    // Every answer is one of ours, or hyper's own answer to bad HTTP (400, 414, 431).
     for line in answers
         .split(|&b| b == b'\n')
         .filter(|l| l.starts_with(b"HTTP/1."))
@@ -79,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
             .and_then(|c| c.parse().ok())
             .unwrap_or_else(|| panic!("a malformed status line: {line:?}"));
         assert!(
-            (200..500).contains(&code) || code == 505,
+            (200..500).contains(&code),
             "status {code}: {}",
             String::from_utf8_lossy(&answers)
         );
