@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::{
     cmd::{self, banner, cargo, workspace_root},
+    fuzz,
     setup::setup,
 };
 
@@ -58,6 +59,15 @@ pub fn test(filter: Option<&str>) -> Result<()> {
             result = Err(e.context(format!("test step {}/{total} ({what}) failed", i + 1)));
             break;
         }
+    }
+    // A short fuzz pass last: it catches a target that no longer builds or crashes on its
+    // seeds. A filtered run is for a subset of tests, so it skips it.
+    if result.is_ok() && filter.is_none() {
+        result = fuzz::fuzz(&fuzz::FuzzArgs {
+            seconds: fuzz::CI_SECONDS,
+            targets: &[],
+        })
+        .context("fuzz pass failed");
     }
     // One closing line with the totals of every step, for people and for CI.
     println!(
