@@ -150,7 +150,7 @@ fn identities() -> Vec<Identity> {
             email: email.map(Into::into),
             groups: groups.iter().map(|g| (*g).to_owned()).collect(),
             device,
-            claims,
+            claims: claims.into(),
             token_sha256: String::new(),
             token_expires_at: u64::MAX,
             token_issued_at: None,
