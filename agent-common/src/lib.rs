@@ -19,9 +19,12 @@ pub mod map_names {
     pub const EVENTS: &str = "FW_EVENTS";
     pub const CONFIG: &str = "FW_CONFIG";
     pub const DENY_RATE: &str = "FW_DENY_RATE";
+    /// aya-log's ring buffer (its name is aya-log-ebpf's). The agent pins it too, so that a
+    /// restarted agent reads the log records of the programs it adopted.
+    pub const KERNEL_LOGS: &str = "AYA_LOGS";
 
     /// Every pinned map, for adoption and for `datapath detach`.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         RESOURCE_PORTS,
         RESOURCE_DSTS,
         GRANTS,
@@ -32,7 +35,19 @@ pub mod map_names {
         EVENTS,
         CONFIG,
         DENY_RATE,
+        KERNEL_LOGS,
     ];
+}
+
+/// The kernel programs' log records (aya-log): rare events, never one per packet.
+pub mod kernel_log {
+    /// The `tracing` target the records arrive under in user space, so that
+    /// `FLOWWARDEN_LOG=flowwarden::kernel=debug` selects them.
+    pub const TARGET: &str = "flowwarden::kernel";
+    /// Each CPU logs a kind of drop at most once in this long; the counters count every one.
+    pub const INTERVAL_NS: u64 = 60 * 1_000_000_000;
+    /// Slots of the per-CPU rate map: one per drop reason (`stat::DROP_*`).
+    pub const RATE_SLOTS: u32 = super::stat::DROP_REASONS;
 }
 
 /// Names of the programs in the object file.

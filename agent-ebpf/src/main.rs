@@ -6,6 +6,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod logs;
 mod maps;
 mod parse;
 mod verdict;
@@ -31,7 +32,8 @@ pub fn fw_xdp_ingress(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let action = match parse(bytes) {
         Parsed::Ignore => Action::Pass,
-        Parsed::Malformed => verdict::malformed(),
+        // SAFETY: the context pointer is valid for the whole program run.
+        Parsed::Malformed => verdict::malformed(unsafe { (*ctx.ctx).ingress_ifindex }, len),
         Parsed::Packet(pkt) => verdict::ingress(&pkt, len),
     };
     match action {
@@ -44,7 +46,10 @@ pub fn fw_xdp_ingress(ctx: XdpContext) -> u32 {
 pub fn fw_tc_ingress(ctx: TcContext) -> i32 {
     let action = match tc_parse(&ctx) {
         Parsed::Ignore => Action::Pass,
-        Parsed::Malformed => verdict::malformed(),
+        // SAFETY: the context pointer is valid for the whole program run.
+        Parsed::Malformed => {
+            verdict::malformed(unsafe { (*ctx.skb.skb).ifindex }, ctx.len() as u64)
+        }
         Parsed::Packet(pkt) => verdict::ingress(&pkt, ctx.len() as u64),
     };
     tc_action(action)

@@ -45,6 +45,12 @@ pub static CONFIG: Array<u32> = Array::pinned(map_sizes::CONFIG, 0);
 #[map(name = "FW_DENY_RATE")]
 pub static DENY_RATE: PerCpuArray<RateWindow> = PerCpuArray::pinned(1, 0);
 
+/// When each CPU last logged each kind of drop (`kernel_log::RATE_SLOTS`). Never pinned: it
+/// only paces log records, and a fresh one merely lets the next drop of a kind be logged.
+#[map(name = "FW_LOG_RATE")]
+pub static LOG_RATE: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(agent_common::kernel_log::RATE_SLOTS, 0);
+
 /// Benchmark reference map, never pinned: one lookup per packet for the floor program.
 #[map(name = "FW_BENCH")]
 pub static BENCH_FLOOR: HashMap<FlowKey, u64> =

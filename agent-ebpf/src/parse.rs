@@ -24,7 +24,8 @@ pub enum Parsed {
     /// Not IP, not TCP/UDP, or a non-first fragment (useless without its first fragment,
     /// which carries the ports and is checked): never touched.
     Ignore,
-    /// Claims to be IP/TCP/UDP but its headers do not fit or make sense.
+    /// Claims to be IP/TCP/UDP but its headers do not fit or make sense, or are nested deeper
+    /// (VLAN tags, IPv6 extension headers) than the parser walks.
     Malformed,
     Packet(Packet),
 }
@@ -91,6 +92,11 @@ pub fn parse(b: Bytes) -> Parsed {
         };
         ethertype = inner;
         off += 4;
+    }
+    // A third tag: deeper than we walk, yet nested VLAN devices would deliver what it
+    // carries, perhaps to a resource. Fail closed.
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        return Parsed::Malformed;
     }
     match ethertype {
         ETH_P_IPV4 => parse_ipv4(b, off),

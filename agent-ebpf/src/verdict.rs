@@ -13,6 +13,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    logs,
     maps::{
         DENY_RATE, FLOWS, GRANTS, RESOURCE_DSTS, RESOURCE_PORTS, REVOKED, SESSION_STATS,
         atomic_add, count, emit, monitor_mode,
@@ -68,6 +69,9 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
         proto: pkt.proto,
         _pad: [0; 3],
     };
+    // From here on the 5-tuple is read back from `key` in memory: the parser's 32 address
+    // bytes no longer have to be kept (each in a stack slot of its own) across map lookups.
+    let key = core::hint::black_box(&key);
     let mut replace = false;
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a map value pointer stays valid for the whole program run.
@@ -78,7 +82,7 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
             let syn_only = pkt.proto == agent_common::IPPROTO_TCP
                 && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             if !syn_only {
-                return revoked(revocation, session_id, &key, resource_id, len);
+                return revoked(revocation, session_id, key, resource_id, len);
             }
             replace = true;
         } else {
@@ -91,19 +95,36 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
             return Action::Pass;
         }
     }
-
     let grant_key = GrantKey {
-        src: pkt.src,
+        src: key.src,
         resource_id,
     };
     // SAFETY: the value is copied out at once.
     let Some(grant) = (unsafe { GRANTS.get(grant_key) }).copied() else {
-        return deny(stat::DROP_NO_GRANT, &key, resource_id, 0);
+        return deny(stat::DROP_NO_GRANT, key, resource_id, 0);
     };
     let session_id = grant.session_id;
     if let Some(revocation) = REVOKED.get_ptr_mut(session_id) {
-        return revoked(revocation, session_id, &key, resource_id, len);
+        return revoked(revocation, session_id, key, resource_id, len);
     }
+    if open_flow(key, session_id, resource_id, replace, len) {
+        Action::Pass
+    } else {
+        // The table is full (or memory is short): fail closed, never evict.
+        deny(stat::DROP_FLOW_TABLE_FULL, key, resource_id, session_id)
+    }
+}
+
+/// Writes a new flow of `session_id` (over a revoked session's lingering one if `replace`);
+/// false when the table has no room. Another CPU opening the same flow a moment earlier
+/// counts as opened.
+///
+/// A function of its own (a BPF-to-BPF call), as are [`deny`] and [`revoked`]: the paths
+/// that open or refuse a flow keep their locals (and their log records) out of the frame of
+/// the established flow's path. The verifier adds that frame to every call chain under its
+/// 512-byte limit.
+#[inline(never)]
+fn open_flow(key: &FlowKey, session_id: u64, resource_id: u32, replace: bool, len: u64) -> bool {
     // Flow stamps share the last-seen clock, so last_seen_ns >= created_ns always holds.
     let now = last_seen_now();
     let flow = Flow {
@@ -127,16 +148,13 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
                 reason: 0,
                 session_id,
                 ts_ns: now,
-                flow: key,
+                flow: *key,
                 resource_id,
                 monitor: 0,
             });
-            Action::Pass
+            true
         }
-        // Another CPU opened the same flow a moment ago: it is admitted.
-        Err(e) if e as i64 == -EEXIST => Action::Pass,
-        // The table is full (or memory is short): fail closed, never evict.
-        Err(_) => deny(stat::DROP_FLOW_TABLE_FULL, &key, resource_id, session_id),
+        Err(e) => e as i64 == -EEXIST,
     }
 }
 
@@ -179,9 +197,12 @@ pub fn egress(pkt: &Packet, len: u64) -> Action {
 }
 
 /// A packet whose headers claim TCP/UDP but do not parse: dropped (fail closed) and counted.
+/// `ifindex` and `len` only go into the (rate-limited) log record.
 #[inline(always)]
-pub fn malformed() -> Action {
-    if monitor_mode() {
+pub fn malformed(ifindex: u32, len: u64) -> Action {
+    let monitor = monitor_mode();
+    logs::malformed(ifindex, len, monitor);
+    if monitor {
         count(stat::MONITOR_OFFSET + stat::DROP_MALFORMED, 1);
         return Action::Pass;
     }
@@ -190,8 +211,9 @@ pub fn malformed() -> Action {
 }
 
 /// A packet of a revoked session: dropped and counted against the session; the first such
-/// drop is reported, as proof that the revocation took hold.
-#[inline(always)]
+/// drop is reported, as proof that the revocation took hold. A function of its own, as
+/// [`open_flow`] says why.
+#[inline(never)]
 fn revoked(
     revocation: *mut Revocation,
     session_id: u64,
@@ -224,6 +246,7 @@ fn revoked(
         if (*revocation).first_drop_ns == 0 {
             let now = bpf_ktime_get_ns();
             (*revocation).first_drop_ns = now;
+            logs::first_revoked_drop(session_id, key, resource_id);
             emit(Event {
                 kind: event_kind::FIRST_DROP_AFTER_REVOKE,
                 reason: stat::DROP_REVOKED,
@@ -239,8 +262,8 @@ fn revoked(
 }
 
 /// A packet to a resource that no live grant admits: dropped (or only counted in monitor
-/// mode), with a rate-limited event.
-#[inline(always)]
+/// mode), with a rate-limited event. A function of its own, as [`open_flow`] says why.
+#[inline(never)]
 fn deny(reason: u32, key: &FlowKey, resource_id: u32, session_id: u64) -> Action {
     let monitor = monitor_mode();
     count(
@@ -251,7 +274,9 @@ fn deny(reason: u32, key: &FlowKey, resource_id: u32, session_id: u64) -> Action
         },
         1,
     );
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    logs::denied(reason, key, resource_id, monitor, now);
     if denied_event_allowed(now) {
         emit(Event {
             kind: event_kind::FLOW_DENIED,

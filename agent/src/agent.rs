@@ -84,7 +84,13 @@ async fn serve(
             tracing::info!(interface = %a.interface, hook = a.hook, how = %a.how, adopted = a.adopted, "attached");
         }
     }
-    let Datapath { maps, events, .. } = datapath;
+    let Datapath {
+        maps,
+        events,
+        kernel_log,
+        ..
+    } = datapath;
+    forward_kernel_logs(kernel_log);
     let enforcer = Arc::new(Enforcer::new(maps));
     let audit = Audit::new(store.clone());
     let sessions = Arc::new(Sessions::new(
@@ -95,10 +101,10 @@ async fn serve(
         config.sessions.clone(),
         stored,
     ));
-    let reconciled = sessions.reconcile().await?;
-    tracing::info!(?reconciled, "store and kernel reconciled");
-    // The policy may have been edited while the agent was down: restored sessions are held
-    // to the policy in force now, not the one they were admitted under.
+    // The policy may have been edited while the agent was down (or the last change was
+    // enforced and not yet recorded when it stopped): restored sessions are held to the
+    // policy in force now, not the one they were admitted under. Before the reconciliation,
+    // so that it never writes back to the kernel a grant the policy took away.
     let outcome = sessions.apply_policy(&policy.current()).await?;
     if outcome.grants_removed > 0 {
         tracing::info!(
@@ -106,6 +112,8 @@ async fn serve(
             "policy edited while the agent was down: applied to restored sessions"
         );
     }
+    let reconciled = sessions.reconcile().await?;
+    tracing::info!(?reconciled, "store and kernel reconciled");
     sessions
         .record(vec![AuditEvent::new(AuditKind::AgentStarted)])
         .await?;
@@ -150,15 +158,16 @@ async fn serve(
     socket.read_group = access.read_gid;
     socket.max_connections = config.api.max_connections;
     socket.idle_timeout = Duration::from_secs(config.api.idle_timeout_secs);
-    // Bind now so a taken or unusable socket path stops the start with its reason.
-    drop(crate::api::transport::bind(&socket)?);
-    let (fatal_tx, mut fatal) = mpsc::channel::<String>(1);
+    // Bound here, and served on as it is: a taken or unusable socket path stops the start
+    // with its reason.
+    let status_socket = crate::api::transport::bind(&socket)?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(async move {
-        if let Err(e) = crate::api::transport::serve(socket, access, core).await {
-            let _ = fatal_tx.send(format!("status socket: {e}")).await;
-        }
-    });
+    tasks.spawn(crate::api::transport::serve_listener(
+        status_socket,
+        socket,
+        access,
+        core,
+    ));
     tasks.spawn(admission::serve(
         listener,
         Arc::clone(&tls.config),
@@ -181,6 +190,10 @@ async fn serve(
         Duration::from_millis(config.sessions.sweep_interval_ms),
     ));
     tasks.spawn(event_loop(Arc::clone(&sessions), events));
+    tasks.spawn(crate::enforce::pressure::watch(
+        Arc::clone(&enforcer),
+        Duration::from_millis(config.sessions.sweep_interval_ms),
+    ));
     let _watch = (config.policy.watch_interval_ms > 0).then(|| {
         let (tx, rx) = mpsc::unbounded_channel();
         tasks.spawn(policy_loop(
@@ -206,10 +219,7 @@ async fn serve(
         pin_dir = %config.datapath.pin_dir.display(),
         "ready"
     );
-    let failure = tokio::select! {
-        () = wait_for_stop() => None,
-        reason = fatal.recv() => reason,
-    };
+    wait_for_stop().await;
     tasks.abort_all();
     if let Err(e) = sessions
         .record(vec![AuditEvent::new(AuditKind::AgentStopped)])
@@ -220,10 +230,7 @@ async fn serve(
     tracing::info!(
         "stopping; enforcement stays in place (`flowwarden datapath detach` removes it)"
     );
-    match failure {
-        Some(reason) => anyhow::bail!("{reason}"),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 async fn wait_for_stop() {
@@ -275,6 +282,22 @@ async fn event_loop(sessions: Arc<Sessions>, mut events: crate::datapath::EventR
         if let Err(err) = sessions.on_datapath_event(&e).await {
             tracing::error!(error = %err, "cannot record a datapath event");
         }
+    }
+}
+
+/// The kernel programs' log records go into the agent's log, from a blocking reader thread
+/// (poll(2) on aya-log's ring buffer) that lives as long as the process.
+fn forward_kernel_logs(mut kernel_log: crate::datapath::KernelLog) {
+    let spawned = std::thread::Builder::new()
+        .name("kernel-log".into())
+        .spawn(move || {
+            loop {
+                kernel_log.wait(Duration::from_millis(500));
+                kernel_log.flush();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the kernel log reader: kernel log records are not shown");
     }
 }
 

@@ -103,6 +103,14 @@ impl AgentProcess {
     /// # Panics
     /// The agent exits or is not ready within 30 s; the panic shows its log.
     pub fn start(netns: &Netns, config: &Path) -> Self {
+        let mut agent = Self::spawn(netns, config);
+        agent.wait_ready(Duration::from_secs(30));
+        agent
+    }
+
+    /// Starts `flowwarden agent --config CONFIG` in `netns` and returns at once, for callers
+    /// that time the start themselves or kill the agent while it is still starting.
+    pub fn spawn(netns: &Netns, config: &Path) -> Self {
         let mut cmd = netns.command(agent_bin().to_str().unwrap());
         cmd.args(["agent", "--config"])
             .arg(config)
@@ -120,25 +128,42 @@ impl AgentProcess {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut agent = Self {
+        Self {
             child: Some(child),
             log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        }
+    }
+
+    /// Waits until the agent logs "ready".
+    ///
+    /// # Panics
+    /// The agent exits or is not ready within `within`; the panic shows its log.
+    pub fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
-            if agent.log_contains(" ready") {
-                return agent;
+            if self.log_contains(" ready") {
+                return;
             }
-            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {status} before ready:\n{}", agent.log());
+            if let Some(status) = self.exit_status() {
+                panic!("agent exited with {status} before ready:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
-                "agent not ready in 30 s:\n{}",
-                agent.log()
+                "agent not ready in {within:?}:\n{}",
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The agent's pid (nsenter execs it, so it is the child's), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// How the agent exited, if it has (and was not stopped through this handle).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     pub fn log(&self) -> String {

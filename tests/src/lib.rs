@@ -1,10 +1,13 @@
 //! Shared helpers of the integration tests: synthetic frames, network namespaces, root checks.
 
+pub mod admit;
 pub mod agent_proc;
 pub mod attachments;
 pub mod bench;
+pub mod crash;
 pub mod flood;
 pub mod frames;
+pub mod hostile_frames;
 pub mod loaded;
 pub mod netns;
 pub mod privileged;

@@ -125,6 +125,33 @@ jwks_file = "keys/dev-jwks.json"
         self.agent = Some(AgentProcess::start(&self.pair.server, &self.config));
     }
 
+    /// Starts the agent again and returns how long after its spawn it first answered `status`
+    /// on its socket (polled every 2 ms): the figure "answers status within 1 s of starting".
+    ///
+    /// # Panics
+    /// The agent exits, or does not answer within `bound`; the panic shows its log.
+    pub fn restart_timed(&mut self, bound: Duration) -> Duration {
+        let spawned = Instant::now();
+        self.agent = Some(AgentProcess::spawn(&self.pair.server, &self.config));
+        loop {
+            if let Ok(mut rpc) = flowwarden::api::client::RpcClient::connect(&self.socket)
+                && rpc.call("status", serde_json::json!({})).is_ok()
+            {
+                return spawned.elapsed();
+            }
+            let agent = self.agent_mut();
+            if let Some(status) = agent.exit_status() {
+                panic!("the restarted agent exited with {status}:\n{}", agent.log());
+            }
+            assert!(
+                spawned.elapsed() < bound,
+                "the restarted agent did not answer status within {bound:?}:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     pub fn agent(&self) -> &AgentProcess {
         self.agent.as_ref().expect("agent running")
     }

@@ -325,6 +325,20 @@ fn malformed_packets_are_dropped_and_counted() {
         XDP_DROP,
         malformed(),
     );
+    // Nested VLAN devices would deliver this; the parser walks two tags: fail closed.
+    let triple = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+        .vlan(1)
+        .vlan(2)
+        .vlan(3)
+        .build();
+    check(
+        &mut dp,
+        "three VLAN tags",
+        XDP_INGRESS,
+        &triple,
+        XDP_DROP,
+        malformed(),
+    );
     // An Ethernet header that announces IPv4 and carries nothing: fail closed.
     check(
         &mut dp,

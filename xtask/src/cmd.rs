@@ -2,11 +2,47 @@
 
 use std::{
     ffi::OsStr,
+    os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, ExitStatus, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+/// Exit code of a process ended by Ctrl-C (128 + SIGINT), which xtask passes on.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// A child process that did not exit successfully.
+#[derive(Debug)]
+pub struct Failed {
+    pub shown: String,
+    pub status: ExitStatus,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` failed ({})", self.shown, self.status)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+impl Failed {
+    /// Ended by Ctrl-C: killed by SIGINT, or exited with 130 after cleaning up (the demo).
+    pub fn interrupted(&self) -> bool {
+        self.status.code() == Some(i32::from(EXIT_INTERRUPTED))
+            || self.status.signal() == Some(libc::SIGINT)
+    }
+}
+
+/// The exit code for an error of a task: 130 when a child was interrupted (so that shells
+/// and CI see an interruption, not a failure), 1 otherwise.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    match error.chain().find_map(|e| e.downcast_ref::<Failed>()) {
+        Some(failed) if failed.interrupted() => EXIT_INTERRUPTED,
+        _ => 1,
+    }
+}
 
 /// The workspace root: xtask lives one level below it, and every command runs from there so
 /// relative paths (target/, policies/) mean the same thing whatever the caller's directory.
@@ -65,7 +101,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
     let status = status.with_context(|| format!("waiting for `{shown}`"))?;
     if !status.success() {
-        bail!("`{shown}` failed ({status})");
+        return Err(Failed { shown, status }.into());
     }
     Ok(())
 }
@@ -120,7 +156,7 @@ pub fn run_counting(cmd: &mut Command, tally: &mut Tally) -> Result<()> {
         .wait()
         .with_context(|| format!("waiting for `{shown}`"))?;
     if !status.success() {
-        bail!("`{shown}` failed ({status})");
+        return Err(Failed { shown, status }.into());
     }
     Ok(())
 }
@@ -153,6 +189,33 @@ pub fn is_root() -> bool {
 pub fn banner(step: usize, total: usize, what: &str, cmd: &Command) {
     println!();
     println!("==> [{step}/{total}] {what}: {}", display(cmd));
+}
+
+#[cfg(test)]
+mod exit_tests {
+    use super::*;
+
+    fn run_sh(script: &str) -> anyhow::Error {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script]);
+        run(&mut cmd).expect_err("the script fails")
+    }
+
+    #[test]
+    fn an_interrupted_child_makes_xtask_exit_130() {
+        // The demo cleans up after Ctrl-C and exits with 130.
+        let e = run_sh("exit 130").context("demo step");
+        assert_eq!(exit_code(&e), 130, "{e:#}");
+        // A child killed by SIGINT outright.
+        let e = run_sh("kill -INT $$");
+        assert_eq!(exit_code(&e), 130, "{e:#}");
+    }
+
+    #[test]
+    fn other_failures_exit_1() {
+        assert_eq!(exit_code(&run_sh("exit 3")), 1);
+        assert_eq!(exit_code(&anyhow::anyhow!("no such bench")), 1);
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,10 @@ pub fn install(a: &InstallArgs) -> Result<()> {
     // service. Resources are protected once the operator writes a policy.
     let policies = etc.join("policies");
     fs::create_dir_all(&policies)?;
+    // Whatever the umask: readable by the agent's users, writable by root only.
+    for dir in [&etc, &policies] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    }
     println!(
         "install: {} (empty: nothing is protected until you add a policy)",
         policies.display()

@@ -4,6 +4,7 @@
 //! toolchain that `setup` installs exists.
 
 mod cmd;
+mod fuzz;
 mod install;
 mod run;
 mod setup;
@@ -23,7 +24,8 @@ struct Cli {
 enum Task {
     /// Install what is missing to build and test (rust-src, bpf-linker, Debian packages, bpffs).
     Setup,
-    /// Run setup, build the workspace, then unit tests and the privileged integration tests.
+    /// Run setup, build the workspace, then unit tests, the privileged integration tests and a
+    /// short fuzz pass.
     Test {
         /// Only run tests whose name contains this string (in both test runs).
         #[arg(long, value_name = "NAME")]
@@ -40,11 +42,28 @@ enum Task {
         #[arg(long, value_name = "N")]
         runs: Option<u32>,
     },
+    /// Run setup, then the crash-consistency soak: SIGKILLs of a real agent at random moments
+    /// of admissions, terminations and reloads; counts go to target/bench/soak.json.
+    Soak {
+        /// Kills in the middle of operations (kills during restarts come on top).
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        kills: u32,
+    },
     /// Run setup, then the demo; further arguments go to the demo.
     Demo {
         /// Arguments for the demo binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Build the cargo-fuzz targets (fuzz/) and run each for a while; figures go to
+    /// target/bench/fuzz.json, and any crash fails the command.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        seconds: u32,
+        /// Only this target (repeatable): token, jsonrpc, policy or admission.
+        #[arg(long = "target", value_name = "T")]
+        targets: Vec<String>,
     },
     /// Lint the user-space crates (stable) and the eBPF crate (nightly, BPF target).
     Clippy,
@@ -71,7 +90,12 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test { filter } => run::test(filter.as_deref()),
         Task::Bench { name, repeat, runs } => run::bench(&name, repeat, runs),
+        Task::Soak { kills } => run::soak(kills),
         Task::Demo { args } => run::demo(&args),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(&fuzz::FuzzArgs {
+            seconds,
+            targets: &targets,
+        }),
         Task::Clippy => run::clippy(),
         Task::Install {
             destdir,
@@ -92,8 +116,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let code = cmd::exit_code(&e);
+            if code == cmd::EXIT_INTERRUPTED {
+                // The child has said what it cleaned up; this was no failure to report.
+                eprintln!("xtask: interrupted");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(code)
         }
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::{
     cmd::{self, banner, cargo, workspace_root},
+    fuzz,
     setup::setup,
 };
 
@@ -59,6 +60,15 @@ pub fn test(filter: Option<&str>) -> Result<()> {
             break;
         }
     }
+    // A short fuzz pass last: it catches a target that no longer builds or crashes on its
+    // seeds. A filtered run is for a subset of tests, so it skips it.
+    if result.is_ok() && filter.is_none() {
+        result = fuzz::fuzz(&fuzz::FuzzArgs {
+            seconds: fuzz::CI_SECONDS,
+            targets: &[],
+        })
+        .context("fuzz pass failed");
+    }
     // One closing line with the totals of every step, for people and for CI.
     println!(
         "\nflowwarden: {} passed, {} failed",
@@ -103,6 +113,21 @@ pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>) -> Result<()> {
     Ok(())
 }
 
+/// The crash harness of tests/src/crash.rs with `kills` SIGKILLs (debug agent, as in the
+/// test suite); fails if anything acknowledged was lost or any invariant broke.
+pub fn soak(kills: u32) -> Result<()> {
+    setup()?;
+    let out = workspace_root().join("target/bench/soak.json");
+    let mut run = cargo(["run", "-p", TESTS_CRATE, "--bin", "soak", "--"]);
+    run.args(["--kills", &kills.to_string()])
+        .arg("--out")
+        .arg(&out);
+    banner(1, 1, "soak", &run);
+    cmd::run(&mut run)?;
+    println!("\nxtask soak: results in {}", out.display());
+    Ok(())
+}
+
 pub fn demo(args: &[OsString]) -> Result<()> {
     setup()?;
     let mut run = cargo(["run", "-p", TESTS_CRATE, "--bin", "demo", "--"]);
@@ -139,11 +164,28 @@ pub fn clippy() -> Result<()> {
         "warnings",
     ])
     .current_dir(workspace_root());
+    // The fuzz targets are their own workspace (cargo-fuzz builds them with nightly and a
+    // sanitizer), so the workspace lint above never sees them; lint them here so an API change
+    // that breaks a target fails now, not in CI's fuzz pass.
+    let mut fuzz = Command::new("cargo");
+    fuzz.args([
+        "+nightly",
+        "clippy",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--bins",
+        "--",
+        "-D",
+        "warnings",
+    ])
+    .env("AYA_BUILD_SKIP", "1")
+    .current_dir(workspace_root());
 
-    // Run both so one pass reports every lint, then fail naming what failed.
+    // Run all so one pass reports every lint, then fail naming what failed.
     let steps = [
         ("clippy (user space, stable)", &mut host),
         ("clippy (eBPF, nightly)", &mut ebpf),
+        ("clippy (fuzz targets, nightly)", &mut fuzz),
     ];
     let total = steps.len();
     let mut failed = Vec::new();
@@ -158,7 +200,7 @@ pub fn clippy() -> Result<()> {
         println!("\nxtask clippy: clean");
         Ok(())
     } else {
-        let hint = if failed.contains(&"clippy (eBPF, nightly)") {
+        let hint = if failed.iter().any(|what| what.ends_with("nightly)")) {
             " (if the eBPF step failed for toolchain reasons, not lints, run `cargo xtask setup`)"
         } else {
             ""

@@ -23,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "ethtool",
     "procps",
+    // docs_commands.rs runs the docs' `curl` of the metrics endpoint.
+    "curl",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -3,9 +3,10 @@
 
 pub mod client;
 mod rate;
+pub mod request;
 mod server;
 pub mod tls;
 pub mod wire;
 
 pub use rate::RateLimiter;
-pub use server::{Admission, serve};
+pub use server::{Admission, http1_builder, serve};

@@ -6,9 +6,10 @@ use std::{convert::Infallible, net::IpAddr, sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{
-    Method, Request, Response, StatusCode,
+    Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header,
+    server::conn::http1,
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
@@ -17,10 +18,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     rate::RateLimiter,
-    wire::{
-        AdmissionResponse, ErrorResponse, GrantedResource, RECONNECT_PATH, RECONNECT_SCHEME,
-        ReconnectMaterial, SESSIONS_PATH,
-    },
+    request::{self, Ask},
+    wire::{AdmissionResponse, ErrorResponse, GrantedResource, ReconnectMaterial},
 };
 use crate::{
     audit::event::{AuditEvent, AuditKind},
@@ -73,14 +72,20 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: A
                 let app = Arc::clone(&app);
                 async move { Ok::<_, Infallible>(app.handle(req, source).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(tls), service);
+            let conn = http1_builder().serve_connection(TokioIo::new(tls), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "admission connection ended with an error");
             }
         });
     }
+}
+
+/// The HTTP/1 settings of an admission connection once TLS is done (the fuzz target serves
+/// its requests with the same ones).
+pub fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder.max_buf_size(64 * 1024);
+    builder
 }
 
 /// An IPv4 client reaching a dual-stack socket shows as `::ffff:a.b.c.d`: grants are for
@@ -111,46 +116,19 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     )
 }
 
-/// The credential after `scheme` in the Authorization header, if that is what it holds.
-fn credential<'a>(req: &'a Request<Incoming>, scheme: &str) -> Option<&'a str> {
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (s, rest) = value.split_once(' ')?;
-    s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
-}
-
 impl Admission {
     async fn handle(&self, req: Request<Incoming>, source: IpAddr) -> Response<Full<Bytes>> {
-        let path = req.uri().path();
-        if path != SESSIONS_PATH && path != RECONNECT_PATH {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no such endpoint: use POST {SESSIONS_PATH} or POST {RECONNECT_PATH}"),
-            );
-        }
-        if req.method() != Method::POST {
-            return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{path} takes POST"),
-            );
-        }
-        if !self.limiter.allow(source) {
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many attempts from {source}: wait a moment and try again"),
-            );
-        }
-        if path == RECONNECT_PATH {
-            return self.reconnect(&req, source).await;
-        }
-        let Some(token) = credential(&req, "Bearer") else {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing_token",
-                "send the identity provider's token as `Authorization: Bearer <jwt>`",
-            );
+        let ask = request::read(
+            req.method(),
+            req.uri().path(),
+            req.headers(),
+            source,
+            || self.limiter.allow(source),
+        );
+        let token = match ask {
+            Ok(Ask::Admit { token }) => token,
+            Ok(Ask::Reconnect { token }) => return self.reconnect(token, source).await,
+            Err(refusal) => return error(refusal.status, refusal.code, refusal.message),
         };
         let started = std::time::Instant::now();
         let token = token.to_owned();
@@ -200,14 +178,7 @@ impl Admission {
         }
     }
 
-    async fn reconnect(&self, req: &Request<Incoming>, source: IpAddr) -> Response<Full<Bytes>> {
-        let Some(token) = credential(req, RECONNECT_SCHEME) else {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing_token",
-                format!("send the reconnect token as `Authorization: {RECONNECT_SCHEME} <token>`"),
-            );
-        };
+    async fn reconnect(&self, token: &str, source: IpAddr) -> Response<Full<Bytes>> {
         match self.sessions.reconnect(token, source).await {
             Ok(admitted) => json(StatusCode::OK, &response(&admitted)),
             Err(e) => {

@@ -305,6 +305,17 @@ mod tests {
 
     use super::*;
 
+    /// An integer id too large for u64 is held as a float; the answer must still carry the very
+    /// same id, or a client matching answers to requests loses this one (found by fuzzing).
+    #[test]
+    fn a_huge_numeric_id_is_echoed_exactly() {
+        let line =
+            br#"{"jsonrpc":"2.0","id":6666666000000000000008875348047994464935,"method":"status"}"#;
+        let call = parse_line(line).expect("a valid call");
+        let answer: Value = serde_json::from_str(&response_ok(&call.id, Value::Null)).unwrap();
+        assert_eq!(answer["id"], call.id);
+    }
+
     fn err_of(line: &str) -> (Value, RpcError) {
         match parse_line(line.as_bytes()) {
             Ok(call) => panic!("expected {line} to be refused, it parsed as {call:?}"),
@@ -314,7 +325,10 @@ mod tests {
 
     #[test]
     fn parses_a_call_with_each_kind_of_id_and_params() {
-        let call = parse_line(br#"{"jsonrpc":"2.0","id":7,"method":"status"}"#).unwrap();
+        let call = parse_line(
+            br#"{"jsonrpc":"2.0","id":6666666000000000000008875348047994464935,"method":"status"}"#,
+        )
+        .unwrap();
         assert_eq!(
             call,
             Call {

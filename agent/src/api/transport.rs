@@ -203,6 +203,23 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
 ) -> Result<(), TransportError> {
     let listener = bind(&opts)?;
+    serve_listener(listener, opts, access, handler).await;
+    Ok(())
+}
+
+/// Serves a socket that [`bind`] made for `opts`, until the returned future is dropped, which
+/// also closes every connection and removes the socket file. For a caller that binds first,
+/// so that a bad socket path stops it before anything else starts, and binds only once.
+///
+/// # Panics
+///
+/// Outside a Tokio runtime.
+pub async fn serve_listener<H: Handler>(
+    listener: UnixListener,
+    opts: SocketOptions,
+    access: AccessPolicy,
+    handler: Arc<H>,
+) {
     let _socket_file = SocketFile::record(&opts.path);
     tracing::info!(path = %opts.path.display(), "status socket listening");
     let shared = Arc::new(Shared {
@@ -1285,6 +1302,44 @@ mod tests {
             bind(&opts),
             Err(TransportError::NotASocket { .. })
         ));
+    }
+
+    /// The agent binds before it serves, so that a bad path stops its start; serving must
+    /// take over that socket, not bind again (which found the first one "stale").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serve_listener_serves_the_socket_bind_made() {
+        let dir = TempDir::new("bind-once");
+        let opts = SocketOptions::new(dir.0.join("agent.sock"));
+        let listener = bind(&opts).unwrap();
+        let bound = std::fs::metadata(&opts.path).unwrap().ino();
+        let policy = AccessPolicy {
+            admin_gid: None,
+            read_gid: None,
+            admin_group: "fw-admin".into(),
+            read_group: "fw".into(),
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            agent_uid: unsafe { libc::geteuid() },
+        };
+        let task = tokio::spawn(serve_listener(
+            listener,
+            opts.clone(),
+            policy,
+            Arc::new(Toy::default()),
+        ));
+        let path = opts.path.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            RpcClient::connect(&path)?.call("echo", json!({ "x": 1 }))
+        })
+        .await
+        .unwrap()
+        .expect("an answer on the socket bind made");
+        assert_eq!(answer, json!({ "x": 1 }));
+        assert_eq!(
+            std::fs::metadata(&opts.path).unwrap().ino(),
+            bound,
+            "the socket file was replaced: bound a second time"
+        );
+        task.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

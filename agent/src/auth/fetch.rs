@@ -1,7 +1,12 @@
-//! OIDC discovery over HTTP: the discovery document, then the JWKS it points to, with short
-//! timeouts, a body size cap and https-only URLs (plain http only on loopback, for tests).
+//! OIDC discovery over HTTP: the discovery document, then the JWKS it points to, within one
+//! time budget, with a body size cap and https-only URLs (plain http only on loopback, for
+//! tests).
 
-use std::{io::Read, net::IpAddr, time::Duration};
+use std::{
+    io::Read,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use serde::Deserialize;
 
@@ -60,10 +65,17 @@ struct DiscoveryDocument {
     jwks_uri: String,
 }
 
-/// Fetches the issuer's current JWKS document by OIDC discovery.
-pub(crate) fn discover_jwks(agent: &ureq::Agent, issuer: &str) -> Result<Vec<u8>, String> {
+/// Fetches the issuer's current JWKS document by OIDC discovery. Both requests share one
+/// `budget`: a token that waits for this fetch waits at most that long, however the provider
+/// spreads its slowness over the two answers.
+pub(crate) fn discover_jwks(
+    agent: &ureq::Agent,
+    issuer: &str,
+    budget: Duration,
+) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + budget;
     let url = discovery_url(issuer);
-    let body = get(agent, &url)?;
+    let body = get(agent, &url, deadline, budget)?;
     let doc: DiscoveryDocument = serde_json::from_slice(&body)
         .map_err(|e| format!("{url}: not an OpenID discovery document: {e}"))?;
     // Mix-up defence (OIDC Discovery 4.3): the document must speak for the configured issuer.
@@ -75,11 +87,23 @@ pub(crate) fn discover_jwks(agent: &ureq::Agent, issuer: &str) -> Result<Vec<u8>
         ));
     }
     check_url(&doc.jwks_uri).map_err(|why| format!("{url}: jwks_uri {why}"))?;
-    get(agent, &doc.jwks_uri)
+    get(agent, &doc.jwks_uri, deadline, budget)
 }
 
-fn get(agent: &ureq::Agent, url: &str) -> Result<Vec<u8>, String> {
-    let response = agent.get(url).call().map_err(|e| match e {
+fn get(
+    agent: &ureq::Agent,
+    url: &str,
+    deadline: Instant,
+    budget: Duration,
+) -> Result<Vec<u8>, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(format!(
+            "{url}: not requested: the {budget:?} budget of the key fetch is spent"
+        ));
+    }
+    // ureq's timeout covers connect, headers and the whole body, read through its reader.
+    let response = agent.get(url).timeout(left).call().map_err(|e| match e {
         ureq::Error::Status(code, _) => format!("{url}: HTTP status {code}"),
         ureq::Error::Transport(t) => {
             let kind = t.kind().to_string();
@@ -94,6 +118,13 @@ fn get(agent: &ureq::Agent, url: &str) -> Result<Vec<u8>, String> {
             }
         }
     })?;
+    // With redirects off, ureq hands a 3xx back as a response; its body is not the document.
+    if !(200..300).contains(&response.status()) {
+        return Err(format!(
+            "{url}: HTTP status {} (redirects are not followed)",
+            response.status()
+        ));
+    }
     let mut body = Vec::new();
     response
         .into_reader()

@@ -25,7 +25,8 @@ const MIN_SECRET_BYTES: usize = 32;
 /// Timing knobs; fixed in production, shortened by tests.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tuning {
-    /// Budget for one HTTP request, connect to last byte.
+    /// Budget for one key fetch (the discovery document and the JWKS together), connect to
+    /// last byte.
     pub(crate) http_timeout: Duration,
     /// Least time between two refreshes caused by tokens (unknown `kid`, keys never loaded):
     /// a stream of forged kids must not turn into a stream of fetches.
@@ -72,6 +73,8 @@ struct RefreshState {
     next_periodic: Option<Instant>,
     last_error: Option<String>,
     last_success: Option<std::time::SystemTime>,
+    /// When the last load (periodic or on demand, good or bad) ended.
+    last_attempt_end: Option<Instant>,
 }
 
 /// What an on-demand refresh brought.
@@ -176,11 +179,19 @@ impl IssuerKeys {
         if !self.refreshable() {
             return OnDemand::NotNow { last_error: None };
         }
+        let asked = Instant::now();
         let mut st = lock(&self.state);
         // Another thread may have reloaded while this one waited for the lock.
         let current = self.snapshot();
         if !Arc::ptr_eq(&current, seen) {
             return OnDemand::Fresh(current);
+        }
+        // A load that failed while this token waited for the lock answered it already: a
+        // fetch of its own would make it wait for two fetch budgets instead of one.
+        if st.last_attempt_end.is_some_and(|end| end >= asked) {
+            return OnDemand::NotNow {
+                last_error: st.last_error.clone(),
+            };
         }
         let now = Instant::now();
         if st
@@ -233,7 +244,9 @@ impl IssuerKeys {
     }
 
     fn reload(&self, st: &mut RefreshState, now: Instant) -> Result<Arc<KeySet>, String> {
-        match self.load() {
+        let loaded = self.load();
+        st.last_attempt_end = Some(Instant::now());
+        match loaded {
             Ok(set) => {
                 let set = Arc::new(set);
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&set);
@@ -267,7 +280,7 @@ impl IssuerKeys {
                     .map_err(|e| format!("{}: {e}", path.display()))
             }
             KeySource::Discovery(agent) => {
-                let bytes = fetch::discover_jwks(agent, &self.issuer)?;
+                let bytes = fetch::discover_jwks(agent, &self.issuer, self.tuning.http_timeout)?;
                 KeySet::from_jwks(&bytes, &self.algs)
                     .map_err(|e| format!("jwks_uri of {}: {e}", self.issuer))
             }

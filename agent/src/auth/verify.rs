@@ -166,7 +166,11 @@ impl Verifier {
             ));
         };
         let header_json = b64(h64).ok_or_else(|| malformed("the header is not base64url"))?;
-        let header: Header = serde_json::from_slice(&header_json)
+        // From text, not bytes: serde_json skips the members it does not need without checking
+        // their UTF-8, and RFC 7515 (5.2) wants the whole header to be UTF-8 JSON.
+        let header_text =
+            std::str::from_utf8(&header_json).map_err(|_| malformed("the header is not UTF-8"))?;
+        let header: Header = serde_json::from_str(header_text)
             .map_err(|_| malformed("the header is not a JSON object with a string alg"))?;
         if header.crit.is_some() {
             return Err(malformed(

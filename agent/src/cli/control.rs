@@ -13,7 +13,7 @@ use crate::{
         views::{FlowView, SessionView, StatusView},
     },
     audit::event::AuditEvent,
-    sessions::model::{SessionState, now_ms},
+    sessions::model::{EndCause, SessionState, now_ms},
 };
 
 /// Where the CLI looks for the agent unless told otherwise.
@@ -305,75 +305,112 @@ fn state_cell(state: SessionState) -> String {
 }
 
 fn show_session(s: &SessionView) {
-    let now = now_ms();
-    println!("session      {}", s.id);
-    println!("state        {}", state_cell(s.state));
-    println!(
+    print!("{}", render_session(s, now_ms()));
+    if let Some(flows) = &s.flows {
+        println!("flows");
+        print_flows(flows);
+    }
+}
+
+/// `sessions show` without its flow table, as of `now` (Unix ms).
+fn render_session(s: &SessionView, now: u64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let mut line = |text: String| {
+        let _ = writeln!(out, "{text}");
+    };
+    line(format!("session      {}", s.id));
+    line(format!("state        {}", state_cell(s.state)));
+    line(format!(
         "user         {} (sub {}, iss {})",
         s.user, s.subject, s.issuer
-    );
-    println!("groups       {}", s.groups.join(", "));
+    ));
+    line(format!("groups       {}", s.groups.join(", ")));
     let d = &s.device;
     let flag = |b: Option<bool>| b.map_or("unknown".to_owned(), |b| b.to_string());
-    println!(
+    line(format!(
         "device       id {}, managed {}, compliant {}, os {}",
         d.id.as_deref().unwrap_or("unknown"),
         flag(d.managed),
         flag(d.compliant),
         d.os.as_deref().unwrap_or("unknown")
-    );
-    println!("from         {}", s.source);
-    println!(
+    ));
+    line(format!("from         {}", s.source));
+    line(format!(
         "since        {} ({})",
         ago(s.created_at_ms, now),
         s.created_at_ms
-    );
-    println!("expires      {}", until(s.expires_at_ms, now));
+    ));
+    // An ended session no longer expires: say when and why it ended instead.
+    match &s.ended {
+        Some(end) => line(format!(
+            "ended        {} ({}): {}",
+            ago(end.at_ms, now),
+            end.at_ms,
+            end_cause(&end.cause)
+        )),
+        None => line(format!("expires      {}", until(s.expires_at_ms, now))),
+    }
     let grants: Vec<String> = s
         .grants
         .iter()
         .map(|g| format!("{} (rule {})", g.resource, g.rule))
         .collect();
-    println!(
+    line(format!(
         "grants       {}",
         if grants.is_empty() {
             "none".into()
         } else {
             grants.join(", ")
         }
-    );
-    println!(
+    ));
+    line(format!(
         "traffic      {} flows; in {} pkts / {}, out {} pkts / {}",
         s.traffic.flows,
         s.traffic.rx_packets,
         bytes(s.traffic.rx_bytes),
         s.traffic.tx_packets,
         bytes(s.traffic.tx_bytes)
-    );
-    if let Some(end) = &s.ended {
-        println!(
-            "ended        {} ({})",
-            ago(end.at_ms, now),
-            serde_json::to_string(&end.cause).unwrap_or_default()
-        );
-        println!(
+    ));
+    if s.ended.is_some() {
+        line(format!(
             "dropped after termination: {} packets, {}",
             s.dropped_after_termination.packets,
             bytes(s.dropped_after_termination.bytes)
-        );
+        ));
     }
     if let Some(fp) = &s.token_sha256 {
-        println!("token        sha256:{fp} (the token itself is never kept)");
+        line(format!(
+            "token        sha256:{fp} (the token itself is never kept)"
+        ));
     }
     if let Some(claims) = &s.claims {
-        println!("claims");
+        line("claims".into());
         for (k, v) in claims {
-            println!("  {k} = {v}");
+            line(format!("  {k} = {v}"));
         }
     }
-    if let Some(flows) = &s.flows {
-        println!("flows");
-        print_flows(flows);
+    out
+}
+
+/// Why a session ended, in words.
+fn end_cause(cause: &EndCause) -> String {
+    let with_reason = |what: &str, reason: &str| {
+        if reason.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{what}: {reason}")
+        }
+    };
+    match cause {
+        EndCause::Expired => "expired".into(),
+        EndCause::DormantTimeout => "expired: no flow for its dormant timeout".into(),
+        EndCause::Terminated { by, reason } => with_reason(&format!("terminated by {by}"), reason),
+        EndCause::PolicyChange { reason } => with_reason("terminated by a policy change", reason),
+        EndCause::IdentityEvent { reason } => {
+            with_reason("terminated by an identity event", reason)
+        }
     }
 }
 
@@ -705,6 +742,70 @@ pub fn datapath_mode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(ended: Option<Value>) -> SessionView {
+        let mut v = json!({
+            "id": "0e551000000000a1", "state": "active", "user": "alice@corp.example",
+            "subject": "alice", "issuer": "https://idp.corp.example", "groups": ["ops"],
+            "device": {}, "source": "10.0.0.7", "created_at_ms": 1_000_000,
+            "updated_at_ms": 1_000_000, "expires_at_ms": 1_000_000 + 3_600_000,
+            "grants": [{"resource": "ssh", "rule": "ops-ssh"}],
+            "settings": {"max_duration_secs": 28800, "idle_timeout_secs": 900,
+                         "dormant_timeout_secs": 3600, "reconnect": true},
+            "traffic": {"flows": 0, "rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0},
+            "dropped_after_termination": {"packets": 17, "bytes": 2210},
+        });
+        if let Some(end) = ended {
+            v["state"] = json!("terminated");
+            v["ended"] = end;
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_live_session_shows_when_it_expires() {
+        // Four minutes after its start: 56 minutes to go.
+        let shown = render_session(&view(None), 1_000_000 + 240_000);
+        assert!(shown.contains("\nexpires      in 56m\n"), "{shown}");
+        assert!(!shown.contains("ended"), "{shown}");
+        assert!(!shown.contains("dropped after termination"), "{shown}");
+    }
+
+    #[test]
+    fn an_ended_session_shows_when_and_why_it_ended_not_an_expiry() {
+        let end = json!({"at_ms": 1_060_000, "cause": "terminated", "by": "uid 0",
+                         "reason": "lost laptop"});
+        let shown = render_session(&view(Some(end)), 1_060_000 + 180_000);
+        assert!(
+            shown.contains("\nended        3m ago (1060000): terminated by uid 0: lost laptop\n"),
+            "{shown}"
+        );
+        assert!(!shown.contains("expires"), "{shown}");
+        assert!(
+            shown.contains("\ndropped after termination: 17 packets, 2.2 KiB\n"),
+            "{shown}"
+        );
+        for (cause, words) in [
+            (json!({"cause": "expired"}), "expired"),
+            (
+                json!({"cause": "dormant_timeout"}),
+                "expired: no flow for its dormant timeout",
+            ),
+            (
+                json!({"cause": "policy_change", "reason": "rule ops-ssh removed"}),
+                "terminated by a policy change: rule ops-ssh removed",
+            ),
+            (
+                json!({"cause": "terminated", "by": "uid 1001", "reason": ""}),
+                "terminated by uid 1001",
+            ),
+        ] {
+            let mut end = cause;
+            end["at_ms"] = json!(1_060_000);
+            let shown = render_session(&view(Some(end)), 1_060_000);
+            assert!(shown.contains(&format!("(1060000): {words}\n")), "{shown}");
+        }
+    }
 
     #[test]
     fn durations_for_since() {

@@ -4,6 +4,7 @@
 mod attach;
 mod batch;
 mod events;
+mod logs;
 mod maps;
 mod test_run;
 mod walk;
@@ -18,6 +19,7 @@ use aya::{Ebpf, EbpfLoader};
 
 pub use attach::{Attachment, detach_all};
 pub use events::{DatapathEvent, EventKind, EventReader};
+pub use logs::KernelLog;
 pub use maps::{Counters, DropReason, Maps};
 pub use test_run::TestRunOutcome;
 pub use walk::{FLOW_CHUNK, FlowTable, Walk};
@@ -37,6 +39,11 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "this build has no kernel programs: it was built with AYA_BUILD_SKIP set; rebuild \
+         without it"
+    )]
+    NotBuilt,
     #[error("cannot load the kernel programs (maps pinned under {pin_dir}): {source}")]
     Load {
         pin_dir: PathBuf,
@@ -71,6 +78,11 @@ pub enum DatapathError {
         path: PathBuf,
         source: Box<aya::maps::MapError>,
     },
+    #[error("cannot read the kernel programs' log records (maps pinned under {pin_dir}): {source}")]
+    KernelLog {
+        pin_dir: PathBuf,
+        source: Box<aya_log::Error>,
+    },
     #[error("cannot remove {path}: {source}")]
     Unpin {
         path: PathBuf,
@@ -91,16 +103,24 @@ pub struct Datapath {
     pin_dir: PathBuf,
     pub maps: Maps,
     pub events: EventReader,
+    pub kernel_log: KernelLog,
 }
 
 impl Datapath {
     /// Loads the programs. Maps already pinned under `pin_dir/maps` are reused as they are
     /// (counters, grants and revocations continue); missing ones are created and pinned.
     ///
+    /// The programs log at most at the `log` crate's level in force at load time (for the
+    /// agent: its `FLOWWARDEN_LOG` filter's most verbose level); records above it are not even
+    /// written. Programs adopted through pinned links keep the level they were loaded with.
+    ///
     /// # Errors
-    /// bpffs cannot be mounted, the pin directory cannot be created, or the kernel refuses
-    /// the programs or maps.
+    /// The build has no kernel programs (`AYA_BUILD_SKIP`), bpffs cannot be mounted, the pin
+    /// directory cannot be created, or the kernel refuses the programs or maps.
     pub fn load(opts: &LoadOptions) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NotBuilt);
+        }
         ensure_bpffs()?;
         let maps_dir = maps_dir(&opts.pin_dir);
         for dir in [&maps_dir, &links_dir(&opts.pin_dir)] {
@@ -109,8 +129,18 @@ impl Datapath {
                 source,
             })?;
         }
+        let kernel_logs_pin = maps_dir.join(agent_common::map_names::KERNEL_LOGS);
+        // aya-log numbers its levels as `log` does (error 1 … trace 5, off 0).
+        let log_level = log::max_level() as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
+            // aya-log-ebpf defines its ring buffer unpinned; pinned, it is shared with the
+            // programs a restarted agent adopts instead of loading.
+            .map_pin_path(
+                agent_common::map_names::KERNEL_LOGS,
+                kernel_logs_pin.as_path(),
+            )
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
             .map_max_entries(agent_common::map_names::FLOWS, opts.flow_table_size)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -119,11 +149,13 @@ impl Datapath {
             })?;
         let maps = Maps::take(&mut ebpf, &opts.pin_dir)?;
         let events = EventReader::take(&mut ebpf, &opts.pin_dir)?;
+        let kernel_log = KernelLog::take(&mut ebpf, &opts.pin_dir)?;
         Ok(Self {
             ebpf,
             pin_dir: opts.pin_dir.clone(),
             maps,
             events,
+            kernel_log,
         })
     }
 

@@ -9,6 +9,7 @@ use std::{
 };
 
 mod census;
+pub mod pressure;
 pub mod sockets;
 
 pub use census::{CENSUS_MAX_AGE, FlowCensus, LARGE_TABLE, Traffic, TrafficMap, WALK_DUTY};

@@ -55,7 +55,10 @@ impl Source<'_> {
             },
         };
         // toml's messages span lines ("invalid array\nexpected `]`"); ours are one line.
-        let message = e.message().trim().replace('\n', ": ");
+        let message = match e.message().trim() {
+            "" => unexplained(self.text, e.span()),
+            m => m.replace('\n', ": "),
+        };
         let Some(span) = e.span() else {
             return Err(PolicyError::Invalid {
                 location: self.path.display().to_string(),
@@ -69,6 +72,20 @@ impl Source<'_> {
             describe(self.text, span.start, &message)
         };
         Err(self.invalid(span, field, problem))
+    }
+}
+
+/// What is wrong where toml says nothing: it gives no message for a control character in a
+/// comment (found by the `policy` fuzz target), and an operator needs one.
+fn unexplained(text: &str, span: Option<Range<usize>>) -> String {
+    let at = span.and_then(|s| text.get(s.start..)?.chars().next());
+    match at {
+        Some(c) if c.is_control() => format!(
+            "control character {c:?} (U+{:04X}) is not allowed in TOML, even in a comment",
+            u32::from(c)
+        ),
+        Some(c) => format!("unexpected {c:?}"),
+        None => "invalid TOML".into(),
     }
 }
 
@@ -215,6 +232,12 @@ mod tests {
         assert_eq!(
             error("[[rule]]\nname = 'a'\nresources = ['x'\n"),
             "p.toml:4: toml: invalid array: expected `]`"
+        );
+        // toml has no message for this one; the fuzz target found the empty problem.
+        assert_eq!(
+            error("# rules \u{1}\n[[rule]]\n"),
+            "p.toml:1: toml: control character '\\u{1}' (U+0001) is not allowed in TOML, even \
+             in a comment"
         );
     }
 

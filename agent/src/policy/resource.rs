@@ -14,6 +14,7 @@ use toml::Spanned;
 use super::{
     PolicyError,
     file::{Source, valid_name},
+    rules::parse_prefix,
 };
 use crate::datapath::addr_bytes;
 
@@ -69,7 +70,7 @@ pub(super) struct ResourceDef {
     protocol: Spanned<Protocol>,
     ports: Spanned<Vec<PortDef>>,
     #[serde(default)]
-    destinations: Vec<IpNet>,
+    destinations: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +78,8 @@ pub(super) struct ResourceDef {
 enum PortDef {
     Port(i64),
     Range(String),
+    /// Anything else (a float, a table, ...), refused with a message that says what a port is.
+    Other(toml::Value),
 }
 
 /// A resource's claim on one protocol and port: its name and destinations.
@@ -107,6 +110,8 @@ pub(super) fn compile_resources<'a>(
     files: impl IntoIterator<Item = (Source<'a>, Vec<ResourceDef>)>,
 ) -> Result<ResourceTable, PolicyError> {
     let mut resources: Vec<Resource> = Vec::new();
+    // `file:line` of each resource's name, in step with `resources`, for duplicate names.
+    let mut locations: Vec<String> = Vec::new();
     // (proto, port) → owners, to find overlaps.
     let mut claims: BTreeMap<(u8, u16), Vec<PortClaim>> = BTreeMap::new();
     for (src, defs) in files {
@@ -122,11 +127,14 @@ pub(super) fn compile_resources<'a>(
                     format!("{name:?}: use 1 to 64 of a-z, 0-9, '-' and '_'"),
                 ));
             }
-            if resources.iter().any(|r| r.name == name) {
+            if let Some(i) = resources.iter().position(|r| r.name == name) {
                 return Err(invalid(
                     def.name.span(),
                     "name",
-                    format!("{name:?} is defined twice: resource names must be unique"),
+                    format!(
+                        "{name:?} is defined twice (first at {}): resource names must be unique",
+                        locations[i]
+                    ),
                 ));
             }
             let id = resource_id(&name);
@@ -153,11 +161,32 @@ pub(super) fn compile_resources<'a>(
                     "empty: list ports or ranges, e.g. [22] or [\"8000-8010\"]".into(),
                 ));
             }
-            let destinations: Vec<IpNet> = def.destinations.iter().map(IpNet::trunc).collect();
+            let mut destinations = Vec::with_capacity(def.destinations.len());
+            for d in &def.destinations {
+                let net = parse_prefix(d.get_ref()).ok_or_else(|| {
+                    invalid(
+                        d.span(),
+                        "destinations",
+                        format!(
+                            "{:?} is not an address prefix: write e.g. \"10.0.0.0/8\", \
+                             \"fd00::/8\" or a single address",
+                            d.get_ref()
+                        ),
+                    )
+                })?;
+                destinations.push(net);
+            }
             let protocol = *def.protocol.get_ref();
             for &(lo, hi) in &ports {
                 for port in lo..=hi {
                     let owners = claims.entry((protocol.number(), port)).or_default();
+                    if owners.iter().any(|(other, _)| *other == name) {
+                        return Err(invalid(
+                            def.ports.span(),
+                            "ports",
+                            format!("{protocol}/{port} is listed twice"),
+                        ));
+                    }
                     for (other, other_dsts) in owners.iter() {
                         if overlaps(&destinations, other_dsts) {
                             return Err(invalid(
@@ -174,6 +203,7 @@ pub(super) fn compile_resources<'a>(
                     owners.push((name.clone(), destinations.clone()));
                 }
             }
+            locations.push(src.at(def.name.span()));
             resources.push(Resource {
                 id,
                 name,
@@ -304,6 +334,9 @@ fn parse_port(p: &PortDef) -> Result<(u16, u16), String> {
     };
     match p {
         PortDef::Port(v) => one(*v).map(|p| (p, p)),
+        PortDef::Other(v) => Err(format!(
+            "{v} is not a port: write a number from 1 to 65535 or a range such as \"8000-8010\""
+        )),
         PortDef::Range(s) => {
             let (lo, hi) = s
                 .split_once('-')

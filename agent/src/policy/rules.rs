@@ -9,7 +9,7 @@ use toml::Spanned;
 
 use super::{
     PolicyError, ResourceTable,
-    duration::{DAY, MINUTE, bounded_duration},
+    duration::{DAY, MINUTE, bounded_duration, format_duration},
     file::{Source, valid_name},
 };
 use crate::identity::{Device, Identity};
@@ -231,8 +231,9 @@ pub(super) struct RuleDef {
     device: DeviceDef,
     #[serde(default)]
     session: SessionDef,
+    /// `None` when absent (any source); an empty list is refused.
     #[serde(default)]
-    sources: Vec<Spanned<String>>,
+    sources: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -382,6 +383,11 @@ fn compile_rule(src: Source<'_>, def: RuleDef, table: &ResourceTable) -> Result<
         },
     };
 
+    let spelled = |v: &Option<Spanned<String>>| v.as_ref().map(|v| (v.span(), v.get_ref().clone()));
+    let (idle_text, dormant_text) = (
+        spelled(&def.session.idle_timeout),
+        spelled(&def.session.dormant_timeout),
+    );
     let duration = |value: Option<Spanned<String>>, field: &str, min: u64, max: u64| {
         value
             .map(|v| {
@@ -402,9 +408,45 @@ fn compile_rule(src: Source<'_>, def: RuleDef, table: &ResourceTable) -> Result<
         )?,
         reconnect: def.session.reconnect,
     };
+    // A limit the session's own maximum always beats is a misunderstanding, not a policy.
+    if let Some(max) = session.max_duration_secs {
+        for (field, secs, text) in [
+            ("idle_timeout", session.idle_timeout_secs, &idle_text),
+            (
+                "dormant_timeout",
+                session.dormant_timeout_secs,
+                &dormant_text,
+            ),
+        ] {
+            if let (Some(secs), Some((span, text))) = (secs, text)
+                && secs > max
+            {
+                return Err(invalid(
+                    span.clone(),
+                    &format!("session.{field}"),
+                    format!(
+                        "{text:?} is longer than max_duration {:?}: the session ends before \
+                         it could apply; shorten it or leave it out",
+                        format_duration(max)
+                    ),
+                ));
+            }
+        }
+    }
 
+    if let Some(list) = &def.sources
+        && list.get_ref().is_empty()
+    {
+        return Err(invalid(
+            list.span(),
+            "sources",
+            "empty: list the prefixes sessions may come from, e.g. [\"10.0.0.0/8\"], or \
+             leave sources out to allow any source"
+                .into(),
+        ));
+    }
     let mut sources = Vec::new();
-    for s in def.sources {
+    for s in def.sources.map(Spanned::into_inner).unwrap_or_default() {
         let net = parse_prefix(s.get_ref()).ok_or_else(|| {
             invalid(
                 s.span(),
@@ -496,7 +538,7 @@ fn compile_claims(
 }
 
 /// A prefix, or a single address as a host prefix; host bits are cleared.
-fn parse_prefix(text: &str) -> Option<IpNet> {
+pub(super) fn parse_prefix(text: &str) -> Option<IpNet> {
     let text = text.trim();
     text.parse::<IpNet>()
         .ok()

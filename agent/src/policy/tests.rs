@@ -1,7 +1,7 @@
 //! Tests of the policy as a whole: loading a directory, file order, fingerprints, and the
 //! shipped example.
 
-use std::{net::IpAddr, path::Path};
+use std::{net::IpAddr, path::Path, sync::Arc};
 
 use super::{testdir::TestDir, *};
 use crate::identity::test_identity;
@@ -126,4 +126,222 @@ fn the_shipped_example_grants_what_it_says() {
     );
     let e = p.explain(&alice, Some(IpAddr::from([10, 1, 2, 3])), "admin-console");
     assert!(!e.allowed, "{e:?}");
+}
+
+/// The policy in force while every hostile edit below is tried: the line numbers of its
+/// resources and rule appear in the duplicate-name errors.
+const BASE: &str = "\
+[[resource]]
+name = 'ssh'
+protocol = 'tcp'
+ports = [22]
+
+[[resource]]
+name = 'web'
+protocol = 'tcp'
+ports = ['8000-8010']
+destinations = ['10.0.0.0/8']
+
+[[rule]]
+name = 'ops'
+resources = ['ssh', 'web']
+groups = ['ops']
+";
+
+/// A rule that is valid on its own, for edits that only break its session or sources.
+const RULE: &str = "[[rule]]\nname = 'extra'\nresources = ['ssh']\neveryone = true\n";
+
+#[test]
+fn hostile_edits_are_refused_with_file_line_field_and_change_nothing() {
+    let dir = TestDir::new();
+    dir.write("10-base.toml", BASE);
+    let handle = watch::PolicyHandle::new(dir.path()).unwrap();
+    let good = handle.current();
+    let base = dir.path().join("10-base.toml").display().to_string();
+    let edit = dir.path().join("20-edit.toml");
+    let ports =
+        |list: &str| format!("[[resource]]\nname = 'alt'\nprotocol = 'tcp'\nports = {list}\n");
+    let dests = |list: &str| format!("{}destinations = {list}\n", ports("[9999]"));
+    let session = |lines: &str| format!("{RULE}[rule.session]\n{lines}");
+    let sources = |list: &str| format!("{RULE}sources = {list}\n");
+    let already = |p: &str, other: &str| {
+        format!(
+            "resource.ports: tcp/{p} is already protected by resource \"{other}\" for the same \
+             destinations: give each resource its own ports or disjoint destinations"
+        )
+    };
+    let not_a_prefix = |p: &str, example: &str| {
+        format!(
+            "\"{p}\" is not an address prefix: write e.g. \"10.0.0.0/8\", {example} or a single address"
+        )
+    };
+    // (what, the edit file, "line: field: problem" expected in it)
+    let cases: Vec<(&str, String, String)> = vec![
+        // Syntax errors. toml notices an unclosed array where the file ends, one line on.
+        ("unclosed array", format!("{RULE}groups = ['ops'\n"), "6: toml: invalid array: expected `]`".into()),
+        ("unclosed string", "[[resource]]\nname = 'alt\n".into(), "2: toml: invalid literal string".into()),
+        ("prose", "protect ssh please\n".into(), "1: toml: expected `.`, `=`".into()),
+        ("duplicate key", format!("{RULE}everyone = false\n"), "5: rule.everyone: duplicate key `everyone` in table `rule`".into()),
+        // Unknown keys.
+        ("unknown table", "[[resources]]\nname = 'alt'\n".into(), "1: resources: unknown key, expected `resource` or `rule`".into()),
+        (
+            "unknown resource key",
+            format!("{}port = 22\n", ports("[9999]")),
+            "5: resource.port: unknown key, expected one of `name`, `protocol`, `ports`, `destinations`".into(),
+        ),
+        (
+            "unknown session key",
+            session("max_duraton = '1h'\n"),
+            "6: rule.session.max_duraton: unknown key, expected one of `max_duration`, \
+             `idle_timeout`, `dormant_timeout`, `reconnect`"
+                .into(),
+        ),
+        // Duplicate names, across files.
+        (
+            "resource name taken",
+            "[[resource]]\nname = 'ssh'\nprotocol = 'udp'\nports = [22]\n".into(),
+            format!("2: resource.name: \"ssh\" is defined twice (first at {base}:2): resource names must be unique"),
+        ),
+        (
+            "rule name taken",
+            "[[rule]]\nname = 'ops'\nresources = ['ssh']\neveryone = true\n".into(),
+            format!("2: rule.name: \"ops\" is defined twice (first at {base}:13): rule names must be unique"),
+        ),
+        // Overlapping ports.
+        ("a range over another resource's port", ports("['20-30']"), format!("4: {}", already("22", "ssh"))),
+        (
+            "same port, same destinations",
+            format!("{}destinations = ['10.0.0.0/8']\n", ports("[8005]")),
+            format!("4: {}", already("8005", "web")),
+        ),
+        ("a port twice in one resource", ports("[9000, '8990-9010']"), "4: resource.ports: tcp/9000 is listed twice".into()),
+        // Absurd ports.
+        ("port 0", ports("[0]"), "4: resource.ports: 0 is not a port: use 1 to 65535".into()),
+        ("port 65536", ports("[65536]"), "4: resource.ports: 65536 is not a port: use 1 to 65535".into()),
+        ("negative port", ports("[-22]"), "4: resource.ports: -22 is not a port: use 1 to 65535".into()),
+        ("range past 65535", ports("['60000-70000']"), "4: resource.ports: 70000 is not a port: use 1 to 65535".into()),
+        ("range from 0", ports("['0-10']"), "4: resource.ports: 0 is not a port: use 1 to 65535".into()),
+        ("reversed range", ports("['30-20']"), "4: resource.ports: \"30-20\": the low port is above the high port".into()),
+        (
+            "fractional port",
+            ports("[22.5]"),
+            "4: resource.ports: 22.5 is not a port: write a number from 1 to 65535 or a range such as \"8000-8010\"".into(),
+        ),
+        (
+            "no ports",
+            ports("[]"),
+            "4: resource.ports: empty: list ports or ranges, e.g. [22] or [\"8000-8010\"]".into(),
+        ),
+        // Absurd prefixes.
+        ("destination /33", dests("['10.0.0.0/33']"), format!("5: resource.destinations: {}", not_a_prefix("10.0.0.0/33", "\"fd00::/8\""))),
+        ("destination /129", dests("['fd00::/129']"), format!("5: resource.destinations: {}", not_a_prefix("fd00::/129", "\"fd00::/8\""))),
+        ("source /33", sources("['192.0.2.0/33']"), format!("5: rule.sources: {}", not_a_prefix("192.0.2.0/33", "\"2001:db8::/32\""))),
+        ("source /129", sources("['2001:db8::/129']"), format!("5: rule.sources: {}", not_a_prefix("2001:db8::/129", "\"2001:db8::/32\""))),
+        (
+            "no sources",
+            sources("[]"),
+            "5: rule.sources: empty: list the prefixes sessions may come from, e.g. \
+             [\"10.0.0.0/8\"], or leave sources out to allow any source"
+                .into(),
+        ),
+        // Absurd session limits.
+        ("max_duration 0", session("max_duration = '0s'\n"), "6: rule.session.max_duration: \"0s\" is out of range: use 1m to 30d".into()),
+        (
+            "max_duration 100 years",
+            session("max_duration = '36500d'\n"),
+            "6: rule.session.max_duration: \"36500d\" is out of range: use 1m to 30d".into(),
+        ),
+        (
+            "max_duration past u64",
+            session("max_duration = '999999999d999999999h'\n"),
+            "6: rule.session.max_duration: \"999999999d999999999h\" is out of range: use 1m to 30d".into(),
+        ),
+        (
+            "idle_timeout past max_duration",
+            session("max_duration = '1h'\nidle_timeout = '2h'\n"),
+            "7: rule.session.idle_timeout: \"2h\" is longer than max_duration \"1h\": the session \
+             ends before it could apply; shorten it or leave it out"
+                .into(),
+        ),
+        (
+            "dormant_timeout past max_duration",
+            session("dormant_timeout = '1d'\nmax_duration = '8h'\n"),
+            "6: rule.session.dormant_timeout: \"1d\" is longer than max_duration \"8h\": the \
+             session ends before it could apply; shorten it or leave it out"
+                .into(),
+        ),
+        // Empty tables.
+        ("empty rule", "[[rule]]\n".into(), "1: rule.name: missing: this key is required".into()),
+        ("empty resource", "\n[[resource]]\n".into(), "2: resource.name: missing: this key is required".into()),
+        (
+            "a rule that matches nobody",
+            "[[rule]]\nname = 'nobody'\nresources = ['ssh']\n".into(),
+            "2: rule.users: rule \"nobody\" matches nobody: list users, groups or claims, or set \
+             everyone = true to grant every identity"
+                .into(),
+        ),
+    ];
+    let ops = test_identity("alice@corp.example", &["ops"]);
+    let granted = |p: &Policy| {
+        let d = p.evaluate(&ops, IpAddr::from([10, 1, 2, 3]));
+        d.grants
+            .iter()
+            .map(|g| g.resource.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(granted(&good), ["ssh", "web"]);
+    let mut wrong = Vec::new();
+    for (what, text, want) in &cases {
+        std::fs::write(&edit, text).unwrap();
+        let err = match handle.reload() {
+            Ok(r) => panic!("{what}: accepted ({r:?}):\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        let expected = format!(
+            "{}:{want}; the last good policy ({}) stays in force",
+            edit.display(),
+            good.fingerprint
+        );
+        if err != expected {
+            wrong.push(format!("{what}:\n  expected {expected}\n  got      {err}"));
+        }
+        let now = handle.current();
+        assert!(
+            Arc::ptr_eq(&now, &good),
+            "{what}: the policy in force changed"
+        );
+        assert_eq!(granted(&now), ["ssh", "web"], "{what}");
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Without the edit, the directory says what is in force: nothing to reload.
+    std::fs::remove_file(&edit).unwrap();
+    assert!(matches!(handle.reload().unwrap(), watch::Reload::Unchanged));
+}
+
+#[test]
+fn lenient_spellings_that_are_not_absurd_are_accepted() {
+    // Kept on purpose (docs/policy.md): they protect more, or say the same thing twice.
+    let p = parse_policy([(
+        Path::new("p.toml"),
+        "[[resource]]\nname = 'a'\nprotocol = 'tcp'\nports = [80]\ndestinations = []\n\
+         [[resource]]\nname = 'b'\nprotocol = 'tcp'\nports = [81]\n\
+         destinations = ['10.1.2.3', '10.0.0.0/8', '10.0.0.0/8', '10.9.9.9/8']\n\
+         [[rule]]\nname = 'r'\nresources = ['a']\neveryone = true\n\
+         [rule.session]\nmax_duration = '1h'\nidle_timeout = '1h'\ndormant_timeout = '1h'\n",
+    )])
+    .unwrap();
+    // An empty destination list protects every local address, like an absent one.
+    assert!(p.resources.by_name("a").unwrap().destinations.is_empty());
+    // A single address is a host prefix; host bits are cleared.
+    let b: Vec<String> = p
+        .resources
+        .by_name("b")
+        .unwrap()
+        .destinations
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(b, ["10.1.2.3/32", "10.0.0.0/8", "10.0.0.0/8", "10.0.0.0/8"]);
+    // Limits equal to max_duration are fine.
+    assert_eq!(p.rules[0].session.idle_timeout_secs, Some(3600));
 }

@@ -531,7 +531,7 @@ impl Sessions {
     /// the session records, committed in slices of a few thousand sessions so that admissions
     /// and terminations queued meanwhile are not held behind one huge commit. A session's
     /// events and record share a slice; the record written is the session as it is now (a
-    /// termination may have come in between).
+    /// termination may have come in between), and only while it is live.
     ///
     /// # Errors
     /// The store fails.
@@ -553,10 +553,14 @@ impl Sessions {
             }
             {
                 let table = self.table();
+                // An ended session's record goes only with its end (its revocation and end
+                // record, in `end_writes` or a termination's commit): written here, a crash
+                // before that commit would leave it ended without them.
                 writes.extend(
                     slice
                         .iter()
                         .filter_map(|(s, _)| table.get(&s.id))
+                        .filter(|now| now.is_live())
                         .map(|now| Write::PutSession(Arc::clone(now))),
                 );
             }

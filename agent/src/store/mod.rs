@@ -65,6 +65,8 @@ pub struct RevocationRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
     /// Insert or replace the session with this id. Shared with the session table, not copied.
+    /// A live record never replaces the record of a session with a revocation: ended is final,
+    /// whatever order concurrent commits queue in.
     PutSession(std::sync::Arc<Session>),
     /// Remove the session; removing an absent one is not an error.
     DeleteSession(SessionId),

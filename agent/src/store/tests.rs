@@ -271,3 +271,82 @@ async fn submit_answers_async_callers() {
     );
     assert_eq!(store.sessions().expect("read").len(), 1);
 }
+
+/// What the crash harness (tests/src/crash.rs) caught: a policy change copied a live session,
+/// a termination ended it and was acknowledged, then the policy change's older copy committed
+/// behind it and the stored session was live again, its acknowledged end lost.
+#[test]
+fn a_late_live_record_never_revives_a_revoked_session() {
+    use crate::sessions::model::{EndCause, SessionEnd};
+    let dir = TempDir::new("late-live");
+    let path = dir.state_file();
+    let store = open(&path);
+    let end = |s: &Session| {
+        let mut s = s.clone();
+        s.state = SessionState::Terminated;
+        s.ended = Some(SessionEnd {
+            at_ms: 1_700_000_100_000,
+            cause: EndCause::Terminated {
+                by: "uid 0".into(),
+                reason: "left the company".into(),
+            },
+        });
+        s
+    };
+    let a = session(0xa, "alice@corp.example");
+    store
+        .commit(vec![Write::PutSession(a.clone().into())])
+        .expect("admit");
+    let a_ended = end(&a);
+    store
+        .commit(vec![
+            Write::PutSession(a_ended.clone().into()),
+            Write::PutRevocation(a.id, revocation("uid 0")),
+        ])
+        .expect("terminate");
+    let mut stale = a.clone();
+    stale.grants.clear();
+    let committed = store
+        .commit(vec![
+            Write::PutSession(stale.into()),
+            Write::Audit(event(
+                AuditKind::GrantRemoved {
+                    reason: "policy change".into(),
+                },
+                Some(0xa),
+                Some("alice@corp.example"),
+            )),
+        ])
+        .expect("the late commit succeeds");
+    assert_eq!(committed.len(), 1, "the rest of the late commit is kept");
+    assert_eq!(store.session(a.id).expect("read"), Some(a_ended.clone()));
+
+    // The same order inside one transaction (one group commit).
+    let b = session(0xb, "bob@corp.example");
+    let b_ended = end(&b);
+    store
+        .commit(vec![
+            Write::PutSession(b.clone().into()),
+            Write::PutSession(b_ended.clone().into()),
+            Write::PutRevocation(b.id, revocation("uid 0")),
+            Write::PutSession(b.clone().into()),
+        ])
+        .expect("commit");
+    assert_eq!(store.session(b.id).expect("read"), Some(b_ended.clone()));
+
+    // A live session without a revocation is updated as always.
+    let mut c = session(0xc, "carol@corp.example");
+    store
+        .commit(vec![Write::PutSession(c.clone().into())])
+        .expect("admit");
+    c.state = SessionState::Dormant;
+    store
+        .commit(vec![Write::PutSession(c.clone().into())])
+        .expect("update");
+    assert_eq!(store.session(c.id).expect("read"), Some(c.clone()));
+
+    drop(store);
+    let store = open(&path);
+    assert_eq!(store.sessions().expect("read"), [a_ended, b_ended, c]);
+    assert!(store.check_integrity().expect("check").is_healthy());
+}

@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, PoisonError, RwLock, mpsc},
 };
 
-use redb::{Database, Durability, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
@@ -210,6 +210,21 @@ impl Writer {
                 let what = format!("session {}", session.id);
                 #[cfg(test)]
                 self.hooks.check(path, session.id, &what)?;
+                // A revoked session stays ended. A live record of it that arrives after its
+                // revocation was computed before the end (a policy change, a sweep, an admission
+                // or a reconnect racing a termination) and queued behind it: writing it would
+                // lose the acknowledged end, and the next start would grant the session again.
+                if session.is_live()
+                    && tables
+                        .revocations
+                        .get(session.id.0)
+                        .map_err(db_error(path, "read the revocations table"))?
+                        .is_some()
+                {
+                    tracing::debug!(session = %session.id,
+                        "kept the ended record of a revoked session over an older live one");
+                    return Ok(None);
+                }
                 let bytes = encode(path, "sessions", what, &**session)?;
                 tables
                     .sessions

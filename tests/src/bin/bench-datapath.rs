@@ -109,6 +109,9 @@ fn main() -> anyhow::Result<()> {
     if !require_root("bench-datapath") {
         bail!("the datapath benchmark loads BPF programs: run it as root");
     }
+    // The level the agent loads its programs with by default (`info`): their log records
+    // stay in the program, as in production, instead of being pruned by the verifier.
+    log::set_max_level(log::LevelFilter::Info);
     let mut dp = LoadedDatapath::new("bench");
     dp.datapath.prime_bench_floor()?;
     let ssh = dp.resource_id("ssh");

@@ -186,15 +186,16 @@ fn memory() -> (f64, f64) {
     (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
 }
 
-/// CPU time of the calling thread (user and system): the change runs on this thread, and
-/// this is what it costs whatever else the machine runs meanwhile.
-fn thread_cpu() -> Duration {
+/// CPU time of this process (user and system, every thread): the change runs on this thread
+/// and the threads it starts, while the rest of the process is idle; this is what the change
+/// costs whatever else the machine runs meanwhile.
+fn process_cpu() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
@@ -310,7 +311,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&tmp, policy_text("\"ssh\""))?;
     std::fs::rename(&tmp, &policy_file)?;
     let t0 = Instant::now();
-    let cpu0 = thread_cpu();
+    let cpu0 = process_cpu();
     let Reload::Changed(new) = policy.reload()? else {
         bail!("the policy edit was not noticed");
     };
@@ -322,7 +323,7 @@ fn main() -> anyhow::Result<()> {
     let change = sessions.enforce_policy(&new)?;
     let enforce = t.elapsed();
     let enforced = t0.elapsed();
-    let enforced_cpu = thread_cpu() - cpu0;
+    let enforced_cpu = process_cpu() - cpu0;
     let outcome = change.outcome;
     let t = Instant::now();
     rt.block_on(sessions.record_policy_change(change))?;

@@ -107,6 +107,12 @@ pub(crate) fn craft(header: &Value, payload: &Value, key: &Key) -> String {
     format!("{msg}.{}", b64(sig))
 }
 
+/// A compact JWS over exactly these header and payload bytes, which need not be JSON at all.
+pub(crate) fn craft_bytes(alg: &str, header: &[u8], payload: &[u8], key: &Key) -> String {
+    let msg = format!("{}.{}", b64(header), b64(payload));
+    format!("{msg}.{}", b64(key.sign(alg, msg.as_bytes())))
+}
+
 /// Claims that pass every check at [`NOW`] for the dev issuer.
 pub(crate) fn claims() -> Value {
     json!({

@@ -307,6 +307,28 @@ fn rejections_carry_exact_details() {
     assert_eq!(Rejection::TooLarge.code(), "too_large");
 }
 
+/// Found by the `token` fuzz target: a header signed by the trusted key, with invalid UTF-8
+/// in a member the verifier does not read, was accepted (serde_json skips such members
+/// unchecked). It is not UTF-8 JSON, so it is not a JWS header.
+#[test]
+fn a_signed_header_that_is_not_utf8_is_malformed() {
+    let (dev, verifier) = setup();
+    let mut header = format!(r#"{{"alg":"ES256","kid":"{}","x":"#, dev.keys.kid).into_bytes();
+    header.extend_from_slice(b"[\"\xc9xp\"]}");
+    let payload = claims().to_string();
+    let token = craft_bytes("ES256", &header, payload.as_bytes(), &dev.key());
+    assert_eq!(
+        verifier.verify(&token, NOW),
+        Err(Rejection::Malformed {
+            detail: "the header is not UTF-8".into()
+        })
+    );
+    // The same header with valid UTF-8 there verifies: only the encoding was wrong.
+    let fixed = String::from_utf8_lossy(&header).into_owned();
+    let token = craft_bytes("ES256", fixed.as_bytes(), payload.as_bytes(), &dev.key());
+    assert_eq!(code(&verifier.verify(&token, NOW)), "ok");
+}
+
 #[test]
 fn size_limit_is_exact() {
     let (_dev, verifier) = setup();
