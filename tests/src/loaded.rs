@@ -85,6 +85,12 @@ impl LoadedDatapath {
             .id
     }
 
+    /// Where the maps are pinned: a second `Datapath::load` there adopts them, as a
+    /// restarted agent does.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
     pub fn counters(&self) -> Counters {
         self.datapath.maps.counters().expect("reading counters")
     }

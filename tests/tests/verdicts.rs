@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use agent_common::program_names::{TC_EGRESS, TC_INGRESS, XDP_INGRESS};
 use flowwarden::{
     config::Mode,
-    datapath::{Counters, DropReason, EventKind, FlowKey, addr_bytes},
+    datapath::{Counters, Datapath, DropReason, EventKind, FlowKey, LoadOptions, addr_bytes},
+    policy::parse_resources,
 };
 use flowwarden_tests::{
     frames::{Frame, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, non_ip_frame, truncate},
@@ -166,6 +167,74 @@ fn traffic_that_is_not_to_a_resource_is_never_touched() {
     assert!(
         dp.datapath.maps.flows().is_empty(),
         "no flow may be created"
+    );
+}
+
+/// A restarted agent whose policy lost resources: its first install finds the previous
+/// agent's port slots in the pinned table (one batched read of all 131,072 slots) and clears
+/// those it no longer wants, so a port that is no longer protected is no longer dropped, and
+/// one that still is stays dropped throughout.
+#[test]
+fn a_new_agent_clears_the_resources_the_previous_one_left() {
+    if !require_root("a_new_agent_clears_the_resources_the_previous_one_left") {
+        return;
+    }
+    let mut dp = LoadedDatapath::new("stale");
+    let dns = Frame::udp(ip(CLIENT), 40000, ip(SERVER), 53).build();
+    let ssh = Frame::tcp(ip(CLIENT), 40000, ip(SERVER), 22)
+        .flags(TCP_SYN)
+        .build();
+    let admin = Frame::tcp(ip(CLIENT), 1, ip("10.9.200.1"), 8443).build();
+    let no_grant = || drops(DropReason::NoGrant);
+    check(
+        &mut dp,
+        "dns before",
+        XDP_INGRESS,
+        &dns,
+        XDP_DROP,
+        no_grant(),
+    );
+    check(
+        &mut dp,
+        "admin before",
+        XDP_INGRESS,
+        &admin,
+        XDP_DROP,
+        no_grant(),
+    );
+
+    let ssh_only = parse_resources([(
+        std::path::Path::new("ssh-only.toml"),
+        "[[resource]]\nname = \"ssh\"\nprotocol = \"tcp\"\nports = [22]\n",
+    )])
+    .expect("the smaller policy parses");
+    let mut restarted = Datapath::load(&LoadOptions {
+        pin_dir: dp.pin_dir().to_path_buf(),
+        flow_table_size: 1024,
+    })
+    .expect("adopting the pinned datapath");
+    restarted
+        .maps
+        .install_resources(&ssh_only)
+        .expect("installing the smaller resource table");
+
+    let none = Delta::default;
+    check(&mut dp, "dns after", XDP_INGRESS, &dns, XDP_PASS, none());
+    check(
+        &mut dp,
+        "admin after",
+        XDP_INGRESS,
+        &admin,
+        XDP_PASS,
+        none(),
+    );
+    check(
+        &mut dp,
+        "ssh after",
+        XDP_INGRESS,
+        &ssh,
+        XDP_DROP,
+        no_grant(),
     );
 }
 

@@ -18,7 +18,14 @@ const EBPF_CRATE: &str = "agent-ebpf";
 const TESTS_CRATE: &str = "flowwarden-tests";
 
 /// Benchmarks `cargo xtask bench` knows about.
-const BENCHES: &[&str] = &["datapath", "admission", "policy", "revoke", "scale", "flood"];
+const BENCHES: &[&str] = &[
+    "datapath",
+    "admission",
+    "policy",
+    "revoke",
+    "scale",
+    "flood",
+];
 
 pub fn test(filter: Option<&str>) -> Result<()> {
     setup()?;

@@ -40,7 +40,7 @@ pub enum Lookup {
     Unsupported,
 }
 
-/// Hands every (key, value) of the hash map behind `map` to `each`, reading up to `chunk`
+/// Hands every (key, value) of the hash map (or array) behind `map` to `each`, reading up to `chunk`
 /// entries per syscall into two buffers reused from call to call, so a walk over a million
 /// entries takes a few hundred syscalls and never holds more than one chunk in memory.
 ///
@@ -63,7 +63,8 @@ pub fn lookup<K: Pod, V: Pod>(
     let mut chunk = chunk.clamp(1, u32::MAX as usize);
     let mut keys: Vec<K> = Vec::with_capacity(chunk);
     let mut values: Vec<V> = Vec::with_capacity(chunk);
-    // For hash maps the batch token is a u32 bucket index. The first call passes no token
+    // For hash maps the batch token is a u32 bucket index, for arrays the u32 index of the
+    // next slot (the generic batch code uses the key as its token). The first call passes no token
     // (start at bucket 0); each call writes where the next one starts.
     let mut token: u32 = 0;
     let token_ptr = &raw mut token;

@@ -13,7 +13,10 @@ use agent_common::{
 };
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::Key,
+    },
 };
 
 use super::{
@@ -84,6 +87,10 @@ impl Counters {
         self.would_drop.get(&reason).copied().unwrap_or(0)
     }
 }
+
+/// Port slots read per BPF_MAP_LOOKUP_BATCH call when a new handle looks for the slots a
+/// previous agent installed: 16 syscalls for the whole table.
+const PORT_CHUNK: usize = 8_192;
 
 /// Handles to the pinned maps.
 pub struct Maps {
@@ -209,6 +216,37 @@ impl Maps {
     ///
     /// # Errors
     /// The kernel refuses a write (for example the destination trie is full).
+    /// The port slots that name a resource, as the pinned table holds them now. Read in
+    /// batches of [`PORT_CHUNK`] slots: one syscall per slot made this read of all 131,072
+    /// slots most of a restarted agent's time to its first `status` answer.
+    fn occupied_port_slots(&self) -> Vec<u32> {
+        let mut occupied = Vec::new();
+        let read = super::batch::lookup::<u32, ResourcePort>(
+            self.resource_ports.map().fd(),
+            PORT_CHUNK,
+            |index, slot| {
+                if slot.resource_id != 0 {
+                    occupied.push(*index);
+                }
+            },
+        );
+        match read {
+            Ok(super::batch::Lookup::Done { .. }) => occupied,
+            other => {
+                if let Err(e) = other {
+                    tracing::debug!(error = %e, "batched read of the port table failed: reading slot by slot");
+                }
+                (0..self.resource_ports.len())
+                    .filter(|i| {
+                        self.resource_ports
+                            .get(i, 0)
+                            .is_ok_and(|slot| slot.resource_id != 0)
+                    })
+                    .collect()
+            }
+        }
+    }
+
     pub fn install_resources(&mut self, table: &ResourceTable) -> Result<()> {
         if self.installed.as_ref() == Some(table) {
             return Ok(());
@@ -233,13 +271,7 @@ impl Maps {
         let current_ports: Vec<u32> = match &self.installed {
             Some(previous) => previous.port_slots().into_keys().collect(),
             // First install by this handle: the pinned table may hold another agent's slots.
-            None => (0..self.resource_ports.len())
-                .filter(|i| {
-                    self.resource_ports
-                        .get(i, 0)
-                        .is_ok_and(|slot| slot.resource_id != 0)
-                })
-                .collect(),
+            None => self.occupied_port_slots(),
         };
         for (index, slot) in &wanted_ports {
             self.resource_ports
