@@ -220,7 +220,10 @@ fn a_policy_change_over_many_sessions_is_shared_out_and_exact() {
     // Above the size from which evaluation and the kernel deletes run on every core.
     const N: u32 = 20_000;
     let w = World::new("polmany", &policy("\"ops\", \"web\""));
-    let source = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a40_0000 + i));
+    // Sessions come in pairs behind one address (NAT): 2k and 2k+1 share a source, and at
+    // most one of a pair is in ops. The pair's web entry in the kernel may be held by either;
+    // when the other loses web, an ops session anywhere in the table must inherit it.
+    let source = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a40_0000 + i / 2));
     // Concurrent admissions, as clients make them: the store commits them in groups.
     w.rt.block_on(async {
         let tasks: Vec<_> = (0..256)
@@ -242,7 +245,11 @@ fn a_policy_change_over_many_sessions_is_shared_out_and_exact() {
             t.await.unwrap();
         }
     });
-    assert_eq!(w.enforcer.grants().len() as u32, N + N.div_ceil(3));
+    assert_eq!(
+        w.enforcer.grants().len() as u32,
+        N / 2 + N.div_ceil(3),
+        "a web entry per address, an ssh entry per ops session"
+    );
     let outcome = w.change(&policy("\"ops\""));
     let ops = N.div_ceil(3) as usize;
     assert_eq!(outcome.evaluated, N as usize);
@@ -253,7 +260,7 @@ fn a_policy_change_over_many_sessions_is_shared_out_and_exact() {
     assert_eq!(
         grants.len(),
         2 * ops,
-        "ssh and web of each ops session, nothing else"
+        "ssh and web of each ops session (web inherited where its partner held it), nothing else"
     );
     for (src, resource, id) in grants {
         let s = w.sessions.get(id).expect("a grant of a known session");

@@ -2,6 +2,7 @@
 //! evaluation on policy changes. Every transition writes the kernel first (so enforcement is
 //! never behind a decision), then the store (so it is durable before it is acknowledged).
 
+use foldhash::HashSetExt as _;
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
@@ -365,7 +366,7 @@ impl Sessions {
         let now = now_ms();
         let mut ended = Vec::new();
         let mut writes = Vec::new();
-        let mut freed: HashSet<(IpAddr, u32)> = HashSet::new();
+        let mut freed: foldhash::HashSet<(IpAddr, u32)> = foldhash::HashSet::default();
         let mut table = self.table();
         for id in ids {
             let Some(entry) = table.get_mut(id) else {
@@ -447,7 +448,9 @@ impl Sessions {
         let sever = self.config.on_policy_change == OnPolicyChange::Sever;
         let mut outcome = PolicyOutcome::default();
         let mut changed = Vec::new();
-        let mut severed: HashSet<(u64, u32)> = HashSet::new();
+        // foldhash, sized up front: with 100,000 sessions changed, SipHash and rehashing as the
+        // sets grew were a third of the time the table lock is held.
+        let mut severed: foldhash::HashSet<(u64, u32)> = foldhash::HashSet::default();
         let mut emptied = Vec::new();
         {
             // Held through the kernel writes: an admission cannot slip in between the decision
@@ -477,22 +480,47 @@ impl Sessions {
                         .collect()
                 })
             };
-            let mut freed: HashSet<(IpAddr, u32)> = HashSet::new();
+            // Each part brought its freed keys, severed pairs and emptied sessions as plain
+            // lists, made while its sessions were in that core's cache: merging them here
+            // touches no session.
+            let removed: usize = parts.iter().map(|p| p.freed.len()).sum();
+            let mut freed: foldhash::HashSet<(IpAddr, u32)> =
+                foldhash::HashSet::with_capacity(removed);
+            if sever {
+                severed.reserve(removed);
+            }
             for part in parts {
                 outcome.evaluated += part.evaluated;
-                for (s, removed) in &part.changed {
-                    outcome.grants_removed += removed.len();
-                    freed.extend(removed.iter().map(|g| (s.source, g.resource_id)));
-                    if sever {
-                        severed.extend(removed.iter().map(|g| (s.id.0, g.resource_id)));
-                    }
-                    if s.grants.is_empty() {
-                        emptied.push(s.id);
-                    }
+                outcome.grants_removed += part.freed.len();
+                freed.extend(part.freed);
+                if sever {
+                    severed.extend(part.severed);
                 }
+                emptied.extend(part.emptied);
                 changed.extend(part.changed);
             }
-            self.reassign(&table, &freed)?;
+            // A freed grant key may pass to another live session from the same source (NAT):
+            // look for heirs on every core too, then hand over or withdraw.
+            let heirs = if threads == 1 || freed.is_empty() {
+                heirs_among(live.iter().map(|s| &***s), &freed)
+            } else {
+                let freed = &freed;
+                std::thread::scope(|scope| {
+                    let running: Vec<_> = live
+                        .chunks(per_thread)
+                        .map(|part| {
+                            scope.spawn(move || heirs_among(part.iter().map(|s| &***s), freed))
+                        })
+                        .collect();
+                    let mut all = foldhash::HashMap::default();
+                    for t in running {
+                        let found = t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                        merge_heirs(&mut all, found);
+                    }
+                    all
+                })
+            };
+            self.hand_over(&freed, heirs)?;
         }
         if !severed.is_empty() {
             if let Err(e) = self
@@ -579,23 +607,24 @@ impl Sessions {
     fn reassign(
         &self,
         table: &HashMap<SessionId, Arc<Session>>,
-        freed: &HashSet<(IpAddr, u32)>,
+        freed: &foldhash::HashSet<(IpAddr, u32)>,
     ) -> Result<(), EnforceError> {
         if freed.is_empty() {
             return Ok(());
         }
-        let mut heirs: HashMap<(IpAddr, u32), (u64, SessionId, &SessionGrant)> = HashMap::new();
-        for o in table.values().filter(|o| o.is_live()) {
-            for g in &o.grants {
-                let key = (o.source, g.resource_id);
-                if freed.contains(&key)
-                    && heirs
-                        .get(&key)
-                        .is_none_or(|(at, _, _)| o.created_at_ms > *at)
-                {
-                    heirs.insert(key, (o.created_at_ms, o.id, g));
-                }
-            }
+        let heirs = heirs_among(table.values().map(|s| &**s), freed);
+        self.hand_over(freed, heirs)
+    }
+
+    /// Writes [`heirs_among`]'s findings to the kernel: each freed key with an heir is
+    /// granted to it, the others are withdrawn.
+    fn hand_over(
+        &self,
+        freed: &foldhash::HashSet<(IpAddr, u32)>,
+        heirs: Heirs<'_>,
+    ) -> Result<(), EnforceError> {
+        if freed.is_empty() {
+            return Ok(());
         }
         let orphaned: Vec<(IpAddr, u32)> = freed
             .iter()
@@ -628,11 +657,57 @@ impl Sessions {
 /// Live sessions from which a policy change is evaluated on every core.
 const PARALLEL_FROM: usize = 4096;
 
+/// For a freed (source, resource) grant key: the newest live session from that source that
+/// still holds the resource (creation time, id, its grant).
+type Heirs<'a> = foldhash::HashMap<(IpAddr, u32), (u64, SessionId, &'a SessionGrant)>;
+
+/// The heirs of `freed` among `sessions` (ended ones are skipped).
+fn heirs_among<'a>(
+    sessions: impl Iterator<Item = &'a Session>,
+    freed: &foldhash::HashSet<(IpAddr, u32)>,
+) -> Heirs<'a> {
+    let mut heirs = Heirs::default();
+    if freed.is_empty() {
+        return heirs;
+    }
+    for o in sessions.filter(|o| o.is_live()) {
+        for g in &o.grants {
+            let key = (o.source, g.resource_id);
+            if freed.contains(&key)
+                && heirs
+                    .get(&key)
+                    .is_none_or(|(at, _, _)| o.created_at_ms > *at)
+            {
+                heirs.insert(key, (o.created_at_ms, o.id, g));
+            }
+        }
+    }
+    heirs
+}
+
+/// Adds heirs found in another part of the table: the newest session wins.
+fn merge_heirs<'a>(into: &mut Heirs<'a>, found: Heirs<'a>) {
+    for (key, heir) in found {
+        match into.get(&key) {
+            Some((at, _, _)) if *at >= heir.0 => {}
+            _ => {
+                into.insert(key, heir);
+            }
+        }
+    }
+}
+
 /// What re-evaluating a part of the live sessions changed.
 struct Reevaluated {
     evaluated: usize,
     /// Each changed session (as the change left it) and the grants it lost.
     changed: Vec<(Arc<Session>, Vec<SessionGrant>)>,
+    /// The kernel grant key (source, resource) of every grant lost.
+    freed: Vec<(IpAddr, u32)>,
+    /// (session, resource) of every grant lost, whose flows are severed.
+    severed: Vec<(u64, u32)>,
+    /// Sessions left with no grant.
+    emptied: Vec<SessionId>,
 }
 
 /// Re-evaluates `sessions` against `policy` and takes from each the grants it no longer
@@ -642,6 +717,9 @@ fn reevaluate(policy: &Policy, sessions: &mut [&mut Arc<Session>], now: u64) -> 
     let mut out = Reevaluated {
         evaluated: sessions.len(),
         changed: Vec::new(),
+        freed: Vec::new(),
+        severed: Vec::new(),
+        emptied: Vec::new(),
     };
     for entry in sessions.iter_mut() {
         let decision = policy.evaluate(&entry.identity, entry.source);
@@ -657,6 +735,13 @@ fn reevaluate(policy: &Policy, sessions: &mut [&mut Arc<Session>], now: u64) -> 
             s.grants.drain(..).partition(keeps);
         s.grants = kept;
         s.updated_at_ms = now;
+        out.freed
+            .extend(removed.iter().map(|g| (s.source, g.resource_id)));
+        out.severed
+            .extend(removed.iter().map(|g| (s.id.0, g.resource_id)));
+        if s.grants.is_empty() {
+            out.emptied.push(s.id);
+        }
         out.changed.push((Arc::clone(entry), removed));
     }
     out
