@@ -1,4 +1,17 @@
-//! What every benchmark reports about the machine it ran on: CPU, load and command output.
+//! What every benchmark reports about the machine it ran on (CPU, load, command output, this
+//! process's memory), and the synthetic sessions the in-process benchmarks admit.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
+
+use flowwarden::{
+    datapath::detach_all,
+    identity::{Device, Identity},
+};
+use serde_json::{Value, json};
 
 /// The first three fields of /proc/loadavg ("1.20 0.80 0.50").
 pub fn loadavg() -> String {
@@ -29,4 +42,75 @@ pub fn cpu_model() -> String {
                 .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_default()
+}
+
+/// VmRSS and VmHWM of this process, MiB.
+pub fn memory() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// Removes the private pins (and so the maps) on the way out, whatever happened.
+pub struct Pins(pub PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = detach_all(&self.0);
+    }
+}
+
+/// The e-mail of synthetic user `i`.
+pub fn bench_user(i: usize) -> String {
+    format!("bench-user-{i:07}@corp.example")
+}
+
+/// Synthetic user `i` as `auth` builds it from a development token of the admission bench:
+/// the same claims (a real identity provider's tokens usually carry more, and memory grows
+/// with them), in groups `staff`, `bench` and `extra_groups`.
+pub fn bench_identity(i: usize, now: u64, extra_groups: &[&str]) -> Identity {
+    let email = bench_user(i);
+    let sub = email.trim_end_matches("@corp.example").to_owned();
+    let mut groups = vec!["staff".to_owned(), "bench".to_owned()];
+    groups.extend(extra_groups.iter().map(|g| (*g).to_owned()));
+    let exp = now + 8 * 3600;
+    let claims: BTreeMap<String, Value> = [
+        ("iss", json!("https://idp.flowwarden.dev")),
+        ("aud", json!("flowwarden")),
+        ("sub", json!(sub)),
+        ("iat", json!(now)),
+        ("exp", json!(exp)),
+        ("email", json!(email)),
+        ("groups", json!(groups)),
+        ("device_managed", json!(true)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Identity {
+        issuer: "https://idp.flowwarden.dev".into(),
+        subject: sub,
+        email: Some(email),
+        groups,
+        device: Device {
+            managed: Some(true),
+            ..Device::default()
+        },
+        claims: claims.into(),
+        token_sha256: format!("{:064x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        token_expires_at: exp,
+        token_issued_at: Some(now),
+    }
+}
+
+/// Distinct sources for synthetic sessions (grants are keyed by source and resource):
+/// 10.0.0.1 upwards.
+pub fn bench_source(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0001 + u32::try_from(i).unwrap()))
 }

@@ -2,12 +2,10 @@
 //! re-evaluated, its grants updated in the kernel and the change durable, and the memory those
 //! sessions take, with the agent's own library in-process; written as JSON.
 
-use flowwarden_tests::bench::{command_output, cpu_model, loadavg};
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    collections::BTreeMap,
     hint::black_box,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::PathBuf,
     sync::{
         Arc,
@@ -23,14 +21,18 @@ use flowwarden::{
         event::{AuditEvent, AuditKind},
     },
     config::SessionsConfig,
-    datapath::{Datapath, LoadOptions, detach_all, maps_dir},
+    datapath::{Datapath, LoadOptions, maps_dir},
     enforce::Enforcer,
-    identity::{Device, Identity},
     policy::{PolicyHandle, Reload},
     sessions::{Sessions, model::now_ms},
     store::{Store, Write},
 };
-use flowwarden_tests::{agent_proc::Scratch, loaded::private_pin_dir, privileged};
+use flowwarden_tests::{
+    agent_proc::Scratch,
+    bench::{Pins, bench_identity, bench_source, command_output, cpu_model, loadavg, memory},
+    loaded::private_pin_dir,
+    privileged,
+};
 use serde_json::json;
 
 const TARGET_MS: f64 = 200.0;
@@ -123,69 +125,6 @@ fn heap_mib() -> f64 {
     HEAP.load(Relaxed) as f64 / (1024.0 * 1024.0)
 }
 
-/// Removes the private pins (and so the maps) on the way out, whatever happened.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = detach_all(&self.0);
-    }
-}
-
-/// An identity as `auth` builds it from a development token of the admission bench: the same
-/// claims (a real identity provider's tokens usually carry more, and memory grows with them).
-fn identity(i: usize, now: u64) -> Identity {
-    let sub = format!("bench-user-{i:07}");
-    let email = format!("{sub}@corp.example");
-    let groups = vec!["staff".to_owned(), "bench".to_owned()];
-    let exp = now + 8 * 3600;
-    let claims: BTreeMap<String, serde_json::Value> = [
-        ("iss", json!("https://idp.flowwarden.dev")),
-        ("aud", json!("flowwarden")),
-        ("sub", json!(sub)),
-        ("iat", json!(now)),
-        ("exp", json!(exp)),
-        ("email", json!(email)),
-        ("groups", json!(groups)),
-        ("device_managed", json!(true)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    Identity {
-        issuer: "https://idp.flowwarden.dev".into(),
-        subject: sub,
-        email: Some(email),
-        groups,
-        device: Device {
-            managed: Some(true),
-            ..Device::default()
-        },
-        claims: claims.into(),
-        token_sha256: format!("{:064x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-        token_expires_at: exp,
-        token_issued_at: Some(now),
-    }
-}
-
-/// Distinct sources (grants are keyed by source and resource): 10.0.0.1 upwards.
-fn source(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(0x0a00_0001 + u32::try_from(i).unwrap()))
-}
-
-/// VmRSS and VmHWM of this process, MiB.
-fn memory() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
-}
-
 /// CPU time of this process (user and system, every thread): the change runs on this thread
 /// and the threads it starts, while the rest of the process is idle; this is what the change
 /// costs whatever else the machine runs meanwhile.
@@ -260,7 +199,9 @@ fn main() -> anyhow::Result<()> {
                 let sessions = Arc::clone(&sessions);
                 tokio::spawn(async move {
                     for i in (task..n).step_by(TASKS) {
-                        sessions.admit(identity(i, now), source(i)).await?;
+                        sessions
+                            .admit(bench_identity(i, now, &[]), bench_source(i))
+                            .await?;
                     }
                     anyhow::Ok(())
                 })

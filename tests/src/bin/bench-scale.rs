@@ -3,7 +3,6 @@
 //! filters; the flow walks it rests on; and the memory the agent holds meanwhile; as JSON.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::Arc,
@@ -20,11 +19,9 @@ use flowwarden::{
     },
     audit::Audit,
     config::SessionsConfig,
-    datapath::{
-        Datapath, FLOW_CHUNK, Flow, FlowKey, LoadOptions, Walk, addr_bytes, detach_all, maps_dir,
-    },
+    datapath::{Datapath, FLOW_CHUNK, Flow, FlowKey, LoadOptions, Walk, addr_bytes, maps_dir},
     enforce::Enforcer,
-    identity::{Device, Identity},
+    identity::Identity,
     policy::PolicyHandle,
     sessions::{
         Sessions, Target,
@@ -34,7 +31,9 @@ use flowwarden::{
 };
 use flowwarden_tests::{
     agent_proc::Scratch,
-    bench::{command_output, cpu_model, loadavg},
+    bench::{
+        Pins, bench_identity, bench_source, bench_user, command_output, cpu_model, loadavg, memory,
+    },
     loaded::private_pin_dir,
     privileged,
 };
@@ -99,74 +98,14 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-/// Removes the private pins (and so the maps) on the way out, whatever happened.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = detach_all(&self.0);
-    }
-}
-
-fn user(i: usize) -> String {
-    format!("bench-user-{i:07}@corp.example")
-}
-
-/// An identity shaped like a verified development token (the policy benchmark's, plus the
-/// `ops` group for every hundredth user).
+/// Synthetic user `i`, in `ops` for every hundredth.
 fn identity(i: usize, now: u64) -> Identity {
-    let email = user(i);
-    let sub = email.trim_end_matches("@corp.example").to_owned();
-    let mut groups = vec!["staff".to_owned(), "bench".to_owned()];
-    if i.is_multiple_of(EVERY) {
-        groups.push("ops".into());
-    }
-    let exp = now + 8 * 3600;
-    let claims: BTreeMap<String, Value> = [
-        ("iss", json!("https://idp.flowwarden.dev")),
-        ("aud", json!("flowwarden")),
-        ("sub", json!(sub)),
-        ("iat", json!(now)),
-        ("exp", json!(exp)),
-        ("email", json!(email)),
-        ("groups", json!(groups)),
-        ("device_managed", json!(true)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    Identity {
-        issuer: "https://idp.flowwarden.dev".into(),
-        subject: sub,
-        email: Some(email),
-        groups,
-        device: Device {
-            managed: Some(true),
-            ..Device::default()
-        },
-        claims: claims.into(),
-        token_sha256: format!("{:064x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-        token_expires_at: exp,
-        token_issued_at: Some(now),
-    }
-}
-
-/// Distinct sources: 10.0.0.1 upwards.
-fn source(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(0x0a00_0001 + u32::try_from(i).unwrap()))
-}
-
-/// VmRSS and VmHWM of this process, MiB.
-fn memory() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
+    let ops: &[&str] = if i.is_multiple_of(EVERY) {
+        &["ops"]
+    } else {
+        &[]
     };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+    bench_identity(i, now, ops)
 }
 
 /// Resets VmHWM to the current RSS (Linux 4.0+), so the next peak is one phase's own.
@@ -287,7 +226,7 @@ fn main() -> anyhow::Result<()> {
                 let sessions = Arc::clone(&sessions);
                 tokio::spawn(async move {
                     for i in (task..n).step_by(TASKS) {
-                        sessions.admit(identity(i, now), source(i)).await?;
+                        sessions.admit(identity(i, now), bench_source(i)).await?;
                     }
                     anyhow::Ok(())
                 })
@@ -304,7 +243,7 @@ fn main() -> anyhow::Result<()> {
         sessions.all().iter().map(|s| (s.source, s.id)).collect();
     let doomed: Vec<SessionId> = (EVERY / 2..n)
         .step_by(EVERY)
-        .map(|i| by_source[&source(i)])
+        .map(|i| by_source[&bench_source(i)])
         .collect();
     let terminated = rt
         .block_on(sessions.terminate(&Target::Sessions(doomed), "bench", "scale benchmark"))?
@@ -316,8 +255,9 @@ fn main() -> anyhow::Result<()> {
 
     // The flows: spread evenly over the sessions, each from its session's source to ssh.
     eprintln!("inserting {} flows into the kernel flow map…", args.flows);
-    let ids: Vec<(SessionId, IpAddr)> =
-        (0..n).map(|i| (by_source[&source(i)], source(i))).collect();
+    let ids: Vec<(SessionId, IpAddr)> = (0..n)
+        .map(|i| (by_source[&bench_source(i)], bench_source(i)))
+        .collect();
     let mono = monotonic_coarse_ns();
     let started = Instant::now();
     let mut inserted = 0usize;
@@ -452,12 +392,12 @@ fn main() -> anyhow::Result<()> {
         (
             "sessions.list",
             "user (1 match)",
-            json!({"user": user(pick)}),
+            json!({"user": bench_user(pick)}),
         ),
         (
             "sessions.list",
             "source (1 match)",
-            json!({"source": source(pick)}),
+            json!({"source": bench_source(pick)}),
         ),
         (
             "sessions.list",
