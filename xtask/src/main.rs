@@ -43,7 +43,8 @@ enum Task {
         runs: Option<u32>,
     },
     /// Run setup, then the crash-consistency soak: SIGKILLs of a real agent at random moments
-    /// of admissions, terminations and reloads; counts go to target/bench/soak.json.
+    /// of admissions, terminations and reloads, 100 per fresh stack; counts go to
+    /// target/bench/soak.json (rewritten after every 100).
     Soak {
         /// Kills in the middle of operations (kills during restarts come on top).
         #[arg(long, value_name = "N", default_value_t = 1000)]
