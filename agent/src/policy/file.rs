@@ -121,7 +121,13 @@ fn describe(text: &str, offset: usize, message: &str) -> (String, String) {
     let table = header.or_else(|| text[..line_start].lines().rev().find_map(header_of));
     let key = if header.is_some() { None } else { key_of(line) };
     let join = |parts: &[Option<&str>]| {
-        let path: Vec<&str> = parts.iter().flatten().copied().collect();
+        // An empty quoted key (`"" = 0`) is shown as written, not as nothing (found by
+        // the `policy` fuzz target: the field came out empty).
+        let path: Vec<&str> = parts
+            .iter()
+            .flatten()
+            .map(|p| if p.is_empty() { "\"\"" } else { p })
+            .collect();
         if path.is_empty() {
             "toml".to_owned()
         } else {
@@ -216,6 +222,10 @@ mod tests {
         assert_eq!(
             error("[[rules]]\nname = 'a'\n"),
             "p.toml:1: rules: unknown key, expected `resource` or `rule`"
+        );
+        assert_eq!(
+            error("\"\"=0#"),
+            "p.toml:1: \"\": unknown key, expected `resource` or `rule`"
         );
         assert_eq!(
             error("# rules\n\n[[rule]]\nname = 'a'\n"),
