@@ -16,8 +16,10 @@ pub static RESOURCE_PORTS: Array<ResourcePort> = Array::pinned(map_sizes::RESOUR
 #[map(name = "FW_RES_DSTS")]
 pub static RESOURCE_DSTS: LpmTrie<ResourceDst, u32> = LpmTrie::pinned(map_sizes::RESOURCE_DSTS, 0);
 
+// Preallocated: writing and withdrawing grants in bulk (admissions, policy changes) is what
+// this table sees most, and the on-demand allocator made both slower (see map_sizes::GRANTS).
 #[map(name = "FW_GRANTS")]
-pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::pinned(map_sizes::GRANTS, BPF_F_NO_PREALLOC);
+pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::pinned(map_sizes::GRANTS, 0);
 
 // A plain (preallocated) hash, not LRU: a full table denies new flows instead of evicting
 // live ones, and an entry only leaves when the agent removes it.

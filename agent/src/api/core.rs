@@ -401,11 +401,11 @@ impl Core {
             let candidate = load_policy(&dir).map_err(|err| rpc(APP_ERROR, err.to_string()))?;
             let mut affected = Vec::new();
             for s in self.sessions.all().into_iter().filter(|s| s.is_live()) {
-                let d = candidate.evaluate(&s.identity, s.source);
+                let applicable = candidate.applicable(&s.identity, s.source);
                 let removed: Vec<&str> = s
                     .grants
                     .iter()
-                    .filter(|g| !d.grants.iter().any(|n| n.resource == g.resource))
+                    .filter(|g| !applicable.reaches(g.resource_id))
                     .map(|g| g.resource.as_str())
                     .collect();
                 if !removed.is_empty() {

@@ -15,7 +15,7 @@ use std::{
 };
 
 pub use duration::{format_duration, parse_duration};
-pub use evaluate::{DEFAULT_SETTINGS, Decision};
+pub use evaluate::{Applicable, DEFAULT_SETTINGS, Decision};
 pub use explain::Explanation;
 pub use resource::{Protocol, Resource, ResourceTable, load_resources, parse_resources};
 pub use rules::{ClaimRequirement, DeviceFailure, DeviceRequirements, Rule, SessionOverrides};

@@ -128,6 +128,51 @@ fn the_shipped_example_grants_what_it_says() {
     assert!(!e.allowed, "{e:?}");
 }
 
+/// Re-evaluation after a policy change asks `applicable().reaches(id)` instead of building a
+/// decision: the two must agree on every resource, for identities that match by group, by
+/// device, by source and not at all.
+#[test]
+fn applicable_rules_reach_exactly_the_granted_resources() {
+    let text = include_str!("../../../policies/example.toml");
+    let p = parse_policy([(Path::new("policies/example.toml"), text)]).unwrap();
+    let mut managed = test_identity("alice@corp.example", &["ops", "dev"]);
+    managed.device.managed = Some(true);
+    managed.device.compliant = Some(true);
+    managed.device.os = Some("linux".into());
+    managed
+        .claims
+        .insert("amr".into(), serde_json::json!(["pwd", "hwk"]));
+    let identities = [
+        managed,
+        test_identity("alice@corp.example", &["ops"]),
+        test_identity("bob@corp.example", &["dev"]),
+        test_identity("eve@elsewhere.example", &[]),
+    ];
+    let sources = [IpAddr::from([10, 1, 2, 3]), IpAddr::from([192, 0, 2, 7])];
+    let mut granted_somewhere = 0;
+    for identity in &identities {
+        for source in sources {
+            let decision = p.evaluate(identity, source);
+            let applicable = p.applicable(identity, source);
+            for resource in &p.resources.resources {
+                let granted = decision.grants.iter().any(|g| g.resource_id == resource.id);
+                granted_somewhere += usize::from(granted);
+                assert_eq!(
+                    applicable.reaches(resource.id),
+                    granted,
+                    "{} from {source} to {}",
+                    identity.user(),
+                    resource.name
+                );
+            }
+        }
+    }
+    assert!(
+        granted_somewhere > 0,
+        "the example grants something to someone"
+    );
+}
+
 /// The policy in force while every hostile edit below is tried: the line numbers of its
 /// resources and rule appear in the duplicate-name errors.
 const BASE: &str = "\

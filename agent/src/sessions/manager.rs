@@ -722,18 +722,17 @@ fn reevaluate(policy: &Policy, sessions: &mut [&mut Arc<Session>], now: u64) -> 
         emptied: Vec::new(),
     };
     for entry in sessions.iter_mut() {
-        let decision = policy.evaluate(&entry.identity, entry.source);
+        // Resource ids are the names' hashes, so an id still granted is the same resource.
+        let applicable = policy.applicable(&entry.identity, entry.source);
         let keeps = |g: &SessionGrant| {
-            decision.grants.iter().any(|d| d.resource == g.resource)
-                && policy.resources.by_id(g.resource_id).is_some()
+            applicable.reaches(g.resource_id) && policy.resources.by_id(g.resource_id).is_some()
         };
         if entry.grants.iter().all(keeps) {
             continue;
         }
         let s = Arc::make_mut(entry);
-        let (kept, removed): (Vec<SessionGrant>, Vec<SessionGrant>) =
-            s.grants.drain(..).partition(keeps);
-        s.grants = kept;
+        // In place: one allocation per changed session (the removed list), not two.
+        let removed: Vec<SessionGrant> = s.grants.extract_if(.., |g| !keeps(g)).collect();
         s.updated_at_ms = now;
         out.freed
             .extend(removed.iter().map(|g| (s.source, g.resource_id)));

@@ -291,7 +291,14 @@ fn main() -> anyhow::Result<()> {
     eprintln!("measuring the phases alone…");
     let t = Instant::now();
     for s in &copies {
-        black_box(new.evaluate(&s.identity, s.source));
+        // What re-evaluation asks of each session: which of its grants a matching rule keeps.
+        let applicable = new.applicable(&s.identity, s.source);
+        black_box(
+            s.grants
+                .iter()
+                .filter(|g| applicable.reaches(g.resource_id))
+                .count(),
+        );
     }
     let evaluate = t.elapsed();
     let t = Instant::now();
@@ -355,9 +362,9 @@ fn main() -> anyhow::Result<()> {
                    re-evaluated, table and kernel updated: the target), then on to \
                    Sessions::record_policy_change returning (audit events and session records \
                    committed with fsync, in slices); no flows, so none severed. Phases then timed \
-                   alone on the same sessions: evaluate() of all, one batch withdrawal of all \
-                   (grants re-written first), sharing all sessions (Sessions::all), one commit \
-                   of the same writes. RSS: /proc/self/status; this process holds what the agent holds \
+                   alone on the same sessions: the applicable rules of each (one thread), one \
+                   batch withdrawal of all (grants re-written first), sharing all sessions \
+                   (Sessions::all), one commit of the same writes. RSS: /proc/self/status; this process holds what the agent holds \
                    (table, store and cache, policy, maps) but not its TLS and socket servers",
         "grant_map_capacity": grant_capacity,
         "sessions_requested": args.sessions,
