@@ -41,6 +41,32 @@ pub fn agent_bin() -> PathBuf {
     .clone()
 }
 
+/// Makes [`agent_bin`] the release build (built now if stale) unless `$FLOWWARDEN_BIN` names
+/// one: benchmarks and the soak measure the agent as it ships, not the debug build's settings.
+///
+/// # Errors
+/// The release build fails.
+pub fn use_release_agent() -> anyhow::Result<()> {
+    if std::env::var_os("FLOWWARDEN_BIN").is_some() {
+        return Ok(());
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "-p", "flowwarden"])
+        .args(["--bin", "flowwarden"])
+        .current_dir(workspace)
+        .status()?;
+    if !status.success() {
+        anyhow::bail!("cargo build --release -p flowwarden failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    // SAFETY: called first thing in main, before this process starts any thread.
+    unsafe { std::env::set_var("FLOWWARDEN_BIN", target.join("release/flowwarden")) };
+    Ok(())
+}
+
 /// A scratch directory for one agent's config and policies, removed on drop.
 pub struct Scratch {
     pub dir: PathBuf,

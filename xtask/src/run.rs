@@ -125,7 +125,7 @@ pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>) -> Result<()> {
 pub fn soak(kills: u32) -> Result<()> {
     setup()?;
     let out = workspace_root().join("target/bench/soak.json");
-    let mut run = cargo(["run", "-p", TESTS_CRATE, "--bin", "soak", "--"]);
+    let mut run = cargo(["run", "--release", "-p", TESTS_CRATE, "--bin", "soak", "--"]);
     run.args(["--kills", &kills.to_string()])
         .arg("--out")
         .arg(&out);

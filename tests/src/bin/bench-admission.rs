@@ -152,28 +152,6 @@ impl Bench {
     }
 }
 
-/// Runs the release agent: a debug agent would measure the compiler's settings, not the agent.
-fn use_release_agent() -> anyhow::Result<()> {
-    if std::env::var_os("FLOWWARDEN_BIN").is_some() {
-        return Ok(());
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "--quiet", "-p", "flowwarden"])
-        .args(["--bin", "flowwarden"])
-        .current_dir(workspace)
-        .status()?;
-    if !status.success() {
-        bail!("cargo build --release -p flowwarden failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    // SAFETY: called first thing in main, before this process starts any thread.
-    unsafe { std::env::set_var("FLOWWARDEN_BIN", target.join("release/flowwarden")) };
-    Ok(())
-}
-
 /// ES256 development tokens with distinct subjects.
 fn mint(keys: &Path, count: usize) -> anyhow::Result<Vec<String>> {
     let kid = dev::kid_of(&keys.join(dev::JWKS_FILE))?;
@@ -324,7 +302,7 @@ fn main() -> anyhow::Result<()> {
     if !require_root("bench-admission") {
         bail!("the admission benchmark runs an agent in network namespaces: run it as root");
     }
-    use_release_agent()?;
+    flowwarden_tests::agent_proc::use_release_agent()?;
     let load_before = loadavg();
     let mut bench = Bench::start()?;
     let fingerprint = bench.status()?["admission"]["fingerprint"]

@@ -4,7 +4,7 @@
 //! answers and the agent's CPU, as JSON.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -82,28 +82,6 @@ fn parse_args() -> anyhow::Result<Args> {
         );
     }
     Ok(a)
-}
-
-/// Runs the release agent: a debug agent would measure the compiler's settings.
-fn use_release_agent() -> anyhow::Result<()> {
-    if std::env::var_os("FLOWWARDEN_BIN").is_some() {
-        return Ok(());
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "--quiet", "-p", "flowwarden"])
-        .args(["--bin", "flowwarden"])
-        .current_dir(workspace)
-        .status()?;
-    if !status.success() {
-        bail!("cargo build --release -p flowwarden failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    // SAFETY: called first thing in main, before this process starts any thread.
-    unsafe { std::env::set_var("FLOWWARDEN_BIN", target.join("release/flowwarden")) };
-    Ok(())
 }
 
 /// utime + stime of a /proc/…/stat file in clock ticks (fields 14 and 15, counted after the
@@ -213,7 +191,7 @@ fn main() -> anyhow::Result<()> {
     if !require_root("bench-flood") {
         bail!("the flood benchmark runs an agent in network namespaces: run it as root");
     }
-    use_release_agent()?;
+    flowwarden_tests::agent_proc::use_release_agent()?;
     let load_before = loadavg();
     // The product's default rate limit: what a flood meets on a stock agent.
     let stack = FloodStack::start("bflood", POLICY, "", args.flooders + args.legit)?;

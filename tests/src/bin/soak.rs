@@ -52,6 +52,9 @@ fn parse_args() -> anyhow::Result<Args> {
 
 fn main() -> anyhow::Result<ExitCode> {
     let args = parse_args()?;
+    // The agent as it ships: a debug agent's start is several times slower, and `status`
+    // within 1 s of the start is one of the figures.
+    flowwarden_tests::agent_proc::use_release_agent()?;
     if !require_root("soak") {
         bail!("the soak needs root (network namespaces, bpffs)");
     }
