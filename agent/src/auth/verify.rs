@@ -154,16 +154,35 @@ impl Verifier {
     /// # Errors
     /// The [`Rejection`] that refused the token; nothing is accepted on any failure.
     pub fn verify(&self, token: &str, now_secs: u64) -> Result<Identity, Rejection> {
+        match self.attempt(token, now_secs, Fetch::Allowed) {
+            Ok(identity) => Ok(identity),
+            Err(Stop::Rejected(rejection)) => Err(rejection),
+            // Only returned when fetching is not allowed.
+            Err(Stop::WouldFetch) => Err(Rejection::UnknownKey),
+        }
+    }
+
+    /// [`Verifier::verify`] without ever blocking: `None` when the answer needs a key fetch
+    /// (then call `verify` from a blocking context). Admissions verify here first, on the
+    /// async worker: handing every token to a blocking thread cost two context switches per
+    /// admission for the rare one that needs the network.
+    pub fn verify_cached(&self, token: &str, now_secs: u64) -> Option<Result<Identity, Rejection>> {
+        match self.attempt(token, now_secs, Fetch::NotNow) {
+            Ok(identity) => Some(Ok(identity)),
+            Err(Stop::Rejected(rejection)) => Some(Err(rejection)),
+            Err(Stop::WouldFetch) => None,
+        }
+    }
+
+    fn attempt(&self, token: &str, now_secs: u64, fetch: Fetch) -> Result<Identity, Stop> {
         if token.len() > MAX_TOKEN_BYTES {
-            return Err(Rejection::TooLarge);
+            return Err(Rejection::TooLarge.into());
         }
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(malformed(
-                "expected three base64url parts separated by dots",
-            ));
+            return Err(malformed("expected three base64url parts separated by dots").into());
         };
         let header_json = b64(h64).ok_or_else(|| malformed("the header is not base64url"))?;
         // From text, not bytes: serde_json skips the members it does not need without checking
@@ -173,12 +192,10 @@ impl Verifier {
         let header: Header = serde_json::from_str(header_text)
             .map_err(|_| malformed("the header is not a JSON object with a string alg"))?;
         if header.crit.is_some() {
-            return Err(malformed(
-                "critical header extensions (crit) are not supported",
-            ));
+            return Err(malformed("critical header extensions (crit) are not supported").into());
         }
         if header.alg.trim().eq_ignore_ascii_case("none") {
-            return Err(not_allowed(&header.alg));
+            return Err(not_allowed(&header.alg).into());
         }
 
         // Unverified: read only to choose the issuer's config; trusted after the signature.
@@ -190,9 +207,10 @@ impl Verifier {
             None => {
                 return Err(Rejection::MissingClaim {
                     claim: "iss".into(),
-                });
+                }
+                .into());
             }
-            Some(_) => return Err(malformed("iss must be a string")),
+            Some(_) => return Err(malformed("iss must be a string").into()),
         };
         let issuer = self
             .shared
@@ -206,7 +224,7 @@ impl Verifier {
 
         let signature = b64(s64).ok_or_else(|| malformed("the signature is not base64url"))?;
         let signed = &token.as_bytes()[..h64.len() + 1 + p64.len()];
-        issuer.check_signature(header.kid.as_deref(), alg, signed, &signature)?;
+        issuer.check_signature(header.kid.as_deref(), alg, signed, &signature, fetch)?;
 
         let iss = iss.clone();
         let rules = ClaimRules {
@@ -214,7 +232,7 @@ impl Verifier {
             mapping: &issuer.mapping,
             leeway_secs: self.shared.leeway_secs,
         };
-        claims::identity(iss, claims, token, now_secs, &rules)
+        Ok(claims::identity(iss, claims, token, now_secs, &rules)?)
     }
 
     /// Each issuer's key state, for status displays.
@@ -255,26 +273,50 @@ impl Issuer {
         alg: Alg,
         signed: &[u8],
         signature: &[u8],
-    ) -> Result<(), Rejection> {
+        fetch: Fetch,
+    ) -> Result<(), Stop> {
         let keys = self.keys.snapshot();
         let outcome = match keys.verify(kid, alg, signed, signature) {
+            KeyOutcome::NoKey if fetch == Fetch::NotNow => return Err(Stop::WouldFetch),
             KeyOutcome::NoKey => match self.keys.refresh_on_demand(&keys) {
                 OnDemand::Fresh(newer) => newer.verify(kid, alg, signed, signature),
                 OnDemand::NotNow { .. } if keys.loaded => KeyOutcome::NoKey,
                 OnDemand::NotNow { last_error } => {
-                    return Err(Rejection::KeysUnavailable {
+                    return Err(Stop::Rejected(Rejection::KeysUnavailable {
                         detail: last_error.unwrap_or_else(|| "keys are not loaded yet".into()),
-                    });
+                    }));
                 }
-                OnDemand::Failed(detail) => return Err(Rejection::KeysUnavailable { detail }),
+                OnDemand::Failed(detail) => {
+                    return Err(Stop::Rejected(Rejection::KeysUnavailable { detail }));
+                }
             },
             known => known,
         };
         match outcome {
             KeyOutcome::Verified => Ok(()),
-            KeyOutcome::BadSignature => Err(Rejection::BadSignature),
-            KeyOutcome::NoKey => Err(Rejection::UnknownKey),
+            KeyOutcome::BadSignature => Err(Stop::Rejected(Rejection::BadSignature)),
+            KeyOutcome::NoKey => Err(Stop::Rejected(Rejection::UnknownKey)),
         }
+    }
+}
+
+/// Whether a verification may fetch keys (and so block).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    Allowed,
+    NotNow,
+}
+
+/// Why a verification attempt stopped short of an identity.
+enum Stop {
+    Rejected(Rejection),
+    /// The keys it needs are not cached, and fetching was not allowed.
+    WouldFetch,
+}
+
+impl From<Rejection> for Stop {
+    fn from(rejection: Rejection) -> Self {
+        Stop::Rejected(rejection)
     }
 }
 

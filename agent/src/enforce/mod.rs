@@ -234,7 +234,7 @@ impl Enforcer {
     /// later instead of the sweep walking a million flows every second.
     pub fn sweep_flows(
         &self,
-        sever: impl Fn(&FlowKey, &Flow) -> bool,
+        mut sever: impl FnMut(&FlowKey, &Flow) -> bool,
     ) -> (Vec<(FlowKey, Flow)>, Arc<FlowCensus>) {
         if let Some(last) = self.last_census().filter(|c| c.stands_in(Instant::now())) {
             return (Vec::new(), last);

@@ -65,6 +65,43 @@ fn unusable_keys_are_skipped_not_fatal() {
     assert_eq!(code(&verifier.verify(&token, NOW)), "ok");
 }
 
+/// Admissions try `verify_cached` on the async worker first: it must answer from cached keys
+/// exactly as `verify` does (accepting and rejecting), and defer, never reject, when only a
+/// key fetch could answer.
+#[test]
+fn verify_cached_answers_from_cached_keys_and_defers_what_needs_a_fetch() {
+    let dev = DevIssuer::new("keys-cached");
+    let verifier = Verifier::new(&config(vec![dev.issuer(&["ES256"])])).expect("verifier");
+    let claims = DevClaims::new("alice");
+    let old = dev::token(&dev.keys.private_key, &dev.keys.kid, &claims, NOW).expect("old token");
+    let cached = verifier
+        .verify_cached(&old, NOW)
+        .expect("answered from the cache");
+    assert_eq!(cached.expect("verified").subject, "alice");
+    // One signature character changed, away from the end (whose spare bits must stay zero).
+    let at = old.len() - 10;
+    let swapped = if &old[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &old[..at], &old[at + 1..]);
+    assert_eq!(
+        verifier.verify_cached(&forged, NOW).map(|r| code(&r)),
+        Some("bad_signature"),
+        "a rejection needs no fetch"
+    );
+
+    let rotated = dev::keygen(dev.dir.path()).expect("rotate");
+    let new = dev::token(&rotated.private_key, &rotated.kid, &claims, NOW).expect("new token");
+    assert!(
+        verifier.verify_cached(&new, NOW).is_none(),
+        "an unknown kid is left to verify(), which may re-read the keys"
+    );
+    assert_eq!(code(&verifier.verify(&new, NOW)), "ok");
+    assert_eq!(
+        verifier.verify_cached(&new, NOW).map(|r| code(&r)),
+        Some("ok"),
+        "cached from then on"
+    );
+}
+
 #[test]
 fn rotated_file_is_picked_up_on_an_unknown_kid() {
     let dev = DevIssuer::new("keys-rotate");
