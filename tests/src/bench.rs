@@ -13,6 +13,62 @@ use flowwarden::{
 };
 use serde_json::{Value, json};
 
+/// How idle CPUs wait while a latency benchmark runs.
+///
+/// On this VM (cpuidle driver haltpoll, no guest halt polling) an idle vCPU halts, and waking
+/// it took up to several milliseconds while the host ran other guests. A kernel trace of the
+/// revoke benchmark showed payloads queued on the server's socket, `sk_data_ready` fired, and
+/// the reader's vCPU asleep for 3 ms: the machine's wake-up, not the product, set the tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Idle {
+    /// Holds `/dev/cpu_dma_latency` at 0 µs for the run, as cyclictest and tuned's
+    /// latency-performance profile do: idle CPUs poll instead of halting.
+    Poll,
+    /// The machine's own idle policy.
+    Default,
+}
+
+impl Idle {
+    /// `poll` or `default`, as given to `--idle`.
+    ///
+    /// # Errors
+    /// Anything else.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "poll" => Ok(Self::Poll),
+            "default" => Ok(Self::Default),
+            other => anyhow::bail!("--idle {other}: use poll or default"),
+        }
+    }
+
+    /// Makes the request; it lasts as long as the returned file stays open.
+    ///
+    /// # Errors
+    /// `/dev/cpu_dma_latency` cannot be opened or written (not root, or no PM QoS).
+    pub fn hold(self) -> anyhow::Result<Option<std::fs::File>> {
+        use anyhow::Context as _;
+        use std::io::Write as _;
+        if self == Self::Default {
+            return Ok(None);
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu_dma_latency")
+            .context("opening /dev/cpu_dma_latency (or run with --idle default)")?;
+        f.write_all(&0i32.to_ne_bytes())
+            .context("asking /dev/cpu_dma_latency for 0 µs")?;
+        Ok(Some(f))
+    }
+
+    /// For the report's `machine`: this setting and the kernel's cpuidle driver.
+    pub fn describe(self) -> Value {
+        let driver = std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver")
+            .map_or_else(|_| "none".to_owned(), |d| d.trim().to_owned());
+        json!({ "idle": self, "cpuidle_driver": driver })
+    }
+}
+
 /// The first three fields of /proc/loadavg ("1.20 0.80 0.50").
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -41,6 +41,10 @@ enum Task {
         /// Forwarded to the benchmark as `--runs N`.
         #[arg(long, value_name = "N")]
         runs: Option<u32>,
+        /// Further arguments for the benchmark itself, after `--` (e.g. `revoke -- --idle
+        /// default`).
+        #[arg(last = true)]
+        args: Vec<OsString>,
     },
     /// Run setup, then the crash-consistency soak: SIGKILLs of a real agent at random moments
     /// of admissions, terminations and reloads, 100 per fresh stack; counts go to
@@ -90,7 +94,12 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Setup => setup::setup(),
         Task::Test { filter } => run::test(filter.as_deref()),
-        Task::Bench { name, repeat, runs } => run::bench(&name, repeat, runs),
+        Task::Bench {
+            name,
+            repeat,
+            runs,
+            args,
+        } => run::bench(&name, repeat, runs, &args),
         Task::Soak { kills } => run::soak(kills),
         Task::Demo { args } => run::demo(&args),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(&fuzz::FuzzArgs {

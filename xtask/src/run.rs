@@ -84,7 +84,7 @@ pub fn test(filter: Option<&str>) -> Result<()> {
     result
 }
 
-pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>) -> Result<()> {
+pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>, args: &[OsString]) -> Result<()> {
     if !BENCHES.contains(&name) {
         bail!(
             "unknown bench `{name}`; known benches: {}",
@@ -107,16 +107,23 @@ pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>) -> Result<()> {
         &format!("bench-{name}"),
         "--",
     ]);
-    run.arg("--out").arg(&out);
+    // An `--out` among the bench's own arguments wins: the bench takes the last one given.
+    let own_out = args.iter().any(|a| a == "--out");
+    if !own_out {
+        run.arg("--out").arg(&out);
+    }
     if let Some(n) = repeat {
         run.args(["--repeat", &n.to_string()]);
     }
     if let Some(n) = runs {
         run.args(["--runs", &n.to_string()]);
     }
+    run.args(args);
     banner(1, 1, &format!("bench {name}"), &run);
     cmd::run(&mut run)?;
-    println!("\nxtask bench: results in {}", out.display());
+    if !own_out {
+        println!("\nxtask bench: results in {}", out.display());
+    }
     Ok(())
 }
 

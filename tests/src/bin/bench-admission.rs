@@ -2,7 +2,7 @@
 //! tokens against a real agent process, latency under a paced open-loop load, and where the
 //! time goes (token verification and store commits measured alone in the same run), as JSON.
 
-use flowwarden_tests::bench::{command_output, cpu_model, loadavg};
+use flowwarden_tests::bench::{Idle, command_output, cpu_model, loadavg};
 use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
@@ -48,6 +48,8 @@ struct Args {
     rounds: usize,
     /// Client threads of the throughput rounds, one connection each.
     clients: usize,
+    /// Idle vCPUs poll (the default) or halt: see [`Idle`].
+    idle: Idle,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -56,6 +58,7 @@ fn parse_args() -> anyhow::Result<Args> {
         per_round: 20_000,
         rounds: 3,
         clients: 32,
+        idle: Idle::Poll,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -66,9 +69,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--repeat" => a.per_round = n()?,
             "--runs" => a.rounds = n()?,
             "--clients" => a.clients = n()?,
+            "--idle" => a.idle = Idle::parse(&value)?,
             other => bail!(
                 "unknown argument {other}: use --out FILE --repeat ADMISSIONS_PER_ROUND \
-                 --runs ROUNDS --clients N"
+                 --runs ROUNDS --clients N --idle poll|default"
             ),
         }
     }
@@ -303,6 +307,8 @@ fn main() -> anyhow::Result<()> {
         bail!("the admission benchmark runs an agent in network namespaces: run it as root");
     }
     flowwarden_tests::agent_proc::use_release_agent()?;
+    // Held until main returns: the whole run measures with the same idle policy.
+    let _idle = args.idle.hold()?;
     let load_before = loadavg();
     let mut bench = Bench::start()?;
     let fingerprint = bench.status()?["admission"]["fingerprint"]
@@ -373,6 +379,7 @@ fn main() -> anyhow::Result<()> {
             "kernel": command_output("uname", &["-r"]),
             "cpu": cpu_model(),
             "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "idle": args.idle.describe(),
         },
         "loadavg_before": load_before,
         "loadavg_after": load_after,

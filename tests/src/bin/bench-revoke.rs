@@ -1,7 +1,7 @@
 //! `cargo xtask bench revoke`: how fast `sessions terminate` severs a live stream and a live
 //! `ssh`, and where the time goes (RPC, map write, socket destroy, store commit), as JSON.
 
-use flowwarden_tests::bench::{command_output, loadavg};
+use flowwarden_tests::bench::{Idle, command_output, loadavg};
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
@@ -68,10 +68,12 @@ const TICKER: &str = "while date +%s%N; do sleep 0.01; done";
 const PEERS: [(&str, f64); 2] = [("Border0", 2000.0), ("OpenZiti (polling)", 5000.0)];
 
 fn main() -> anyhow::Result<()> {
-    let (out, runs) = parse_args()?;
+    let (out, runs, idle) = parse_args()?;
     if !require_root("bench-revoke") {
         bail!("the revoke benchmark runs an agent in network namespaces: run it as root");
     }
+    // Held until main returns: the whole run measures with the same idle policy.
+    let _idle = idle.hold()?;
     let bin = release_agent()?;
     let load_before = loadavg();
     let stack = Stack::start("rvk", POLICY, "");
@@ -115,7 +117,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{}/{runs} runs, {}/{ssh_runs} ssh runs", a.len(), b.len());
         }
     }
-    let report = report(&a, &b, failures, load_before);
+    let report = report(&a, &b, failures, load_before, idle);
     print_summary(&report);
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -126,21 +128,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_args() -> anyhow::Result<(PathBuf, usize)> {
+fn parse_args() -> anyhow::Result<(PathBuf, usize, Idle)> {
     let (mut out, mut runs) = (PathBuf::from("target/bench/revoke.json"), 200);
+    let mut idle = Idle::Poll;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--out" => out = PathBuf::from(value()?),
             "--runs" => runs = value()?.parse().context("--runs")?,
+            "--idle" => idle = Idle::parse(&value()?)?,
             // xtask may forward it to any bench; one terminate has nothing to repeat.
             "--repeat" => drop(value()?),
-            other => bail!("unknown argument {other}: use --out FILE --runs N"),
+            other => bail!("unknown argument {other}: use --out FILE --runs N --idle poll|default"),
         }
     }
     ensure!(runs > 0, "--runs must be at least 1");
-    Ok((out, runs))
+    Ok((out, runs, idle))
 }
 
 /// The agent and CLI as shipped (release), unless `$FLOWWARDEN_BIN` names one: the tests'
@@ -190,6 +194,8 @@ struct Ctx<'a> {
 #[derive(Serialize)]
 struct StreamRun {
     stream: StreamOutcome,
+    /// CLOCK_MONOTONIC at the call's start, to line a run up with a kernel trace.
+    t0_ns: u64,
     /// Start to return of `sessions.terminate`.
     call_ms: f64,
     /// The agent's revocation stamp (taken just before its map write), minus t0.
@@ -247,9 +253,11 @@ impl Ctx<'_> {
     fn stream_run(&mut self, run: usize) -> anyhow::Result<StreamRun> {
         let id = self.login()?;
         let stream = Stream::start(self.stack, &self.stream_listener)?;
-        // Connected before the clock starts, as a tool holding the socket open would be; the
-        // CLI's connect is in (b).
+        // Connected and answered once before the clock starts, as a console holding the socket
+        // open would be: the agent has accepted it and checked its peer. The CLI's connect is
+        // in (b).
         let mut rpc = RpcClient::connect(&self.stack.socket)?;
+        rpc.call("status", Value::Null)?;
         let params = json!({"ids": [id], "reason": "bench"});
         let t0 = monotonic_ns();
         let answer = rpc.call("sessions.terminate", params);
@@ -260,6 +268,7 @@ impl Ctx<'_> {
         let since = |t: u64| (t != 0).then(|| ms(t as i64 - t0 as i64));
         Ok(StreamRun {
             stream,
+            t0_ns: t0,
             call_ms: ms((t1 - t0) as i64),
             to_map_write_ms: revocation.and_then(|r| since(r.revoked_at_ns)),
             to_first_drop_ms: revocation.and_then(|r| since(r.first_drop_ns)),
@@ -488,55 +497,61 @@ impl Stream {
         let last_recv = Arc::new(AtomicU64::new(0));
         let received = Arc::new(AtomicUsize::new(0));
         let halt = stop.clone();
-        let writer = thread::spawn(move || {
-            realtime();
-            let (mut sent, mut failed) = (Vec::new(), None);
-            for seq in 0u64.. {
-                if halt.load(Relaxed) {
-                    break;
+        let writer = thread::Builder::new()
+            .name("stream-writer".into())
+            .spawn(move || {
+                realtime();
+                let (mut sent, mut failed) = (Vec::new(), None);
+                for seq in 0u64.. {
+                    if halt.load(Relaxed) {
+                        break;
+                    }
+                    let stamp = monotonic_ns();
+                    let mut payload = [0u8; 16];
+                    payload[..8].copy_from_slice(&seq.to_le_bytes());
+                    payload[8..].copy_from_slice(&stamp.to_le_bytes());
+                    if let Err(e) = client.write_all(&payload) {
+                        failed = Some((monotonic_ns(), e.kind()));
+                        break;
+                    }
+                    sent.push(stamp);
+                    thread::sleep(WRITE_EVERY);
                 }
-                let stamp = monotonic_ns();
-                let mut payload = [0u8; 16];
-                payload[..8].copy_from_slice(&seq.to_le_bytes());
-                payload[8..].copy_from_slice(&stamp.to_le_bytes());
-                if let Err(e) = client.write_all(&payload) {
-                    failed = Some((monotonic_ns(), e.kind()));
-                    break;
-                }
-                sent.push(stamp);
-                thread::sleep(WRITE_EVERY);
-            }
-            (sent, failed)
-        });
+                (sent, failed)
+            })?;
         let (halt, last, count) = (stop.clone(), last_recv.clone(), received.clone());
-        let reader = thread::spawn(move || {
-            realtime();
-            let (mut got, mut pending, mut buf) = (Vec::new(), Vec::new(), [0u8; 4096]);
-            loop {
-                let closed = match server.read(&mut buf) {
-                    Ok(0) => monotonic_ns(),
-                    Ok(n) => {
-                        let at = monotonic_ns();
-                        pending.extend_from_slice(&buf[..n]);
-                        let whole = pending.len() / 16 * 16;
-                        for p in pending.drain(..whole).collect::<Vec<_>>().chunks(16) {
-                            got.push((u64::from_le_bytes(p[8..].try_into().unwrap()), at));
+        let reader = thread::Builder::new()
+            .name("stream-reader".into())
+            .spawn(move || {
+                realtime();
+                let (mut got, mut pending, mut buf) = (Vec::new(), Vec::new(), [0u8; 4096]);
+                loop {
+                    let closed = match server.read(&mut buf) {
+                        Ok(0) => monotonic_ns(),
+                        Ok(n) => {
+                            let at = monotonic_ns();
+                            pending.extend_from_slice(&buf[..n]);
+                            let whole = pending.len() / 16 * 16;
+                            for p in pending.drain(..whole).collect::<Vec<_>>().chunks(16) {
+                                got.push((u64::from_le_bytes(p[8..].try_into().unwrap()), at));
+                            }
+                            last.store(at, Relaxed);
+                            count.store(got.len(), Relaxed);
+                            continue;
                         }
-                        last.store(at, Relaxed);
-                        count.store(got.len(), Relaxed);
-                        continue;
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                        if halt.load(Relaxed) {
-                            break (got, None);
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                        {
+                            if halt.load(Relaxed) {
+                                break (got, None);
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                    Err(_) => monotonic_ns(),
-                };
-                break (got, Some(closed));
-            }
-        });
+                        Err(_) => monotonic_ns(),
+                    };
+                    break (got, Some(closed));
+                }
+            })?;
         wait_for(Duration::from_secs(3), "the stream flows", || {
             received.load(Relaxed) >= WARM_PAYLOADS
         })?;
@@ -662,7 +677,13 @@ struct Report {
     samples: Value,
 }
 
-fn report(a: &[StreamRun], b: &[SshRun], failures: Vec<String>, load_before: String) -> Report {
+fn report(
+    a: &[StreamRun],
+    b: &[SshRun],
+    failures: Vec<String>,
+    load_before: String,
+    idle: Idle,
+) -> Report {
     let samples = json!({ "a": a, "b": b });
     let mut columns = BTreeMap::new();
     for (group, runs) in samples.as_object().into_iter().flatten() {
@@ -688,11 +709,13 @@ fn report(a: &[StreamRun], b: &[SshRun], failures: Vec<String>, load_before: Str
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
             "agent_binary": std::env::var("FLOWWARDEN_BIN").unwrap_or_default(),
+            "idle": idle.describe(),
         }),
         method: "one agent stack (namespace pair) for the whole run. Each run: a fresh login, \
                  then a TCP stream through a grant of 16-byte payloads every ~250 µs stamped \
                  with CLOCK_MONOTONIC (writer and reader SCHED_FIFO so that load does not stretch \
-                 it), read until 200 ms of silence. (a) sessions.terminate from a connected \
+                 it), read until 200 ms of silence. machine.idle poll: /dev/cpu_dma_latency held \
+                 at 0 for the run (idle vCPUs poll rather than halt; see --idle default). (a) sessions.terminate from a connected \
                  RpcClient, t0 = call start, t1 = return; map write and first drop are the \
                  kernel's revocation stamps; the parts are timed on their own afterwards. (b) \
                  every few runs a real ssh ticker plus the stream, t0 = spawning `flowwarden \
@@ -731,6 +754,8 @@ fn flatten(path: &str, v: &Value, into: &mut BTreeMap<String, Vec<f64>>) {
     match v {
         Value::Object(m) => m
             .iter()
+            // A clock reading, not a figure.
+            .filter(|(k, _)| k.as_str() != "t0_ns")
             .for_each(|(k, v)| flatten(&format!("{path}.{k}"), v, into)),
         Value::Number(n) => into.entry(path.to_owned()).or_default().extend(n.as_f64()),
         _ => {}
