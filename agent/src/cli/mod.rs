@@ -130,17 +130,18 @@ pub fn command() -> clap::Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (filter, bad_filter) = log_filter(std::env::var_os("FLOWWARDEN_LOG"));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())
                 && std::env::var_os("NO_COLOR").is_none(),
         )
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOWWARDEN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .init();
+    if let Some(why) = bad_filter {
+        tracing::warn!("{why}");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -157,6 +158,31 @@ pub fn main() -> ExitCode {
             let code = e.downcast_ref::<control::Failure>().map_or(1, |f| f.code);
             ExitCode::from(code)
         }
+    }
+}
+
+/// The log filter from `FLOWWARDEN_LOG`, or `info`; with why the variable was not used when it
+/// was set but unusable, so that a typo does not silently log at the wrong level.
+fn log_filter(
+    value: Option<std::ffi::OsString>,
+) -> (tracing_subscriber::EnvFilter, Option<String>) {
+    use tracing_subscriber::EnvFilter;
+    let Some(value) = value else {
+        return (EnvFilter::new("info"), None);
+    };
+    let parsed = match value.to_str() {
+        Some(text) => EnvFilter::try_new(text).map_err(|e| format!("{text:?}: {e}")),
+        None => Err(format!("{value:?} is not UTF-8")),
+    };
+    match parsed {
+        Ok(filter) => (filter, None),
+        Err(why) => (
+            EnvFilter::new("info"),
+            Some(format!(
+                "FLOWWARDEN_LOG {why}; logging at info. Use a level (error, warn, info, debug, \
+                 trace) or directives such as info,flowwarden::auth=debug"
+            )),
+        ),
     }
 }
 
@@ -232,5 +258,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut command(), "flowwarden", &mut std::io::stdout());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn a_bad_log_filter_is_reported_not_ignored() {
+        for good in [None, Some("debug"), Some("info,flowwarden::auth=debug")] {
+            let (_, why) = log_filter(good.map(Into::into));
+            assert_eq!(why, None, "{good:?}");
+        }
+        let (filter, why) = log_filter(Some("info,flowwarden=loud".into()));
+        let why = why.expect("an unknown level is reported");
+        assert!(
+            why.contains("\"info,flowwarden=loud\"") && why.contains("logging at info"),
+            "{why}"
+        );
+        assert_eq!(filter.to_string(), "info");
     }
 }
