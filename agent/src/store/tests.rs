@@ -8,8 +8,22 @@ use super::{
 };
 use crate::{audit::event::AuditKind, sessions::model::SessionState};
 
+/// Opens the store, waiting out a lock still held for a moment by a child of another test.
+///
+/// Tests that spawn processes run alongside: between its fork and its exec, a child holds a
+/// copy of every descriptor of this process, the locked state file's too, and with it the
+/// lock of a store a test just closed. A lock never released still fails after 5 s.
 pub(super) fn open(path: &Path) -> Store {
-    Store::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(path) {
+            Ok(store) => return store,
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        }
+    }
 }
 
 pub(super) fn revocation(by: &str) -> RevocationRecord {
