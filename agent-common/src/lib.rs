@@ -5,7 +5,12 @@
 //! here too, so the kernel programs and the `datapath` module cannot drift apart.
 #![no_std]
 
-/// Names of the maps, as pinned under `<pin dir>/maps/`.
+#[cfg(feature = "user")]
+extern crate alloc;
+
+/// Names of the maps, as pinned under `<pin dir>/maps/`. The eBPF side's `#[map(name = ...)]`
+/// takes only a literal, so a test of the agent parses the built object and holds its map
+/// names to [`map_names::IN_OBJECT`].
 ///
 /// BPF object names are limited to 15 characters; these stay inside that limit.
 pub mod map_names {
@@ -13,8 +18,8 @@ pub mod map_names {
     pub const RESOURCE_DSTS: &str = "FW_RES_DSTS";
     pub const GRANTS: &str = "FW_GRANTS";
     pub const FLOWS: &str = "FW_FLOWS";
-    pub const REVOKED: &str = "FW_REVOKED";
-    pub const SESSION_STATS: &str = "FW_SESS_STATS";
+    /// One slot per live session: its revocation state and its counters.
+    pub const SESSIONS: &str = "FW_SESSIONS";
     pub const STATS: &str = "FW_STATS";
     pub const EVENTS: &str = "FW_EVENTS";
     pub const CONFIG: &str = "FW_CONFIG";
@@ -22,21 +27,44 @@ pub mod map_names {
     /// aya-log's ring buffer (its name is aya-log-ebpf's). The agent pins it too, so that a
     /// restarted agent reads the log records of the programs it adopted.
     pub const KERNEL_LOGS: &str = "AYA_LOGS";
+    /// Per-CPU pacing of log records; never pinned.
+    pub const LOG_RATE: &str = "FW_LOG_RATE";
+    /// The benchmark floor program's map; never pinned.
+    pub const BENCH_FLOOR: &str = "FW_BENCH";
 
     /// Every pinned map, for adoption and for `datapath detach`.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 10] = [
         RESOURCE_PORTS,
         RESOURCE_DSTS,
         GRANTS,
         FLOWS,
-        REVOKED,
-        SESSION_STATS,
+        SESSIONS,
         STATS,
         EVENTS,
         CONFIG,
         DENY_RATE,
         KERNEL_LOGS,
     ];
+
+    /// Every map the kernel programs define, pinned or not.
+    pub const IN_OBJECT: [&str; 12] = [
+        RESOURCE_PORTS,
+        RESOURCE_DSTS,
+        GRANTS,
+        FLOWS,
+        SESSIONS,
+        STATS,
+        EVENTS,
+        CONFIG,
+        DENY_RATE,
+        KERNEL_LOGS,
+        LOG_RATE,
+        BENCH_FLOOR,
+    ];
+
+    /// Maps of the layout before session slots (revocations and session counters in two
+    /// hashes keyed by session id). Finding one pinned means the pins are of that layout.
+    pub const LEGACY: [&str; 2] = ["FW_REVOKED", "FW_SESS_STATS"];
 }
 
 /// The kernel programs' log records (aya-log): rare events, never one per packet.
@@ -66,14 +94,17 @@ pub mod map_sizes {
     /// One slot per (protocol, port): TCP ports first, then UDP ports.
     pub const RESOURCE_PORTS: u32 = 2 * 65_536;
     pub const RESOURCE_DSTS: u32 = 4_096;
-    /// Revocations and session counters are allocated on demand (no prealloc): room for well
-    /// over 100,000 sessions without pinning that memory up front. Grants are preallocated
+    /// Grants are preallocated
     /// (24 MiB of kernel memory): a policy change that withdraws 100,000 of them deletes
     /// twice as fast without the allocator's frees (35 ms instead of 70–90).
     pub const GRANTS: u32 = 262_144;
     pub const FLOWS: u32 = 262_144;
-    pub const REVOKED: u32 = 262_144;
-    pub const SESSION_STATS: u32 = 262_144;
+    /// Session slots, preallocated (64 bytes each: 16 MiB). Resized at load time from
+    /// `[datapath] session_slots`. Slot 0 is never handed out, so a zeroed grant or flow
+    /// names no session.
+    pub const SESSIONS: u32 = 262_144;
+    /// Live flows one session may hold unless `[datapath] session_flow_limit` says otherwise.
+    pub const SESSION_FLOW_LIMIT: u32 = 4_096;
     pub const STATS: u32 = super::stat::COUNT;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     pub const CONFIG: u32 = 4;
@@ -102,6 +133,9 @@ pub mod config {
     pub const MODE_ENFORCE: u32 = 0;
     /// Count what would be dropped, and pass it.
     pub const MODE_MONITOR: u32 = 1;
+    /// Index of the per-session flow budget: live flows one session may hold. Zero (a map the
+    /// agent has not configured yet) means no budget; the table's own size still bounds it.
+    pub const SESSION_FLOW_LIMIT: u32 = 1;
 }
 
 /// Indices of the global per-CPU counters. Drops are counted by reason; in monitor mode
@@ -111,14 +145,16 @@ pub mod stat {
     pub const DROP_REVOKED: u32 = 1;
     pub const DROP_FLOW_TABLE_FULL: u32 = 2;
     pub const DROP_MALFORMED: u32 = 3;
+    /// A new flow of a session that already holds its budget of live flows.
+    pub const DROP_SESSION_FLOW_LIMIT: u32 = 4;
     /// Number of drop reasons.
-    pub const DROP_REASONS: u32 = 4;
-    pub const MONITOR_OFFSET: u32 = 4;
-    pub const FLOWS_OPENED: u32 = 8;
-    pub const EVENTS_LOST: u32 = 9;
-    pub const DENIED_EVENTS_SUPPRESSED: u32 = 10;
+    pub const DROP_REASONS: u32 = 5;
+    pub const MONITOR_OFFSET: u32 = 5;
+    pub const FLOWS_OPENED: u32 = 10;
+    pub const EVENTS_LOST: u32 = 11;
+    pub const DENIED_EVENTS_SUPPRESSED: u32 = 12;
     /// Replies of a revoked flow let out because they carry a TCP RST.
-    pub const RST_PASSED_AFTER_REVOKE: u32 = 11;
+    pub const RST_PASSED_AFTER_REVOKE: u32 = 13;
     pub const COUNT: u32 = 16;
 }
 
@@ -164,6 +200,9 @@ pub struct GrantKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Grant {
     pub session_id: u64,
+    /// The session's slot in the session table; a flow opened through the grant records it.
+    pub slot: u32,
+    pub _pad: u32,
 }
 
 /// A 5-tuple as seen on ingress to the resource: `src` is the client, `dst` the resource.
@@ -181,12 +220,16 @@ pub struct FlowKey {
 
 /// A flow's owner and counters. `rx` is client → resource, `tx` is resource → client.
 /// Counters are added atomically: several CPUs may carry the same flow.
+///
+/// `slot` is the owner's slot in the session table and `session_id` is the generation the
+/// slot must still carry: session ids are 64-bit and never reused, so a slot handed to
+/// another session since never gives this flow that session's verdict (it is dropped).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub session_id: u64,
     pub resource_id: u32,
-    pub _pad: u32,
+    pub slot: u32,
     /// CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`, a tick's precision) at creation.
     pub created_ns: u64,
     /// CLOCK_MONOTONIC_COARSE of the last packet either way.
@@ -197,25 +240,32 @@ pub struct Flow {
     pub tx_bytes: u64,
 }
 
-/// Value of the revoked-session set.
+/// An element of the session table: one per live (or recently ended) session, preallocated,
+/// so that an established packet reaches its session's verdict and counters with an array
+/// lookup the verifier inlines, after its flow's hash lookup.
+///
+/// The agent maps the table into its memory (`BPF_F_MMAPABLE`): it claims a slot with a
+/// compare-and-swap on `session_id`, revokes with one store to `revoked_at_ns`, and reads the
+/// counters without a syscall. The kernel only adds to counters and stamps `first_drop_ns`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Revocation {
-    /// CLOCK_MONOTONIC when the agent revoked the session.
+pub struct SessionSlot {
+    /// The session holding the slot; zero when the slot is free.
+    pub session_id: u64,
+    /// CLOCK_MONOTONIC when the agent revoked the session; zero while it is live.
     pub revoked_at_ns: u64,
     /// CLOCK_MONOTONIC of the first packet dropped after revocation; zero until then.
     pub first_drop_ns: u64,
-}
-
-/// Per-session counters kept by the kernel. Live traffic is counted per flow (one map write
-/// per packet, not two); the agent sums a session's flows.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SessionStats {
     pub flows_opened: u64,
+    /// Flows of the session in the flow table, for the per-session budget: the kernel adds
+    /// the ones it opens, the agent the ones it writes, and the agent takes away the ones it
+    /// removes.
+    pub live_flows: u64,
     /// Packets of the session dropped after it was revoked, both directions.
     pub dropped_after_revoke_packets: u64,
     pub dropped_after_revoke_bytes: u64,
+    /// New flows of the session denied because it held its budget of live flows.
+    pub flow_limit_drops: u64,
 }
 
 /// State of the per-CPU limiter for denied-flow events.
@@ -259,6 +309,86 @@ pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
     ]
 }
 
+/// The form every map key uses for an address: IPv6, or IPv4 mapped into IPv6.
+pub fn addr_bytes(addr: core::net::IpAddr) -> [u8; 16] {
+    match addr {
+        core::net::IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The inverse of [`addr_bytes`]: IPv4-mapped addresses come back as IPv4.
+pub fn addr_from_bytes(bytes: [u8; 16]) -> core::net::IpAddr {
+    let v6 = core::net::Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => core::net::IpAddr::V4(v4),
+        None => core::net::IpAddr::V6(v6),
+    }
+}
+
+/// What the kernel's resource tables must hold, as plain entries: policy compiles its
+/// resources into this, and the datapath writes the difference from what it installed last.
+#[cfg(feature = "user")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceEntries {
+    /// Port table index ([`resource_port_index`]) → owner.
+    pub ports: alloc::collections::BTreeMap<u32, ResourcePort>,
+    /// Destination trie entries: (prefix length in bits, key) → resource id.
+    pub dsts: alloc::collections::BTreeMap<(u32, ResourceDstKey), u32>,
+}
+
+/// A [`ResourceDst`] as an ordered key (its bytes), for diffing trie contents.
+#[cfg(feature = "user")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResourceDstKey(pub [u8; 20]);
+
+#[cfg(feature = "user")]
+impl ResourceDstKey {
+    pub fn of(dst: &ResourceDst) -> Self {
+        let mut b = [0u8; 20];
+        b[0] = dst.proto;
+        b[2..4].copy_from_slice(&dst.port_be);
+        b[4..].copy_from_slice(&dst.addr);
+        Self(b)
+    }
+
+    pub fn dst(&self) -> ResourceDst {
+        let b = &self.0;
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&b[4..]);
+        ResourceDst {
+            proto: b[0],
+            _pad: 0,
+            port_be: [b[2], b[3]],
+            addr,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+impl From<&ResourceEntries> for ResourceEntries {
+    fn from(entries: &ResourceEntries) -> Self {
+        entries.clone()
+    }
+}
+
+#[cfg(feature = "user")]
+impl ResourceEntries {
+    /// From a port table and trie entries as (prefix bits, key, resource id).
+    pub fn new(
+        ports: alloc::collections::BTreeMap<u32, ResourcePort>,
+        dsts: impl IntoIterator<Item = (u32, ResourceDst, u32)>,
+    ) -> Self {
+        Self {
+            ports,
+            dsts: dsts
+                .into_iter()
+                .map(|(bits, dst, id)| ((bits, ResourceDstKey::of(&dst)), id))
+                .collect(),
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -271,8 +401,7 @@ mod user {
     unsafe impl aya::Pod for Grant {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
-    unsafe impl aya::Pod for Revocation {}
-    unsafe impl aya::Pod for SessionStats {}
+    unsafe impl aya::Pod for SessionSlot {}
     unsafe impl aya::Pod for RateWindow {}
     unsafe impl aya::Pod for Event {}
 }
@@ -288,11 +417,11 @@ mod tests {
         assert_eq!(size_of::<ResourcePort>(), 8);
         assert_eq!(size_of::<ResourceDst>(), 20);
         assert_eq!(size_of::<GrantKey>(), 20);
-        assert_eq!(size_of::<Grant>(), 8);
+        assert_eq!(size_of::<Grant>(), 16);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 64);
-        assert_eq!(size_of::<Revocation>(), 16);
-        assert_eq!(size_of::<SessionStats>(), 24);
+        // One cache line per session: CPUs counting different sessions never share one.
+        assert_eq!(size_of::<SessionSlot>(), 64);
         assert_eq!(size_of::<Event>(), 72);
     }
 
@@ -302,6 +431,23 @@ mod tests {
         assert_eq!(resource_port_index(IPPROTO_UDP, 22), Some(65_558));
         assert_eq!(resource_port_index(1, 22), None);
         assert!(resource_port_index(IPPROTO_UDP, u16::MAX).unwrap() < map_sizes::RESOURCE_PORTS);
+    }
+
+    #[test]
+    fn addresses_round_trip_through_the_map_form() {
+        for a in ["10.1.2.3", "::1", "fd00::7"] {
+            let addr: core::net::IpAddr = a.parse().unwrap();
+            assert_eq!(addr_from_bytes(addr_bytes(addr)), addr);
+        }
+        let mapped: core::net::IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(
+            addr_from_bytes(addr_bytes(mapped)),
+            "10.0.0.1".parse::<core::net::IpAddr>().unwrap()
+        );
+        assert_eq!(
+            addr_bytes("10.1.2.3".parse().unwrap())[10..],
+            [0xff, 0xff, 10, 1, 2, 3]
+        );
     }
 
     #[test]

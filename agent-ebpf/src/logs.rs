@@ -63,8 +63,8 @@ pub fn malformed(ifindex: u32, len: u64, monitor: bool) {
     }
 }
 
-/// A new flow to a resource that was denied: the flow table was full (warn: the operator
-/// must act), or no grant admits it (debug: the audit log already has these).
+/// A new flow to a resource that was denied: the flow table was full or its session held its
+/// budget of live flows (warn: the operator may have to act), or no grant admits it (debug: the audit log already has these).
 #[inline(always)]
 pub fn denied(reason: u32, key: &FlowKey, resource_id: u32, monitor: bool, now: u64) {
     if reason == stat::DROP_FLOW_TABLE_FULL {
@@ -92,6 +92,20 @@ pub fn denied(reason: u32, key: &FlowKey, resource_id: u32, monitor: bool, now: 
                 key.dst,
                 key.dport,
                 resource_id
+            );
+        }
+    } else if reason == stat::DROP_SESSION_FLOW_LIMIT {
+        if allowed(reason, now) {
+            warn!(
+                &NO_CTX,
+                target: kernel_log::TARGET,
+                "a session holds its budget of live flows: denied the new flow {:i}:{} -> {:i}:{} (resource {}); monitor mode {}; raise [datapath] session_flow_limit if this session is legitimate",
+                key.src,
+                key.sport,
+                key.dst,
+                key.dport,
+                resource_id,
+                monitor as u8
             );
         }
     } else if allowed(reason, now) {

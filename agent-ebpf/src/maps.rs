@@ -1,11 +1,15 @@
 //! Every map of the kernel programs, pinned by name so a restarted agent adopts them.
+//!
+//! `#[map(name = ...)]` takes only a string literal: each one here must equal its constant in
+//! `agent_common::map_names`, and the agent's `map_names_match_the_object` test holds the
+//! built object to that list.
 
 use agent_common::{
-    Event, Flow, FlowKey, Grant, GrantKey, RateWindow, ResourceDst, ResourcePort, Revocation,
-    SessionStats, map_sizes,
+    Event, Flow, FlowKey, Grant, GrantKey, RateWindow, ResourceDst, ResourcePort, SessionSlot,
+    map_sizes,
 };
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
@@ -26,14 +30,11 @@ pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::pinned(map_sizes::GRANTS,
 #[map(name = "FW_FLOWS")]
 pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(map_sizes::FLOWS, 0);
 
-// Never LRU: a revocation must not be evicted by pressure.
-#[map(name = "FW_REVOKED")]
-pub static REVOKED: HashMap<u64, Revocation> =
-    HashMap::pinned(map_sizes::REVOKED, BPF_F_NO_PREALLOC);
-
-#[map(name = "FW_SESS_STATS")]
-pub static SESSION_STATS: HashMap<u64, SessionStats> =
-    HashMap::pinned(map_sizes::SESSION_STATS, BPF_F_NO_PREALLOC);
+// An array, so the verifier inlines its lookups (no helper call, no hashing); mappable, so
+// the agent claims, revokes and reads slots with plain memory operations. Never evicts: a
+// full table refuses admissions in user space.
+#[map(name = "FW_SESSIONS")]
+pub static SESSIONS: Array<SessionSlot> = Array::pinned(map_sizes::SESSIONS, BPF_F_MMAPABLE);
 
 #[map(name = "FW_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(map_sizes::STATS, 0);

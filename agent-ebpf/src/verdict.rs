@@ -2,9 +2,8 @@
 //! The programs differ only in how they read the packet and what they return.
 
 use agent_common::{
-    DENIED_EVENTS_PER_SEC, Event, Flow, FlowKey, GrantKey, RESOURCE_DST_FIXED_BITS,
-    RESOURCE_HAS_DSTS, ResourceDst, Revocation, SessionStats, event_kind, resource_port_index,
-    stat,
+    DENIED_EVENTS_PER_SEC, Event, Flow, FlowKey, Grant, GrantKey, RESOURCE_DST_FIXED_BITS,
+    RESOURCE_HAS_DSTS, ResourceDst, SessionSlot, config, event_kind, resource_port_index, stat,
 };
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -15,8 +14,8 @@ use aya_ebpf::{
 use crate::{
     logs,
     maps::{
-        DENY_RATE, FLOWS, GRANTS, RESOURCE_DSTS, RESOURCE_PORTS, REVOKED, SESSION_STATS,
-        atomic_add, count, emit, monitor_mode,
+        CONFIG, DENY_RATE, FLOWS, GRANTS, RESOURCE_DSTS, RESOURCE_PORTS, SESSIONS, atomic_add,
+        count, emit, monitor_mode,
     },
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
 };
@@ -53,6 +52,42 @@ fn resource_of(proto: u8, port: u16, addr: &[u8; 16]) -> u32 {
     RESOURCE_DSTS.get(&key).copied().unwrap_or(0)
 }
 
+/// The session slot `index` if it still belongs to `session_id` (see [`Flow`]): an array
+/// lookup that the verifier inlines. `None` when another session holds the slot now, which
+/// only happens once the owner ended: its flows are then dropped as revoked.
+#[inline(always)]
+fn slot_of(index: u32, session_id: u64) -> Option<*mut SessionSlot> {
+    let slot = SESSIONS.get_ptr_mut(index)?;
+    // SAFETY: a map value pointer stays valid for the whole program run.
+    if unsafe { (*slot).session_id } != session_id {
+        return None;
+    }
+    Some(slot)
+}
+
+/// Whether the session of this slot is live: owned, and not revoked.
+#[inline(always)]
+fn live(slot: Option<*mut SessionSlot>) -> bool {
+    // SAFETY: as in `slot_of`; the agent stores `revoked_at_ns` whole (one aligned store).
+    slot.is_some_and(|s| unsafe { core::ptr::read_volatile(&raw const (*s).revoked_at_ns) } == 0)
+}
+
+/// Stamps a flow's last-seen time, without a store (and the cache line it dirties for the
+/// other CPUs) when the coarse clock has not moved since the last packet.
+///
+/// # Safety
+/// `flow` points into the flow map.
+#[inline(always)]
+unsafe fn stamp(flow: *mut Flow) {
+    let now = last_seen_now();
+    // SAFETY: the caller guarantees the pointer.
+    unsafe {
+        if (*flow).last_seen_ns != now {
+            (*flow).last_seen_ns = now;
+        }
+    }
+}
+
 /// Ingress towards a resource: a known flow passes unless its session is revoked; an unknown
 /// flow passes only through a live grant for (source, resource), and becomes a flow.
 #[inline(always)]
@@ -75,25 +110,25 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
     let mut replace = false;
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a map value pointer stays valid for the whole program run.
-        let session_id = unsafe { (*flow).session_id };
-        if let Some(revocation) = REVOKED.get_ptr_mut(session_id) {
-            // A fresh SYN reusing the 5-tuple of a revoked session's lingering flow is a new
-            // connection: it may open through a live grant (of a new session) instead.
-            let syn_only = pkt.proto == agent_common::IPPROTO_TCP
-                && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            if !syn_only {
-                return revoked(revocation, session_id, key, resource_id, len);
-            }
-            replace = true;
-        } else {
+        let (session_id, index) = unsafe { ((*flow).session_id, (*flow).slot) };
+        let slot = slot_of(index, session_id);
+        if live(slot) {
             // SAFETY: as above; counters are shared by CPUs, hence the atomic adds.
             unsafe {
                 atomic_add(&raw mut (*flow).rx_packets, 1);
                 atomic_add(&raw mut (*flow).rx_bytes, len);
-                (*flow).last_seen_ns = last_seen_now();
+                stamp(flow);
             }
             return Action::Pass;
         }
+        // A fresh SYN reusing the 5-tuple of a revoked session's lingering flow is a new
+        // connection: it may open through a live grant (of a new session) instead.
+        let syn_only = pkt.proto == agent_common::IPPROTO_TCP
+            && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if !syn_only {
+            return revoked(index, session_id, key, resource_id, len);
+        }
+        replace = true;
     }
     let grant_key = GrantKey {
         src: key.src,
@@ -103,34 +138,71 @@ pub fn ingress(pkt: &Packet, len: u64) -> Action {
     let Some(grant) = (unsafe { GRANTS.get(grant_key) }).copied() else {
         return deny(stat::DROP_NO_GRANT, key, resource_id, 0);
     };
-    let session_id = grant.session_id;
-    if let Some(revocation) = REVOKED.get_ptr_mut(session_id) {
-        return revoked(revocation, session_id, key, resource_id, len);
+    if !live(slot_of(grant.slot, grant.session_id)) {
+        return revoked(grant.slot, grant.session_id, key, resource_id, len);
     }
-    if open_flow(key, session_id, resource_id, replace, len) {
-        Action::Pass
-    } else {
+    // The refusals are called from here, not from `open_flow`: a call from a call would add
+    // a third frame to the chain the verifier holds to its 512-byte limit.
+    match open_flow(key, &grant, resource_id, replace, len) {
+        Opened::Yes => Action::Pass,
+        Opened::OverBudget => deny(
+            stat::DROP_SESSION_FLOW_LIMIT,
+            key,
+            resource_id,
+            grant.session_id,
+        ),
         // The table is full (or memory is short): fail closed, never evict.
-        deny(stat::DROP_FLOW_TABLE_FULL, key, resource_id, session_id)
+        Opened::NoRoom => deny(
+            stat::DROP_FLOW_TABLE_FULL,
+            key,
+            resource_id,
+            grant.session_id,
+        ),
     }
 }
 
-/// Writes a new flow of `session_id` (over a revoked session's lingering one if `replace`);
-/// false when the table has no room. Another CPU opening the same flow a moment earlier
-/// counts as opened.
+/// What [`open_flow`] did.
+enum Opened {
+    /// The flow is in the table (this CPU's, or another's a moment earlier).
+    Yes,
+    /// The session holds its budget of live flows.
+    OverBudget,
+    /// The table has no room.
+    NoRoom,
+}
+
+/// Writes a new flow of the grant's session (over a revoked session's lingering one if
+/// `replace`), unless the session holds its budget of live flows or the table has no room.
+/// Another CPU opening the same flow a moment earlier counts as opened. The caller checked
+/// that the grant's slot is its session's and live.
 ///
 /// A function of its own (a BPF-to-BPF call), as are [`deny`] and [`revoked`]: the paths
 /// that open or refuse a flow keep their locals (and their log records) out of the frame of
 /// the established flow's path. The verifier adds that frame to every call chain under its
 /// 512-byte limit.
 #[inline(never)]
-fn open_flow(key: &FlowKey, session_id: u64, resource_id: u32, replace: bool, len: u64) -> bool {
+fn open_flow(key: &FlowKey, grant: &Grant, resource_id: u32, replace: bool, len: u64) -> Opened {
+    let session_id = grant.session_id;
+    let Some(slot) = slot_of(grant.slot, session_id) else {
+        return Opened::NoRoom;
+    };
+    let limit = CONFIG.get(config::SESSION_FLOW_LIMIT).copied().unwrap_or(0);
+    // SAFETY: a map value pointer stays valid for the whole program run; counters are shared
+    // by CPUs, hence the atomic adds. Two CPUs may both pass the check at the budget's edge:
+    // the budget is a bound on one session's share, and one flow over it is harmless.
+    unsafe {
+        if limit != 0 && (*slot).live_flows >= u64::from(limit) {
+            atomic_add(&raw mut (*slot).flow_limit_drops, 1);
+            return Opened::OverBudget;
+        }
+        atomic_add(&raw mut (*slot).live_flows, 1);
+    }
     // Flow stamps share the last-seen clock, so last_seen_ns >= created_ns always holds.
     let now = last_seen_now();
     let flow = Flow {
         session_id,
         resource_id,
-        _pad: 0,
+        slot: grant.slot,
         created_ns: now,
         last_seen_ns: now,
         rx_packets: 1,
@@ -142,7 +214,8 @@ fn open_flow(key: &FlowKey, session_id: u64, resource_id: u32, replace: bool, le
     match FLOWS.insert(key, flow, flags as u64) {
         Ok(()) => {
             count(stat::FLOWS_OPENED, 1);
-            session_flow_opened(session_id);
+            // SAFETY: as above.
+            unsafe { atomic_add(&raw mut (*slot).flows_opened, 1) };
             emit(Event {
                 kind: event_kind::FLOW_OPENED,
                 reason: 0,
@@ -152,9 +225,18 @@ fn open_flow(key: &FlowKey, session_id: u64, resource_id: u32, replace: bool, le
                 resource_id,
                 monitor: 0,
             });
-            true
+            Opened::Yes
         }
-        Err(e) => e as i64 == -EEXIST,
+        Err(e) => {
+            // Not added after all: give the budget back (an add of -1).
+            // SAFETY: as above.
+            unsafe { atomic_add(&raw mut (*slot).live_flows, u64::MAX) };
+            if e as i64 == -EEXIST {
+                Opened::Yes
+            } else {
+                Opened::NoRoom
+            }
+        }
     }
 }
 
@@ -179,19 +261,19 @@ pub fn egress(pkt: &Packet, len: u64) -> Action {
         return Action::Pass;
     };
     // SAFETY: a map value pointer stays valid for the whole program run.
-    let session_id = unsafe { (*flow).session_id };
-    if let Some(revocation) = REVOKED.get_ptr_mut(session_id) {
+    let (session_id, index) = unsafe { ((*flow).session_id, (*flow).slot) };
+    if !live(slot_of(index, session_id)) {
         if pkt.proto == agent_common::IPPROTO_TCP && pkt.tcp_flags & TCP_RST != 0 {
             count(stat::RST_PASSED_AFTER_REVOKE, 1);
             return Action::Pass;
         }
-        return revoked(revocation, session_id, &key, resource_id, len);
+        return revoked(index, session_id, &key, resource_id, len);
     }
     // SAFETY: as above; counters are shared by CPUs, hence the atomic adds.
     unsafe {
         atomic_add(&raw mut (*flow).tx_packets, 1);
         atomic_add(&raw mut (*flow).tx_bytes, len);
-        (*flow).last_seen_ns = last_seen_now();
+        stamp(flow);
     }
     Action::Pass
 }
@@ -210,42 +292,29 @@ pub fn malformed(ifindex: u32, len: u64) -> Action {
     Action::Drop
 }
 
-/// A packet of a revoked session: dropped and counted against the session; the first such
-/// drop is reported, as proof that the revocation took hold. A function of its own, as
-/// [`open_flow`] says why.
+/// A packet of a revoked session (or of one whose slot another session holds now): dropped
+/// and counted against the session; the first such drop is reported, as proof that the
+/// revocation took hold. A function of its own, as [`open_flow`] says why.
 #[inline(never)]
-fn revoked(
-    revocation: *mut Revocation,
-    session_id: u64,
-    key: &FlowKey,
-    resource_id: u32,
-    len: u64,
-) -> Action {
+fn revoked(index: u32, session_id: u64, key: &FlowKey, resource_id: u32, len: u64) -> Action {
     if monitor_mode() {
         count(stat::MONITOR_OFFSET + stat::DROP_REVOKED, 1);
         return Action::Pass;
     }
     count(stat::DROP_REVOKED, 1);
-    match SESSION_STATS.get_ptr_mut(session_id) {
-        // SAFETY: a map value pointer stays valid for the whole program run.
-        Some(stats) => unsafe {
-            atomic_add(&raw mut (*stats).dropped_after_revoke_packets, 1);
-            atomic_add(&raw mut (*stats).dropped_after_revoke_bytes, len);
-        },
-        None => {
-            let stats = SessionStats {
-                flows_opened: 0,
-                dropped_after_revoke_packets: 1,
-                dropped_after_revoke_bytes: len,
-            };
-            let _ = SESSION_STATS.insert(session_id, stats, BPF_NOEXIST as u64);
-        }
-    }
-    // SAFETY: as above. Two CPUs may both see zero and both report: user space keeps the first.
+    // A slot that is no longer the session's has no counters of the session left to add to.
+    let Some(slot) = slot_of(index, session_id) else {
+        return Action::Drop;
+    };
+    // SAFETY: a map value pointer stays valid for the whole program run; counters are shared
+    // by CPUs, hence the atomic adds. Two CPUs may both see zero and both report: user space
+    // keeps the first.
     unsafe {
-        if (*revocation).first_drop_ns == 0 {
+        atomic_add(&raw mut (*slot).dropped_after_revoke_packets, 1);
+        atomic_add(&raw mut (*slot).dropped_after_revoke_bytes, len);
+        if (*slot).first_drop_ns == 0 {
             let now = bpf_ktime_get_ns();
-            (*revocation).first_drop_ns = now;
+            (*slot).first_drop_ns = now;
             logs::first_revoked_drop(session_id, key, resource_id);
             emit(Event {
                 kind: event_kind::FIRST_DROP_AFTER_REVOKE,
@@ -310,23 +379,6 @@ fn denied_event_allowed(now: u64) -> bool {
     }
     count(stat::DENIED_EVENTS_SUPPRESSED, 1);
     false
-}
-
-#[inline(always)]
-fn session_flow_opened(session_id: u64) {
-    match SESSION_STATS.get_ptr_mut(session_id) {
-        // SAFETY: a map value pointer stays valid for the whole program run.
-        Some(stats) => unsafe {
-            atomic_add(&raw mut (*stats).flows_opened, 1);
-        },
-        None => {
-            let stats = SessionStats {
-                flows_opened: 1,
-                ..SessionStats::default()
-            };
-            let _ = SESSION_STATS.insert(session_id, stats, BPF_NOEXIST as u64);
-        }
-    }
 }
 
 /// The clock of flow stamps (created, last seen): CLOCK_MONOTONIC_COARSE (Linux 5.11), a tick's precision at

@@ -73,6 +73,8 @@ async fn serve(
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: config.datapath.pin_dir.clone(),
         flow_table_size: config.datapath.flow_table_size,
+        session_slots: config.datapath.session_slots,
+        session_flow_limit: config.datapath.session_flow_limit,
     })?;
     // Resources and mode go in before any attachment, so the programs never run unconfigured.
     datapath
@@ -387,7 +389,7 @@ pub async fn apply_policy(
     enforcer: &Enforcer,
     policy: &Policy,
 ) -> anyhow::Result<crate::sessions::PolicyOutcome> {
-    enforcer.with_maps(|m| m.install_resources(&policy.resources))?;
+    enforcer.install_resources(&policy.resources)?;
     let outcome = sessions.apply_policy(policy).await?;
     tracing::info!(?outcome, "policy applied");
     let ev = AuditEvent::new(AuditKind::PolicyReloaded {

@@ -207,6 +207,14 @@ pub struct DatapathConfig {
     /// Takes effect when the maps are created (after `datapath detach`).
     #[serde(default = "default_flow_table_size")]
     pub flow_table_size: u32,
+    /// Sessions that may hold grants, flows or a revocation in the kernel at once; when all
+    /// slots are held, admissions are refused. Takes effect when the maps are created.
+    #[serde(default = "default_session_slots")]
+    pub session_slots: u32,
+    /// Live flows one session may hold; its further new flows are denied and counted
+    /// (`session_flow_limit`), other sessions are unaffected.
+    #[serde(default = "default_session_flow_limit")]
+    pub session_flow_limit: u32,
 }
 
 impl Default for DatapathConfig {
@@ -218,6 +226,8 @@ impl Default for DatapathConfig {
             mode: Mode::default(),
             pin_dir: default_pin_dir(),
             flow_table_size: default_flow_table_size(),
+            session_slots: default_session_slots(),
+            session_flow_limit: default_session_flow_limit(),
         }
     }
 }
@@ -329,6 +339,14 @@ fn default_flow_table_size() -> u32 {
     agent_common::map_sizes::FLOWS
 }
 
+fn default_session_slots() -> u32 {
+    agent_common::map_sizes::SESSIONS
+}
+
+fn default_session_flow_limit() -> u32 {
+    agent_common::map_sizes::SESSION_FLOW_LIMIT
+}
+
 impl Config {
     /// Reads and validates a config file; relative paths inside it are resolved against the
     /// file's directory.
@@ -393,6 +411,20 @@ impl Config {
             return Err(invalid(
                 "datapath.flow_table_size",
                 format!("{size} is out of range: use 1024 to 16777216"),
+            ));
+        }
+        let slots = self.datapath.session_slots;
+        if !(1_024..=4_194_304).contains(&slots) {
+            return Err(invalid(
+                "datapath.session_slots",
+                format!("{slots} is out of range: use 1024 to 4194304"),
+            ));
+        }
+        let limit = self.datapath.session_flow_limit;
+        if !(1..=16_777_216).contains(&limit) {
+            return Err(invalid(
+                "datapath.session_flow_limit",
+                format!("{limit} is out of range: use 1 to 16777216"),
             ));
         }
         if self.admission.cert_file.is_some() != self.admission.key_file.is_some() {

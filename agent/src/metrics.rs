@@ -230,7 +230,7 @@ impl Metrics {
         );
         let (count, capacity) = enforcer.flow_fill();
         let grants = enforcer.grants().len();
-        let revoked = enforcer.revoked().len();
+        let (slots_held, slots) = enforcer.session_slots_fill();
         metric(
             "map_fill_ratio",
             "gauge",
@@ -241,10 +241,7 @@ impl Metrics {
                     "{map=\"grants\"}".into(),
                     ratio(grants, agent_common::map_sizes::GRANTS),
                 ),
-                (
-                    "{map=\"revoked\"}".into(),
-                    ratio(revoked, agent_common::map_sizes::REVOKED),
-                ),
+                ("{map=\"sessions\"}".into(), ratio(slots_held, slots)),
             ],
         );
         let _ = writeln!(

@@ -64,6 +64,7 @@ impl LoadedDatapath {
         let mut datapath = Datapath::load(&LoadOptions {
             pin_dir: pin_dir.clone(),
             flow_table_size,
+            ..LoadOptions::default()
         })
         .unwrap_or_else(|e| panic!("loading the datapath under {}: {e}", pin_dir.display()));
         let resources = test_resources();

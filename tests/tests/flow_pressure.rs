@@ -93,9 +93,10 @@ fn a_full_flow_table_is_visible_logged_once_and_evicts_nothing() {
     let echo = parse_resources([(Path::new("p"), POLICY)]).unwrap();
     let echo_id = echo.by_name("echo").unwrap().id;
 
-    // Pressure can never evict a revocation or a flow: both are plain hashes, which refuse an
-    // insert when full, never LRU hashes, which would make room by evicting.
-    assert_eq!(map_type(&pin_dir, map_names::REVOKED), MapType::Hash);
+    // Pressure can never evict a revocation or a flow: revocations live in the preallocated
+    // session table (an array: a full one refuses admissions), flows in a plain hash, which
+    // refuses an insert when full, never an LRU hash, which would make room by evicting.
+    assert_eq!(map_type(&pin_dir, map_names::SESSIONS), MapType::Array);
     assert_eq!(map_type(&pin_dir, map_names::FLOWS), MapType::Hash);
     maps.revoke(REVOKED).unwrap();
 

@@ -319,6 +319,7 @@ fn a_second_load_reads_the_records_of_the_programs_it_adopts() {
     let mut second = Datapath::load(&LoadOptions {
         pin_dir: first.datapath.pin_dir().to_owned(),
         flow_table_size: first.datapath.maps.flow_fill().1,
+        ..LoadOptions::default()
     })
     .expect("a second load over the same pins");
     assert_eq!(run(&mut first, XDP_INGRESS, &malformed(), 1), XDP_DROP);

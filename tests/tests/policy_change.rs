@@ -79,6 +79,7 @@ impl World {
         let datapath = Datapath::load(&LoadOptions {
             pin_dir: pins.0.clone(),
             flow_table_size: 1024,
+            ..LoadOptions::default()
         })
         .expect("load the datapath");
         let mut maps = datapath.maps;

@@ -211,6 +211,7 @@ fn a_new_agent_clears_the_resources_the_previous_one_left() {
     let mut restarted = Datapath::load(&LoadOptions {
         pin_dir: dp.pin_dir().to_path_buf(),
         flow_table_size: 1024,
+        ..LoadOptions::default()
     })
     .expect("adopting the pinned datapath");
     restarted
@@ -798,4 +799,328 @@ fn denied_events_are_rate_limited() {
         .count() as u64;
     assert_eq!(denied, agent_common::DENIED_EVENTS_PER_SEC);
     assert_eq!(c.denied_events_suppressed, 200 - denied);
+}
+
+/// A SYN from `client`:`sport` to the test server's ssh.
+fn syn(client: &str, sport: u16) -> Vec<u8> {
+    Frame::tcp(ip(client), sport, ip(SERVER), 22)
+        .flags(TCP_SYN)
+        .build()
+}
+
+#[test]
+fn a_session_that_sprays_source_ports_fills_only_its_own_flow_budget() {
+    if !require_root("a_session_that_sprays_source_ports_fills_only_its_own_flow_budget") {
+        return;
+    }
+    const BUDGET: u32 = 4;
+    const SPRAYER: u64 = 0x5e55_1000_0000_0a01;
+    const NEIGHBOUR: u64 = 0x5e55_1000_0000_0a02;
+    const NEIGHBOUR_IP: &str = "192.0.2.11";
+    let mut dp = LoadedDatapath::new("budget");
+    let ssh = dp.resource_id("ssh");
+    dp.datapath.maps.set_session_flow_limit(BUDGET).unwrap();
+    dp.datapath.maps.grant(ip(CLIENT), ssh, SPRAYER).unwrap();
+    dp.datapath
+        .maps
+        .grant(ip(NEIGHBOUR_IP), ssh, NEIGHBOUR)
+        .unwrap();
+
+    for sport in 0..BUDGET as u16 {
+        check(
+            &mut dp,
+            "within the budget",
+            XDP_INGRESS,
+            &syn(CLIENT, 3000 + sport),
+            XDP_PASS,
+            opened(),
+        );
+    }
+    for sport in BUDGET as u16..BUDGET as u16 + 3 {
+        check(
+            &mut dp,
+            "over the budget",
+            XDP_INGRESS,
+            &syn(CLIENT, 3000 + sport),
+            XDP_DROP,
+            drops(DropReason::SessionFlowLimit),
+        );
+    }
+    let stats = dp.datapath.maps.session_stats(SPRAYER).unwrap();
+    assert_eq!(
+        (stats.live_flows, stats.flows_opened, stats.flow_limit_drops),
+        (u64::from(BUDGET), u64::from(BUDGET), 3),
+        "the sprayer's slot: {stats:?}"
+    );
+    assert_eq!(dp.datapath.maps.flows().len(), BUDGET as usize);
+    // Its established flows go on.
+    check(
+        &mut dp,
+        "an established flow of the sprayer",
+        XDP_INGRESS,
+        &Frame::tcp(ip(CLIENT), 3000, ip(SERVER), 22)
+            .flags(TCP_ACK)
+            .build(),
+        XDP_PASS,
+        Delta::default(),
+    );
+    // Another session is not affected.
+    check(
+        &mut dp,
+        "another session's new flow",
+        XDP_INGRESS,
+        &syn(NEIGHBOUR_IP, 4000),
+        XDP_PASS,
+        opened(),
+    );
+    assert_eq!(
+        dp.datapath
+            .maps
+            .session_stats(NEIGHBOUR)
+            .unwrap()
+            .flow_limit_drops,
+        0
+    );
+    // A flow of the sprayer ends: its place in the budget comes back.
+    dp.datapath
+        .maps
+        .remove_flow(&flow_key(CLIENT, 3000, SERVER, 22, 6))
+        .unwrap();
+    assert_eq!(
+        dp.datapath.maps.session_stats(SPRAYER).unwrap().live_flows,
+        u64::from(BUDGET) - 1
+    );
+    check(
+        &mut dp,
+        "a new flow once a place is free",
+        XDP_INGRESS,
+        &syn(CLIENT, 3100),
+        XDP_PASS,
+        opened(),
+    );
+}
+
+#[test]
+fn a_reused_slot_never_gives_its_verdict_to_the_previous_sessions_flows() {
+    if !require_root("a_reused_slot_never_gives_its_verdict_to_the_previous_sessions_flows") {
+        return;
+    }
+    const ENDED: u64 = 0x5e55_1000_0000_0b01;
+    const NEXT: u64 = 0x5e55_1000_0000_0b02;
+    let mut dp = LoadedDatapath::new("reuse");
+    let ssh = dp.resource_id("ssh");
+    dp.datapath.maps.grant(ip(CLIENT), ssh, ENDED).unwrap();
+    check(
+        &mut dp,
+        "the first session's flow",
+        XDP_INGRESS,
+        &syn(CLIENT, 5000),
+        XDP_PASS,
+        opened(),
+    );
+    let slot = dp
+        .datapath
+        .maps
+        .slot_of(ENDED)
+        .expect("a slot for a granted session");
+    // The session ends: revoked, its grant withdrawn, and (its flow lingering, which the agent
+    // never lets happen) its slot handed back and claimed by the next session.
+    dp.datapath.maps.revoke(ENDED).unwrap();
+    dp.datapath.maps.remove_grant(ip(CLIENT), ssh).unwrap();
+    dp.datapath.maps.release_session(ENDED);
+    assert_eq!(dp.datapath.maps.revocation(ENDED), None);
+    dp.datapath.maps.grant(ip("192.0.2.12"), ssh, NEXT).unwrap();
+    assert_eq!(
+        dp.datapath.maps.slot_of(NEXT),
+        Some(slot),
+        "the next session reuses the slot"
+    );
+    check(
+        &mut dp,
+        "the ended session's lingering flow, its slot live for another session",
+        XDP_INGRESS,
+        &Frame::tcp(ip(CLIENT), 5000, ip(SERVER), 22)
+            .flags(TCP_ACK)
+            .build(),
+        XDP_DROP,
+        drops(DropReason::Revoked),
+    );
+    assert_eq!(
+        dp.datapath
+            .maps
+            .session_stats(NEXT)
+            .unwrap()
+            .dropped_after_revoke_packets,
+        0,
+        "the drop is not the next session's"
+    );
+    check(
+        &mut dp,
+        "the next session's own flow",
+        XDP_INGRESS,
+        &syn("192.0.2.12", 5001),
+        XDP_PASS,
+        opened(),
+    );
+}
+
+#[test]
+fn a_second_load_over_the_pins_keeps_every_session_in_its_slot() {
+    if !require_root("a_second_load_over_the_pins_keeps_every_session_in_its_slot") {
+        return;
+    }
+    const LIVE: u64 = 0x5e55_1000_0000_0c01;
+    const REVOKED_ONE: u64 = 0x5e55_1000_0000_0c02;
+    const NEWCOMER: u64 = 0x5e55_1000_0000_0c03;
+    let mut dp = LoadedDatapath::new("slots-restart");
+    let ssh = dp.resource_id("ssh");
+    dp.datapath.maps.grant(ip(CLIENT), ssh, LIVE).unwrap();
+    dp.datapath.maps.revoke(REVOKED_ONE).unwrap();
+    let live_slot = dp.datapath.maps.slot_of(LIVE).unwrap();
+    let revoked_slot = dp.datapath.maps.slot_of(REVOKED_ONE).unwrap();
+
+    // What a restarted agent does: load over the same pins, with a fresh slot index.
+    let mut restarted = Datapath::load(&LoadOptions {
+        pin_dir: dp.pin_dir().to_path_buf(),
+        flow_table_size: 1024,
+        ..LoadOptions::default()
+    })
+    .expect("adopting the pinned datapath");
+    assert_eq!(restarted.maps.slot_of(LIVE), Some(live_slot));
+    assert_eq!(restarted.maps.slot_of(REVOKED_ONE), Some(revoked_slot));
+    assert!(restarted.maps.revocation(REVOKED_ONE).is_some());
+    assert!(restarted.maps.revocation(LIVE).is_none());
+    restarted
+        .maps
+        .grant(ip("192.0.2.13"), ssh, NEWCOMER)
+        .unwrap();
+    let newcomer = restarted.maps.slot_of(NEWCOMER).unwrap();
+    assert!(
+        newcomer != live_slot && newcomer != revoked_slot,
+        "a held slot was handed to a new session: {newcomer}"
+    );
+    // The first handle still sees the live session as live.
+    check(
+        &mut dp,
+        "the live session's new flow after the second load",
+        XDP_INGRESS,
+        &syn(CLIENT, 6000),
+        XDP_PASS,
+        opened(),
+    );
+}
+
+/// Creates a map with BPF_MAP_CREATE and pins it at `path`, as an agent of the layout before
+/// session slots did (aya creates maps only from an object).
+fn pin_raw_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, flags: u32) {
+    let mut attr = [0u32; 32];
+    attr[0] = map_type;
+    attr[1] = key;
+    attr[2] = value;
+    attr[3] = 1024;
+    attr[4] = flags;
+    // SAFETY: BPF_MAP_CREATE (0) reads map_type, key_size, value_size, max_entries and
+    // map_flags from a zeroed bpf_attr of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: BPF_OBJ_PIN (6) reads pathname (NUL-terminated, alive across the call) and
+    // bpf_fd from a zeroed bpf_attr of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            pin.as_mut_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_OBJ_PIN {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is ours; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn pins_of_the_layout_before_session_slots_are_refused_with_what_to_do() {
+    if !require_root("pins_of_the_layout_before_session_slots_are_refused_with_what_to_do") {
+        return;
+    }
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    flowwarden_tests::privileged::ensure_bpffs().expect("bpffs");
+    let pin_dir = flowwarden_tests::loaded::private_pin_dir("oldlayout");
+    let maps_dir = pin_dir.join("maps");
+    std::fs::create_dir_all(&maps_dir).unwrap();
+    // The old layout: revocations and session counters in hashes keyed by session id, and
+    // grants of 8 bytes (a session id, no slot).
+    pin_raw_map(
+        &maps_dir.join("FW_REVOKED"),
+        BPF_MAP_TYPE_HASH,
+        8,
+        16,
+        BPF_F_NO_PREALLOC,
+    );
+    pin_raw_map(
+        &maps_dir.join("FW_SESS_STATS"),
+        BPF_MAP_TYPE_HASH,
+        8,
+        24,
+        BPF_F_NO_PREALLOC,
+    );
+    pin_raw_map(&maps_dir.join("FW_GRANTS"), BPF_MAP_TYPE_HASH, 20, 8, 0);
+
+    let opts = LoadOptions {
+        pin_dir: pin_dir.clone(),
+        flow_table_size: 1024,
+        ..LoadOptions::default()
+    };
+    let err = match Datapath::load(&opts) {
+        Ok(_) => {
+            let _ = flowwarden::datapath::detach_all(&pin_dir);
+            panic!("a datapath loaded over pins of the old layout");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("older flowwarden layout")
+            && err.contains("FW_REVOKED, FW_SESS_STATS")
+            && err.contains(&format!(
+                "flowwarden datapath detach --pin-dir {}",
+                pin_dir.display()
+            )),
+        "the refusal should name the old maps and the command that clears them: {err}"
+    );
+    assert!(
+        maps_dir.join("FW_REVOKED").exists() && maps_dir.join("FW_GRANTS").exists(),
+        "the refusal must leave the old pins alone"
+    );
+
+    // Doing what it says: detach removes the old pins too, and the next load succeeds.
+    let removed = flowwarden::datapath::detach_all(&pin_dir).expect("detaching");
+    assert!(
+        removed.iter().any(|p| p.ends_with("FW_SESS_STATS")),
+        "detach must remove the old layout's pins: {removed:?}"
+    );
+    let dp = Datapath::load(&opts).expect("a load after detach");
+    drop(dp);
+    let _ = flowwarden::datapath::detach_all(&pin_dir);
 }

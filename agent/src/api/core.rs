@@ -191,7 +191,7 @@ impl Core {
             Request::DatapathMode(m) => {
                 if let Some(mode) = m.mode {
                     self.enforcer
-                        .with_maps(|maps| maps.set_mode(mode))
+                        .set_mode(mode)
                         .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
                     let name = format!("{mode:?}").to_lowercase();
                     let mut ev = AuditEvent::new(AuditKind::DatapathModeChanged { mode: name });
@@ -203,7 +203,7 @@ impl Core {
                 }
                 let mode = self
                     .enforcer
-                    .with_maps(|maps| maps.mode())
+                    .mode()
                     .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
                 Ok(json!({ "mode": format!("{mode:?}").to_lowercase() }))
             }
@@ -217,7 +217,7 @@ impl Core {
             .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
         let mode = self
             .enforcer
-            .with_maps(|m| m.mode())
+            .mode()
             .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
         let (count, capacity) = self.enforcer.flow_fill();
         let mut states = StateCounts::default();
@@ -353,7 +353,7 @@ impl Core {
             _pad: [0; 3],
         };
         for k in [key(a, b), key(b, a)] {
-            let Some(flow) = self.enforcer.with_maps(|m| m.flow(&k)) else {
+            let Some(flow) = self.enforcer.flow_between(&k) else {
                 continue;
             };
             let id = SessionId(flow.session_id);

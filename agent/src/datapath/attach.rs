@@ -313,7 +313,8 @@ pub fn detach_all(pin_dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     let maps = maps_dir(pin_dir);
-    for name in map_names::ALL {
+    // The legacy names too: detaching is how an agent's pins of an older layout are cleared.
+    for name in map_names::ALL.iter().chain(&map_names::LEGACY) {
         let path = maps.join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|source| DatapathError::Unpin {

@@ -1,15 +1,15 @@
 //! Typed handles for every map the kernel programs use; nothing else reads or writes them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use agent_common::{
-    Flow, FlowKey, Grant, GrantKey, ResourceDst, ResourcePort, Revocation, SessionStats,
-    config as cfg, map_names as names, stat,
+    Flow, FlowKey, Grant, GrantKey, ResourceDst, ResourceDstKey, ResourceEntries, ResourcePort,
+    addr_bytes, config as cfg, map_names as names, stat,
 };
 use aya::{
     Ebpf,
@@ -20,10 +20,11 @@ use aya::{
 };
 
 use super::{
-    DatapathError, addr_bytes, maps_dir, monotonic_ns,
+    DatapathError, maps_dir, monotonic_ns,
+    slots::{Revocation, SessionStats, SlotTable},
     walk::{FlowTable, Walk, walk},
 };
-use crate::{config::Mode, policy::ResourceTable};
+use crate::config::Mode;
 
 /// Why the kernel dropped packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -32,14 +33,16 @@ pub enum DropReason {
     Revoked,
     FlowTableFull,
     Malformed,
+    SessionFlowLimit,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::NoGrant,
         Self::Revoked,
         Self::FlowTableFull,
         Self::Malformed,
+        Self::SessionFlowLimit,
     ];
 
     pub fn index(self) -> u32 {
@@ -48,6 +51,7 @@ impl DropReason {
             Self::Revoked => stat::DROP_REVOKED,
             Self::FlowTableFull => stat::DROP_FLOW_TABLE_FULL,
             Self::Malformed => stat::DROP_MALFORMED,
+            Self::SessionFlowLimit => stat::DROP_SESSION_FLOW_LIMIT,
         }
     }
 
@@ -61,6 +65,7 @@ impl DropReason {
             Self::Revoked => "revoked",
             Self::FlowTableFull => "flow_table_full",
             Self::Malformed => "malformed",
+            Self::SessionFlowLimit => "session_flow_limit",
         }
     }
 }
@@ -103,18 +108,18 @@ pub struct Maps {
     /// writers that share this one.
     flow_table: Arc<FlowTable>,
     flows_capacity: u32,
-    /// The resource table this handle last installed: later installs write only the
+    /// The resource entries this handle last installed: later installs write only the
     /// difference instead of scanning all 131,072 port slots.
-    installed: Option<ResourceTable>,
-    revoked: HashMap<MapData, u64, Revocation>,
-    session_stats: HashMap<MapData, u64, SessionStats>,
+    installed: Option<ResourceEntries>,
+    /// The session table, mapped: slots, revocations and per-session counters.
+    slots: SlotTable,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
 
-/// Entries read per call from the session-keyed maps (grants, revocations, counters).
+/// Entries read per call from the grant table.
 const CHUNK: usize = 8_192;
 
 pub(super) fn map_err(
@@ -177,6 +182,15 @@ impl Maps {
             .try_into()
             .map_err(map_err(names::FLOWS, "open"))?;
         let flow_table = Arc::new(FlowTable::new(&flows)?);
+        let slots = match get(names::SESSIONS)? {
+            Map::Array(data) => SlotTable::new(data, names::SESSIONS)?,
+            _ => {
+                return Err(DatapathError::SlotTable {
+                    name: names::SESSIONS,
+                    message: "it is not an array map".into(),
+                });
+            }
+        };
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
             resource_ports: get(names::RESOURCE_PORTS)?
@@ -192,12 +206,7 @@ impl Maps {
             flow_table,
             flows_capacity,
             installed: None,
-            revoked: get(names::REVOKED)?
-                .try_into()
-                .map_err(map_err(names::REVOKED, "open"))?,
-            session_stats: get(names::SESSION_STATS)?
-                .try_into()
-                .map_err(map_err(names::SESSION_STATS, "open"))?,
+            slots,
             stats: get(names::STATS)?
                 .try_into()
                 .map_err(map_err(names::STATS, "open"))?,
@@ -211,11 +220,6 @@ impl Maps {
         &self.pin_dir
     }
 
-    /// Makes the kernel's resource tables match `table`. New entries are written before stale
-    /// ones are removed, so a resource that stays protected is never unprotected in between.
-    ///
-    /// # Errors
-    /// The kernel refuses a write (for example the destination trie is full).
     /// The port slots that name a resource, as the pinned table holds them now. Read in
     /// batches of [`PORT_CHUNK`] slots: one syscall per slot made this read of all 131,072
     /// slots most of a restarted agent's time to its first `status` answer.
@@ -247,46 +251,48 @@ impl Maps {
         }
     }
 
-    pub fn install_resources(&mut self, table: &ResourceTable) -> Result<()> {
-        if self.installed.as_ref() == Some(table) {
+    /// Makes the kernel's resource tables match `wanted` (policy compiles its resources into
+    /// these entries). New entries are written before stale ones are removed, so a resource
+    /// that stays protected is never unprotected in between.
+    ///
+    /// # Errors
+    /// The kernel refuses a write (for example the destination trie is full).
+    pub fn install_resources(&mut self, wanted: impl Into<ResourceEntries>) -> Result<()> {
+        let wanted = wanted.into();
+        if self.installed.as_ref() == Some(&wanted) {
             return Ok(());
         }
-        let wanted_ports = table.port_slots();
-        let wanted_dsts: BTreeMap<(u32, [u8; 20]), (ResourceDst, u32)> = table
-            .dst_entries()
-            .into_iter()
-            .map(|(bits, dst, id)| ((bits, dst_bytes(&dst)), (dst, id)))
-            .collect();
         // Destinations first: a port slot that says "consult the trie" must find its entries.
         let current_dsts: Vec<Key<ResourceDst>> = self
             .resource_dsts
             .keys()
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err(names::RESOURCE_DSTS, "list"))?;
-        for ((bits, _), (dst, id)) in &wanted_dsts {
+        for ((bits, dst), id) in &wanted.dsts {
             self.resource_dsts
-                .insert(&Key::new(*bits, *dst), id, 0)
+                .insert(&Key::new(*bits, dst.dst()), id, 0)
                 .map_err(map_err(names::RESOURCE_DSTS, "insert"))?;
         }
         let current_ports: Vec<u32> = match &self.installed {
-            Some(previous) => previous.port_slots().into_keys().collect(),
+            Some(previous) => previous.ports.keys().copied().collect(),
             // First install by this handle: the pinned table may hold another agent's slots.
             None => self.occupied_port_slots(),
         };
-        for (index, slot) in &wanted_ports {
+        for (index, slot) in &wanted.ports {
             self.resource_ports
                 .set(*index, slot, 0)
                 .map_err(map_err(names::RESOURCE_PORTS, "set"))?;
         }
         for index in current_ports {
-            if !wanted_ports.contains_key(&index) {
+            if !wanted.ports.contains_key(&index) {
                 self.resource_ports
                     .set(index, ResourcePort::default(), 0)
                     .map_err(map_err(names::RESOURCE_PORTS, "clear"))?;
             }
         }
         for key in current_dsts {
-            if !wanted_dsts.contains_key(&(key.prefix_len(), dst_bytes(&key.data()))) {
+            let entry = (key.prefix_len(), ResourceDstKey::of(&key.data()));
+            if !wanted.dsts.contains_key(&entry) {
                 match self.resource_dsts.remove(&key) {
                     Ok(()) => {}
                     Err(e) if not_found(&e) => {}
@@ -294,17 +300,25 @@ impl Maps {
                 }
             }
         }
-        self.installed = Some(table.clone());
+        self.installed = Some(wanted);
         Ok(())
     }
 
-    /// Lets `source` reach `resource_id` for `session_id`.
+    /// Lets `source` reach `resource_id` for `session_id`, claiming the session's slot in
+    /// the session table if it holds none yet.
     ///
     /// # Errors
-    /// The grant table is full or the kernel refuses the write.
+    /// The session table is full ([`DatapathError::SessionTableFull`]: nothing is written),
+    /// the grant table is full, or the kernel refuses the write.
     pub fn grant(&mut self, source: IpAddr, resource_id: u32, session_id: u64) -> Result<()> {
+        let slot = self.slots.claim(session_id)?;
+        let grant = Grant {
+            session_id,
+            slot,
+            _pad: 0,
+        };
         self.grants
-            .insert(grant_key(source, resource_id), Grant { session_id }, 0)
+            .insert(grant_key(source, resource_id), grant, 0)
             .map_err(map_err(names::GRANTS, "insert"))
     }
 
@@ -360,50 +374,49 @@ impl Maps {
         out
     }
 
-    /// Severs every flow of `session_id` on its next packet: one map write. Revoking twice
-    /// keeps the first revocation's time.
+    /// Severs every flow of `session_id` on its next packet: one store into its slot of the
+    /// session table. Revoking twice keeps the first revocation's time.
     ///
     /// # Errors
-    /// The revoked set is full or the kernel refuses the write.
+    /// None today: a session without a slot has no grant and no flow in the kernel to stop.
     pub fn revoke(&mut self, session_id: u64) -> Result<()> {
-        let revocation = Revocation {
-            revoked_at_ns: monotonic_ns(),
-            first_drop_ns: 0,
-        };
-        match self
-            .revoked
-            .insert(session_id, revocation, u64::from(aya_noexist()))
-        {
-            Ok(()) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                Ok(())
-            }
-            Err(e) => Err(map_err(names::REVOKED, "insert")(e)),
-        }
+        self.slots.revoke(session_id, monotonic_ns());
+        Ok(())
     }
 
-    /// Forgets a revocation. Only for sessions whose grants are gone and whose flows have all
-    /// ended, so nothing is left for the revocation to stop.
-    ///
-    /// # Errors
-    /// The kernel refuses the delete.
-    pub fn unrevoke(&mut self, session_id: u64) -> Result<()> {
-        match self.revoked.remove(&session_id) {
-            Err(e) if !not_found(&e) => Err(map_err(names::REVOKED, "remove")(e)),
-            _ => Ok(()),
-        }
+    /// Gives the session's slot back (its revocation and counters with it). Only for
+    /// sessions that ended and whose grants and flows are gone, so nothing is left for the
+    /// revocation to stop; a flow that still named the slot would be dropped, never admitted.
+    pub fn release_session(&mut self, session_id: u64) {
+        self.slots.release(session_id);
     }
 
     pub fn revocation(&self, session_id: u64) -> Option<Revocation> {
-        self.revoked.get(&session_id, 0).ok()
+        self.slots.revocation(session_id)
     }
 
     pub fn revoked_sessions(&self) -> Vec<(u64, Revocation)> {
-        let mut out = Vec::new();
-        walk(&self.revoked, names::REVOKED, CHUNK, |id, r| {
-            out.push((*id, *r))
-        });
-        out
+        self.slots.revoked_sessions()
+    }
+
+    /// The session's slot in the session table, if it holds one.
+    pub fn slot_of(&self, session_id: u64) -> Option<u32> {
+        self.slots.slot_of(session_id)
+    }
+
+    /// Slots held by sessions and the session table's capacity.
+    pub fn session_slots_fill(&self) -> (usize, u32) {
+        (self.slots.held(), self.slots.capacity().saturating_sub(1))
+    }
+
+    /// Sets the budget of live flows per session (zero: none).
+    ///
+    /// # Errors
+    /// The kernel refuses the write.
+    pub fn set_session_flow_limit(&mut self, limit: u32) -> Result<()> {
+        self.config
+            .set(cfg::SESSION_FLOW_LIMIT, limit, 0)
+            .map_err(map_err(names::CONFIG, "set session flow limit"))
     }
 
     /// Every flow the kernel holds.
@@ -438,14 +451,34 @@ impl Maps {
         self.flows.get(key, 0).ok()
     }
 
-    /// Records a flow the agent already knows (for example from an open socket).
+    /// Records a flow the agent already knows (for example from an open socket). Its `slot`
+    /// is set to its session's (claimed if the session holds none), and a new flow counts
+    /// against the session's budget as a flow the kernel opened does.
     ///
     /// # Errors
-    /// The flow table is full or the kernel refuses the write.
-    pub fn insert_flow(&mut self, key: FlowKey, flow: Flow) -> Result<()> {
-        self.flows
-            .insert(key, flow, 0)
-            .map_err(map_err(names::FLOWS, "insert"))
+    /// The session table or the flow table is full, or the kernel refuses the write.
+    pub fn insert_flow(&mut self, key: FlowKey, mut flow: Flow) -> Result<()> {
+        flow.slot = self.slots.claim(flow.session_id)?;
+        match self.flows.insert(key, flow, u64::from(aya_noexist())) {
+            Ok(()) => {
+                self.slots.flow_added(flow.slot, flow.session_id);
+                Ok(())
+            }
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                let old = self.flows.get(&key, 0).ok();
+                self.flows
+                    .insert(key, flow, 0)
+                    .map_err(map_err(names::FLOWS, "insert"))?;
+                if old.is_none_or(|o| o.session_id != flow.session_id || o.slot != flow.slot) {
+                    if let Some(o) = old {
+                        self.slots.flow_removed(o.slot, o.session_id);
+                    }
+                    self.slots.flow_added(flow.slot, flow.session_id);
+                }
+                Ok(())
+            }
+            Err(e) => Err(map_err(names::FLOWS, "insert")(e)),
+        }
     }
 
     /// Forgets a flow; its next packet needs a live grant again. Absent is fine.
@@ -453,9 +486,26 @@ impl Maps {
     /// # Errors
     /// The kernel refuses the delete.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.flows.get(key, 0) {
+            Ok(flow) => self.remove_flow_of(key, &flow),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(names::FLOWS, "read")(e)),
+        }
+    }
+
+    /// Forgets a flow read a moment ago as `flow`, and gives its place in its session's
+    /// budget back. Absent is fine.
+    ///
+    /// # Errors
+    /// The kernel refuses the delete.
+    pub fn remove_flow_of(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
         match self.flows.remove(key) {
-            Err(e) if !not_found(&e) => Err(map_err(names::FLOWS, "remove")(e)),
-            _ => Ok(()),
+            Ok(()) => {
+                self.slots.flow_removed(flow.slot, flow.session_id);
+                Ok(())
+            }
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(names::FLOWS, "remove")(e)),
         }
     }
 
@@ -467,17 +517,12 @@ impl Maps {
     }
 
     pub fn session_stats(&self, session_id: u64) -> Option<SessionStats> {
-        self.session_stats.get(&session_id, 0).ok()
+        self.slots.stats(session_id)
     }
 
-    /// Every session's kernel counters, in one batched walk: cheaper than a lookup per
-    /// session when most sessions are wanted.
+    /// Every session's kernel counters, read from the mapped session table.
     pub fn all_session_stats(&self) -> std::collections::HashMap<u64, SessionStats> {
-        let mut out = std::collections::HashMap::new();
-        walk(&self.session_stats, names::SESSION_STATS, CHUNK, |id, s| {
-            out.insert(*id, *s);
-        });
-        out
+        self.slots.all_stats()
     }
 
     /// Global counters summed over CPUs.
@@ -528,24 +573,6 @@ impl Maps {
             Mode::Enforce
         })
     }
-
-    /// Resource ids the kernel currently protects.
-    pub fn protected_resource_ids(&self) -> BTreeSet<u32> {
-        let mut ids: BTreeSet<u32> = self
-            .resource_ports
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|s| s.resource_id)
-            .filter(|&id| id != 0)
-            .collect();
-        ids.extend(
-            self.resource_dsts
-                .iter()
-                .filter_map(|r| r.ok())
-                .map(|(_, id)| id),
-        );
-        ids
-    }
 }
 
 fn grant_key(source: IpAddr, resource_id: u32) -> GrantKey {
@@ -553,14 +580,6 @@ fn grant_key(source: IpAddr, resource_id: u32) -> GrantKey {
         src: addr_bytes(source),
         resource_id,
     }
-}
-
-fn dst_bytes(dst: &ResourceDst) -> [u8; 20] {
-    let mut b = [0u8; 20];
-    b[0] = dst.proto;
-    b[2..4].copy_from_slice(&dst.port_be);
-    b[4..].copy_from_slice(&dst.addr);
-    b
 }
 
 /// BPF_NOEXIST: insert only when the key is absent.

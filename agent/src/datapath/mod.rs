@@ -6,21 +6,20 @@ mod batch;
 mod events;
 mod logs;
 mod maps;
+mod slots;
 mod test_run;
 mod walk;
 
-use std::{
-    net::{IpAddr, Ipv6Addr},
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
-pub use agent_common::{Event, Flow, FlowKey, Revocation, SessionStats};
+pub use agent_common::{Event, Flow, FlowKey, ResourceEntries, addr_bytes, addr_from_bytes};
 use aya::{Ebpf, EbpfLoader};
 
 pub use attach::{Attachment, detach_all};
 pub use events::{DatapathEvent, EventKind, EventReader};
 pub use logs::KernelLog;
 pub use maps::{Counters, DropReason, Maps};
+pub use slots::{Revocation, SessionStats};
 pub use test_run::TestRunOutcome;
 pub use walk::{FLOW_CHUNK, FlowTable, Walk};
 
@@ -83,6 +82,26 @@ pub enum DatapathError {
         pin_dir: PathBuf,
         source: Box<aya_log::Error>,
     },
+    #[error(
+        "the session table is full ({capacity} sessions hold a slot): admission refused; raise \
+         [datapath] session_slots in the agent's config (a new size takes effect when the maps \
+         are created: `flowwarden datapath detach`, then start the agent)"
+    )]
+    SessionTableFull { capacity: u32 },
+    #[error("session table {name}: {message}")]
+    SlotTable { name: &'static str, message: String },
+    #[error(
+        "maps of an older flowwarden layout are pinned under {maps_dir} ({found}): this agent \
+         keeps revocations and session counters in session slots and cannot adopt them. Run \
+         `flowwarden datapath detach --pin-dir {pin_dir}` (it removes the old programs and \
+         pins: enforcement stops until the agent starts again), then start this agent: it \
+         restores sessions, grants and revocations from its store"
+    )]
+    OldLayout {
+        pin_dir: PathBuf,
+        maps_dir: PathBuf,
+        found: String,
+    },
     #[error("cannot remove {path}: {source}")]
     Unpin {
         path: PathBuf,
@@ -95,6 +114,22 @@ pub enum DatapathError {
 pub struct LoadOptions {
     pub pin_dir: PathBuf,
     pub flow_table_size: u32,
+    /// Slots of the session table: sessions that may hold grants, flows or a revocation at
+    /// once. Like `flow_table_size`, it takes effect when the maps are created.
+    pub session_slots: u32,
+    /// Live flows one session may hold (zero: no budget but the flow table's size).
+    pub session_flow_limit: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from("/sys/fs/bpf/flowwarden"),
+            flow_table_size: agent_common::map_sizes::FLOWS,
+            session_slots: agent_common::map_sizes::SESSIONS,
+            session_flow_limit: agent_common::map_sizes::SESSION_FLOW_LIMIT,
+        }
+    }
 }
 
 /// Loaded programs plus the handles of their (pinned) maps.
@@ -122,6 +157,7 @@ impl Datapath {
             return Err(DatapathError::NotBuilt);
         }
         ensure_bpffs()?;
+        refuse_old_layout(&opts.pin_dir)?;
         let maps_dir = maps_dir(&opts.pin_dir);
         for dir in [&maps_dir, &links_dir(&opts.pin_dir)] {
             std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
@@ -142,12 +178,14 @@ impl Datapath {
             )
             .override_global("AYA_LOG_LEVEL", &log_level, true)
             .map_max_entries(agent_common::map_names::FLOWS, opts.flow_table_size)
+            .map_max_entries(agent_common::map_names::SESSIONS, opts.session_slots)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: opts.pin_dir.clone(),
                 source: Box::new(source),
             })?;
-        let maps = Maps::take(&mut ebpf, &opts.pin_dir)?;
+        let mut maps = Maps::take(&mut ebpf, &opts.pin_dir)?;
+        maps.set_session_flow_limit(opts.session_flow_limit)?;
         let events = EventReader::take(&mut ebpf, &opts.pin_dir)?;
         let kernel_log = KernelLog::take(&mut ebpf, &opts.pin_dir)?;
         Ok(Self {
@@ -209,21 +247,23 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
 }
 
-/// The form every map key uses: IPv6, or IPv4 mapped into IPv6.
-pub fn addr_bytes(addr: IpAddr) -> [u8; 16] {
-    match addr {
-        IpAddr::V4(v4) => agent_common::ipv4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
+/// Refuses pins of the layout before session slots (see [`DatapathError::OldLayout`]): the
+/// programs of this build would fail to load against them, with a verifier message that
+/// says nothing of what to do.
+fn refuse_old_layout(pin_dir: &Path) -> Result<(), DatapathError> {
+    let maps_dir = maps_dir(pin_dir);
+    let found: Vec<&str> = agent_common::map_names::LEGACY
+        .into_iter()
+        .filter(|name| maps_dir.join(name).exists())
+        .collect();
+    if found.is_empty() {
+        return Ok(());
     }
-}
-
-/// The inverse of [`addr_bytes`]: IPv4-mapped addresses come back as IPv4.
-pub fn addr_from_bytes(bytes: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(bytes);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
+    Err(DatapathError::OldLayout {
+        pin_dir: pin_dir.to_owned(),
+        maps_dir,
+        found: found.join(", "),
+    })
 }
 
 /// The kernel's CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
@@ -275,21 +315,30 @@ impl From<Mode> for u32 {
 mod tests {
     use super::*;
 
+    /// The eBPF side names its maps with literals (`#[map(name = ...)]` takes no constant):
+    /// the built object must define exactly the maps `agent_common::map_names` lists.
     #[test]
-    fn addresses_round_trip_through_the_map_form() {
-        for a in ["10.1.2.3", "::1", "fd00::7", "::ffff:10.0.0.1"] {
-            let addr: IpAddr = a.parse().unwrap();
-            let back = addr_from_bytes(addr_bytes(addr));
-            match addr {
-                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
-                    assert_eq!(back, IpAddr::V4(v6.to_ipv4_mapped().unwrap()))
-                }
-                _ => assert_eq!(back, addr),
-            }
+    fn map_names_match_the_object() {
+        if EBPF_OBJECT.is_empty() {
+            // AYA_BUILD_SKIP builds have no object; `Datapath::load` refuses them anyway.
+            return;
         }
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        let mut in_object: Vec<&str> = object.maps.keys().map(String::as_str).collect();
+        // Sections the loader makes maps of (.bss, .rodata of aya-log's level) are not ours.
+        in_object.retain(|name| !name.starts_with('.'));
+        in_object.sort_unstable();
+        let mut listed: Vec<&str> = agent_common::map_names::IN_OBJECT.to_vec();
+        listed.sort_unstable();
         assert_eq!(
-            addr_bytes("10.1.2.3".parse().unwrap())[10..],
-            [0xff, 0xff, 10, 1, 2, 3]
+            in_object, listed,
+            "maps in the built object (left) differ from agent_common::map_names::IN_OBJECT (right)"
         );
+        for name in agent_common::map_names::ALL {
+            assert!(
+                listed.contains(&name),
+                "pinned map {name} is not in IN_OBJECT"
+            );
+        }
     }
 }

@@ -15,7 +15,12 @@ pub mod sockets;
 pub use census::{CENSUS_MAX_AGE, FlowCensus, LARGE_TABLE, Traffic, TrafficMap, WALK_DUTY};
 
 use crate::{
-    datapath::{Counters, DatapathError, Flow, FlowKey, FlowTable, Maps, Revocation, SessionStats},
+    config::Mode,
+    datapath::{
+        Counters, DatapathError, Flow, FlowKey, FlowTable, Maps, ResourceEntries, Revocation,
+        SessionStats, Walk,
+    },
+    policy::ResourceTable,
     sessions::model::{SessionGrant, SessionId},
 };
 
@@ -31,6 +36,20 @@ pub enum EnforceError {
     Withdraw { count: usize, source: DatapathError },
     #[error("reading kernel state: {0}")]
     Read(#[source] DatapathError),
+    #[error("{action}: {source}")]
+    Datapath {
+        action: &'static str,
+        source: DatapathError,
+    },
+}
+
+/// Policy compiled into what the kernel's resource tables must hold: plain port slots and
+/// trie entries (agent-common types), which the datapath diffs against what it installed
+/// last. Here, between the two rooms, so that the datapath never names policy.
+impl From<&ResourceTable> for ResourceEntries {
+    fn from(table: &ResourceTable) -> Self {
+        ResourceEntries::new(table.port_slots(), table.dst_entries())
+    }
 }
 
 pub struct Enforcer {
@@ -222,8 +241,8 @@ impl Enforcer {
             return;
         }
         let mut maps = self.maps();
-        for (k, _) in doomed {
-            let _ = maps.remove_flow(k);
+        for (k, f) in doomed {
+            let _ = maps.remove_flow_of(k, f);
         }
     }
 
@@ -339,8 +358,71 @@ impl Enforcer {
         sockets::destroy_tcp(&flows)
     }
 
-    /// Runs `f` with the maps locked, for operations this room has no verb for yet.
-    pub fn with_maps<T>(&self, f: impl FnOnce(&mut Maps) -> T) -> T {
-        f(&mut self.maps())
+    /// Makes the kernel's resource tables protect exactly the resources of `table`.
+    ///
+    /// # Errors
+    /// The kernel refuses a write (for example the destination trie is full).
+    pub fn install_resources(&self, table: &ResourceTable) -> Result<(), EnforceError> {
+        let entries = ResourceEntries::from(table);
+        self.maps()
+            .install_resources(entries)
+            .map_err(|source| EnforceError::Datapath {
+                action: "install resources",
+                source,
+            })
+    }
+
+    /// Switches between enforcing and only counting what would be dropped.
+    ///
+    /// # Errors
+    /// The kernel refuses the write.
+    pub fn set_mode(&self, mode: Mode) -> Result<(), EnforceError> {
+        self.maps()
+            .set_mode(mode)
+            .map_err(|source| EnforceError::Datapath {
+                action: "set mode",
+                source,
+            })
+    }
+
+    /// # Errors
+    /// The kernel refuses the read.
+    pub fn mode(&self) -> Result<Mode, EnforceError> {
+        self.maps().mode().map_err(EnforceError::Read)
+    }
+
+    /// The flow of this 5-tuple (client → resource), if the kernel holds it.
+    pub fn flow_between(&self, key: &FlowKey) -> Option<Flow> {
+        self.maps().flow(key)
+    }
+
+    /// Writes a flow the agent already knows (from an open socket, or a benchmark's fill).
+    ///
+    /// # Errors
+    /// The session table or the flow table is full, or the kernel refuses the write.
+    pub fn insert_flow(&self, key: FlowKey, flow: Flow) -> Result<(), EnforceError> {
+        self.maps()
+            .insert_flow(key, flow)
+            .map_err(|source| EnforceError::Kernel {
+                session: SessionId(flow.session_id),
+                action: "write flow",
+                source,
+            })
+    }
+
+    /// Hands every flow to `each` in chunks of `chunk`, without the writers' lock.
+    pub fn for_each_flow_in_chunks(&self, chunk: usize, each: impl FnMut(&FlowKey, &Flow)) -> Walk {
+        self.flow_table.for_each_in_chunks(chunk, each)
+    }
+
+    /// Gives an ended session's slot in the kernel's session table back, with its revocation
+    /// and counters. Only once its grants and flows are gone.
+    pub fn release_session(&self, session: SessionId) {
+        self.maps().release_session(session.0);
+    }
+
+    /// Slots held by sessions and the session table's capacity.
+    pub fn session_slots_fill(&self) -> (usize, u32) {
+        self.maps().session_slots_fill()
     }
 }

@@ -192,7 +192,7 @@ impl Sessions {
                 .collect()
         };
         for id in stale {
-            self.enforcer.with_maps(|m| m.unrevoke(id.0)).ok();
+            self.enforcer.release_session(id);
             out.revocations_dropped += 1;
         }
 

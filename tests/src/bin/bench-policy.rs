@@ -157,6 +157,7 @@ fn main() -> anyhow::Result<()> {
     let datapath = Datapath::load(&LoadOptions {
         pin_dir: pins.0.clone(),
         flow_table_size: agent_common::map_sizes::FLOWS,
+        ..LoadOptions::default()
     })?;
     let grant_capacity =
         aya::maps::MapData::from_pin(maps_dir(&pins.0).join(agent_common::map_names::GRANTS))?
@@ -259,7 +260,7 @@ fn main() -> anyhow::Result<()> {
     };
     let reload = t0.elapsed();
     let t = Instant::now();
-    enforcer.with_maps(|m| m.install_resources(&new.resources))?;
+    enforcer.install_resources(&new.resources)?;
     let install = t.elapsed();
     let t = Instant::now();
     let change = sessions.enforce_policy(&new)?;
@@ -303,11 +304,14 @@ fn main() -> anyhow::Result<()> {
     }
     let evaluate = t.elapsed();
     let t = Instant::now();
-    enforcer.with_maps(|m| {
-        copies
-            .iter()
-            .try_for_each(|s| m.grant(s.source, web, s.id.0))
-    })?;
+    let web_grant = flowwarden::sessions::model::SessionGrant {
+        resource: "web".into(),
+        resource_id: web,
+        rule: String::new(),
+    };
+    copies
+        .iter()
+        .try_for_each(|s| enforcer.grant(s.id, s.source, std::slice::from_ref(&web_grant)))?;
     let regrant = t.elapsed();
     // What enforce_policy does with the removed grants: one batch delete.
     let keys: Vec<(IpAddr, u32)> = copies.iter().map(|s| (s.source, web)).collect();

@@ -290,7 +290,7 @@ impl Ctx<'_> {
         let dummy = 0xbe7c_0000_0000_0000 | run as u64;
         let (map_write_ms, revoked) = timed(|| self.maps.revoke(dummy));
         revoked?;
-        self.maps.unrevoke(dummy)?;
+        self.maps.release_session(dummy);
         // The agent walks the whole flow table to find a session's sockets.
         let (flow_walk_ms, flows_in_table) = timed(|| self.maps.flows().len());
         // The first is timed inside a thread already in the namespace, as the agent (which

@@ -186,6 +186,7 @@ fn main() -> anyhow::Result<()> {
     let datapath = Datapath::load(&LoadOptions {
         pin_dir: pins.0.clone(),
         flow_table_size: flow_table,
+        ..LoadOptions::default()
     })
     .with_context(|| format!("loading the datapath with a flow table of {flow_table}"))?;
     let flow_table_mib = map_memlock_mib(&pins.0, agent_common::map_names::FLOWS);
@@ -262,7 +263,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut inserted = 0usize;
     let mut insert_error = None;
-    enforcer.with_maps(|m| {
+    {
         for j in 0..args.flows {
             let (id, src) = ids[j % n];
             let key = FlowKey {
@@ -284,13 +285,13 @@ fn main() -> anyhow::Result<()> {
                 tx_bytes: 12_000,
                 ..Flow::default()
             };
-            if let Err(e) = m.insert_flow(key, flow) {
+            if let Err(e) = enforcer.insert_flow(key, flow) {
                 insert_error = Some(format!("flow {j}: {e}"));
                 break;
             }
             inserted += 1;
         }
-    });
+    }
     let insert_secs = started.elapsed().as_secs_f64();
     if let Some(e) = &insert_error {
         eprintln!("stopped at {inserted} flows: {e}");
@@ -306,8 +307,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..5 {
         let t = Instant::now();
         let mut count = 0usize;
-        walks
-            .push(enforcer.with_maps(|m| m.for_each_flow_in_chunks(FLOW_CHUNK, |_, _| count += 1)));
+        walks.push(enforcer.for_each_flow_in_chunks(FLOW_CHUNK, |_, _| count += 1));
         batched.push(t.elapsed());
         if count != inserted {
             bail!("the batched walk saw {count} flows of {inserted}");
