@@ -311,6 +311,10 @@ impl Core {
     fn detail(&self, s: &Session) -> super::views::SessionView {
         let census = self.enforcer.recent_census();
         let mut v = session_view(s, census.traffic.get(&s.id), self.drops(s.id), true);
+        v.session_flow_limit_drops = self
+            .enforcer
+            .session_stats(s.id)
+            .map_or(0, |st| st.flow_limit_drops);
         v.flows = Some(self.flows(Some(s.id)));
         v
     }

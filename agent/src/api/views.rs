@@ -60,6 +60,10 @@ pub struct SessionView {
     pub settings: SessionSettings,
     pub traffic: TrafficView,
     pub dropped_after_termination: DropsView,
+    /// New flows the kernel denied because the session held its budget of live flows
+    /// (`session_flow_limit`); full detail only, left out when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub session_flow_limit_drops: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<SessionEnd>,
     /// Full detail only (`sessions.get`): every claim of the token and its fingerprint.
@@ -133,6 +137,7 @@ pub fn session_view(
             idle_ms: (t.flows > 0).then(|| mono.saturating_sub(t.last_seen_ns) / 1_000_000),
         },
         dropped_after_termination: drops,
+        session_flow_limit_drops: 0,
         ended: s.ended.clone(),
         claims: full.then(|| s.identity.claims.to_map()),
         token_sha256: full.then(|| s.identity.token_sha256.clone()),
@@ -223,4 +228,8 @@ pub struct PolicyInfo {
 /// Milliseconds from `then` until now (0 if in the future).
 pub fn ago_ms(then: u64) -> u64 {
     now_ms().saturating_sub(then)
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

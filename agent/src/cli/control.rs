@@ -373,6 +373,12 @@ fn render_session(s: &SessionView, now: u64) -> String {
         s.traffic.tx_packets,
         bytes(s.traffic.tx_bytes)
     ));
+    if s.session_flow_limit_drops > 0 {
+        line(format!(
+            "new flows denied over its flow budget (session_flow_limit): {}",
+            s.session_flow_limit_drops
+        ));
+    }
     if s.ended.is_some() {
         line(format!(
             "dropped after termination: {} packets, {}",

@@ -68,8 +68,8 @@ pub struct SlotTable {
     /// Slots this handle believes free, lowest last (taken from the end).
     free: Vec<u32>,
     /// The map itself: its fd must stay open while programs that were loaded (or will be)
-    /// with it run.
-    _map: MapData,
+    /// with it run. `None` for the anonymous memory of unit tests.
+    _map: Option<MapData>,
 }
 
 // SAFETY: the mapping is shared memory that every access reaches through atomics; the index
@@ -143,7 +143,7 @@ impl SlotTable {
             mapped,
             held: HashMap::new(),
             free: Vec::new(),
-            _map: map,
+            _map: Some(map),
         };
         table.rescan();
         Ok(table)
@@ -342,5 +342,116 @@ impl SlotTable {
                 |n| n.checked_sub(1),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table over anonymous memory: the same code as over the kernel's map, without root.
+    fn table(capacity: u32) -> SlotTable {
+        let mapped = capacity as usize * std::mem::size_of::<SessionSlot>();
+        // SAFETY: a fresh private anonymous mapping, zeroed by the kernel, checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let mut t = SlotTable {
+            base: NonNull::new(ptr.cast()).unwrap(),
+            capacity,
+            mapped,
+            held: HashMap::new(),
+            free: Vec::new(),
+            _map: None,
+        };
+        t.rescan();
+        t
+    }
+
+    #[test]
+    fn slot_zero_is_never_handed_out_and_a_full_table_refuses() {
+        let mut t = table(4);
+        let slots: Vec<u32> = (1..=3).map(|id| t.claim(id).unwrap()).collect();
+        assert_eq!(slots, [1, 2, 3]);
+        assert_eq!(t.claim(2).unwrap(), 2, "a session keeps its slot");
+        let err = t.claim(9).unwrap_err().to_string();
+        assert!(err.contains("session_slots"), "{err}");
+        assert_eq!(t.slot_of(9), None, "a refusal claims nothing");
+        for id in 1..=3 {
+            assert_eq!(
+                t.slot_of(id),
+                Some(slots[id as usize - 1]),
+                "nothing overwritten"
+            );
+        }
+    }
+
+    #[test]
+    fn a_released_slot_comes_back_clean_for_the_next_session() {
+        let mut t = table(2);
+        let slot = t.claim(7).unwrap();
+        t.revoke(7, 100);
+        t.flow_added(slot, 7);
+        assert_eq!(t.revocation(7).unwrap().revoked_at_ns, 100);
+        t.revoke(7, 200);
+        assert_eq!(
+            t.revocation(7).unwrap().revoked_at_ns,
+            100,
+            "revoking twice keeps the first time"
+        );
+        t.release(7);
+        assert_eq!(t.revocation(7), None);
+        assert_eq!(t.claim(8).unwrap(), slot);
+        assert_eq!(t.revocation(8), None, "the next session starts live");
+        assert_eq!(t.stats(8).unwrap(), SessionStats::default());
+    }
+
+    #[test]
+    fn a_second_handle_learns_the_held_slots_from_the_table() {
+        let mut first = table(8);
+        first.claim(1).unwrap();
+        first.claim(2).unwrap();
+        first.revoke(2, 5);
+        // A second handle over the same memory, as a restarted agent over the pinned map.
+        let mut second = SlotTable {
+            base: first.base,
+            capacity: first.capacity,
+            mapped: 0,
+            held: HashMap::new(),
+            free: Vec::new(),
+            _map: None,
+        };
+        second.rescan();
+        assert_eq!(second.slot_of(1), first.slot_of(1));
+        assert!(second.revocation(2).is_some());
+        let fresh = second.claim(3).unwrap();
+        assert!(fresh != first.slot_of(1).unwrap() && fresh != first.slot_of(2).unwrap());
+        // The first handle's free list is stale: its claim must skip the slot taken.
+        let other = first.claim(4).unwrap();
+        assert_ne!(other, fresh, "two handles handed out one slot");
+        std::mem::forget(second);
+    }
+
+    #[test]
+    fn the_flow_budget_count_never_wraps_below_zero() {
+        let mut t = table(2);
+        let slot = t.claim(5).unwrap();
+        t.flow_removed(slot, 5);
+        assert_eq!(t.stats(5).unwrap().live_flows, 0);
+        t.flow_added(slot, 5);
+        t.flow_added(slot, 6);
+        assert_eq!(
+            t.stats(5).unwrap().live_flows,
+            1,
+            "another session's flow is not counted"
+        );
     }
 }

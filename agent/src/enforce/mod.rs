@@ -89,10 +89,16 @@ impl Enforcer {
         grants: &[SessionGrant],
     ) -> Result<(), EnforceError> {
         let mut maps = self.maps();
+        // A slot claimed by this call goes back with the grants: an admission refused here
+        // must not keep a place in the session table.
+        let had_slot = maps.slot_of(session.0).is_some();
         for (i, g) in grants.iter().enumerate() {
             if let Err(source_err) = maps.grant(source, g.resource_id, session.0) {
                 for done in &grants[..i] {
                     let _ = maps.remove_grant(source, done.resource_id);
+                }
+                if !had_slot {
+                    maps.release_session(session.0);
                 }
                 return Err(EnforceError::Kernel {
                     session,
