@@ -21,7 +21,7 @@ use crate::{
     enforce::Enforcer,
     metrics::Metrics,
     policy::{Policy, PolicyError, PolicyHandle},
-    sessions::Sessions,
+    sessions::{Sessions, model::SessionId},
     store::Store,
 };
 
@@ -114,6 +114,19 @@ async fn serve(
     }
     let reconciled = sessions.reconcile().await?;
     tracing::info!(?reconciled, "store and kernel reconciled");
+    // The flow index learns the flows opened before this start (under an earlier agent, or
+    // while none ran) from one walk; until it completes, lookups walk the table themselves.
+    // Kernel events are read from here on, so no flow opened meanwhile is missed either.
+    {
+        let enforcer = Arc::clone(&enforcer);
+        tokio::task::spawn_blocking(move || {
+            let census = enforcer.census();
+            tracing::debug!(
+                flows = census.flows,
+                "flow index reconciled with the kernel"
+            );
+        });
+    }
     sessions
         .record(vec![AuditEvent::new(AuditKind::AgentStarted)])
         .await?;
@@ -310,10 +323,16 @@ impl Drop for Sweeper {
 /// and are recorded from here.
 async fn event_loop(sessions: Arc<Sessions>, mut events: crate::datapath::EventReader) {
     let (tx, mut rx) = mpsc::channel::<DatapathEvent>(4096);
+    let enforcer = Arc::clone(sessions.enforcer());
     std::thread::spawn(move || {
         loop {
             events.wait(Duration::from_millis(200));
             while let Some(e) = events.try_next() {
+                // Into the flow index at once, on this thread: a termination finds the flow
+                // even while the audit record is still queued.
+                if e.kind == crate::datapath::EventKind::FlowOpened {
+                    enforcer.flow_opened(SessionId(e.session_id), &flow_key(&e));
+                }
                 if tx.blocking_send(e).is_err() {
                     return;
                 }
@@ -327,6 +346,18 @@ async fn event_loop(sessions: Arc<Sessions>, mut events: crate::datapath::EventR
         if let Err(err) = sessions.on_datapath_event(&e).await {
             tracing::error!(error = %err, "cannot record a datapath event");
         }
+    }
+}
+
+/// The kernel's key of the flow an event is about (the source is the client).
+fn flow_key(e: &DatapathEvent) -> crate::datapath::FlowKey {
+    crate::datapath::FlowKey {
+        src: crate::datapath::addr_bytes(e.source.ip()),
+        dst: crate::datapath::addr_bytes(e.destination.ip()),
+        sport: e.source.port(),
+        dport: e.destination.port(),
+        proto: e.proto,
+        _pad: [0; 3],
     }
 }
 

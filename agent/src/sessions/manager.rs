@@ -406,15 +406,19 @@ impl Sessions {
         drop(table);
         if !ended.is_empty() {
             let ids: HashSet<u64> = ended.iter().map(|e| e.id.0).collect();
-            match self.enforcer.destroy_sockets(&ids) {
-                Ok(d) => tracing::debug!(
-                    destroyed = d.destroyed,
-                    "local sockets of ended sessions torn down"
-                ),
-                // The kernel already drops every packet; only the prompt notice is lost.
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot tear down local sockets of ended sessions")
-                }
+            tear_down_sockets(&self.enforcer, &ids);
+            // A flow the kernel opened just before the revocation may still have its event on
+            // the way to the flow index. A revoked session opens no new flow, so one more
+            // look once those events are in finds every socket left.
+            let enforcer = Arc::clone(&self.enforcer);
+            let late = std::thread::Builder::new()
+                .name("late-sockets".into())
+                .spawn(move || {
+                    std::thread::sleep(LATE_EVENTS);
+                    tear_down_sockets(&enforcer, &ids);
+                });
+            if let Err(e) = late {
+                tracing::warn!(error = %e, "cannot start the second look for sockets of ended sessions");
             }
         }
         Ok((ended, writes))
@@ -651,6 +655,25 @@ impl Sessions {
 
     pub fn live_count(&self) -> usize {
         self.table().values().filter(|s| s.is_live()).count()
+    }
+}
+
+/// How long after a termination the sockets of its flows are looked for once more: the
+/// kernel's flow-opened events are read within milliseconds of being written.
+const LATE_EVENTS: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Destroys the local sockets of these sessions' flows (see [`Enforcer::destroy_sockets`]).
+fn tear_down_sockets(enforcer: &Enforcer, ids: &HashSet<u64>) {
+    match enforcer.destroy_sockets(ids) {
+        Ok(d) if d.destroyed > 0 => tracing::debug!(
+            destroyed = d.destroyed,
+            "local sockets of ended sessions torn down"
+        ),
+        Ok(_) => {}
+        // The kernel already drops every packet; only the prompt notice is lost.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tear down local sockets of ended sessions")
+        }
     }
 }
 
