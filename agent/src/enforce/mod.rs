@@ -9,6 +9,7 @@ use std::{
 };
 
 mod census;
+mod diag_codec;
 pub mod flow_index;
 pub mod pressure;
 pub mod sockets;
