@@ -210,12 +210,7 @@ async fn serve(
     ));
     let _watch = (config.policy.watch_interval_ms > 0).then(|| {
         let (tx, rx) = mpsc::unbounded_channel();
-        tasks.spawn(policy_loop(
-            Arc::clone(&sessions),
-            Arc::clone(&enforcer),
-            Arc::clone(&metrics),
-            rx,
-        ));
+        tasks.spawn(policy_loop(Arc::clone(&sessions), Arc::clone(&metrics), rx));
         crate::policy::watch(
             Arc::clone(&policy),
             Duration::from_millis(config.policy.watch_interval_ms),
@@ -377,18 +372,17 @@ fn forward_kernel_logs(mut kernel_log: crate::datapath::KernelLog) {
     }
 }
 
-/// Applies each policy change: kernel resources first, then continuous evaluation of every
-/// live session. A bad edit is recorded and the last good policy stays.
+/// Applies each policy change ([`Sessions::install_policy`]). A bad edit is recorded and the
+/// last good policy stays.
 async fn policy_loop(
     sessions: Arc<Sessions>,
-    enforcer: Arc<Enforcer>,
     metrics: Arc<Metrics>,
     mut changes: mpsc::UnboundedReceiver<Result<Arc<Policy>, PolicyError>>,
 ) {
     while let Some(change) = changes.recv().await {
         match change {
             Ok(policy) => {
-                let applied = apply_policy(&sessions, &enforcer, &policy).await;
+                let applied = sessions.install_policy(policy).await;
                 metrics.policy_reloaded(applied.is_ok());
                 if let Err(e) = applied {
                     tracing::error!(error = %e, "applying the new policy failed");
@@ -406,26 +400,4 @@ async fn policy_loop(
             }
         }
     }
-}
-
-/// Installs a policy that is already current in the handle: resources in the kernel, then
-/// continuous evaluation. Shared by the file watcher and `policy reload`.
-///
-/// # Errors
-/// The kernel refuses the resource tables, or evaluation fails.
-pub async fn apply_policy(
-    sessions: &Sessions,
-    enforcer: &Enforcer,
-    policy: &Policy,
-) -> anyhow::Result<crate::sessions::PolicyOutcome> {
-    enforcer.with_maps(|m| m.install_resources(&policy.resources))?;
-    let outcome = sessions.apply_policy(policy).await?;
-    tracing::info!(?outcome, "policy applied");
-    let ev = AuditEvent::new(AuditKind::PolicyReloaded {
-        files: policy.files.len(),
-        resources: policy.resources.resources.len(),
-        rules: policy.rules.len(),
-    });
-    sessions.record(vec![ev]).await?;
-    Ok(outcome)
 }

@@ -381,9 +381,11 @@ impl Core {
         match self.policy.reload() {
             Ok(Reload::Unchanged) => Ok(json!({ "changed": false })),
             Ok(Reload::Changed(policy)) => {
-                let outcome = crate::agent::apply_policy(&self.sessions, &self.enforcer, &policy)
+                let outcome = self
+                    .sessions
+                    .install_policy(policy)
                     .await
-                    .map_err(|e| rpc(APP_ERROR, format!("{e:#}")))?;
+                    .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
                 Ok(json!({ "changed": true, "outcome": outcome }))
             }
             Err(e) => {

@@ -22,6 +22,7 @@ use crate::{
         Counters, DatapathError, FLOW_CHUNK, Flow, FlowKey, FlowTable, Maps, Revocation,
         SessionStats, Walk,
     },
+    policy::ResourceTable,
     sessions::model::{SessionGrant, SessionId},
 };
 
@@ -132,6 +133,14 @@ impl Enforcer {
                 count: grants.len(),
                 source,
             })
+    }
+
+    /// Installs a policy's resources in the kernel's resource tables.
+    ///
+    /// # Errors
+    /// The kernel refuses a write.
+    pub fn install_resources(&self, resources: &ResourceTable) -> Result<(), DatapathError> {
+        self.maps().install_resources(resources)
     }
 
     /// Severs every flow of the session on its next packet: one map write.
