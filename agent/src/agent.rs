@@ -121,7 +121,7 @@ async fn serve(
         let enforcer = Arc::clone(&enforcer);
         tokio::task::spawn_blocking(move || {
             let census = enforcer.census();
-            tracing::debug!(
+            tracing::info!(
                 flows = census.flows,
                 "flow index reconciled with the kernel"
             );

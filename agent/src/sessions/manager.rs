@@ -37,6 +37,11 @@ pub enum SessionError {
     Enforce(#[from] EnforceError),
     #[error("the state store failed; nothing was changed: {0}")]
     Store(#[from] StoreError),
+    /// The blocking thread doing the kernel work of `what` panicked (or the runtime is
+    /// shutting down); what it did before that stands, and the sweep or the next start
+    /// reconciles the rest.
+    #[error("{what} stopped part way: its worker thread did not finish")]
+    Interrupted { what: &'static str },
 }
 
 /// What an admission or a reconnect hands back to the client.
@@ -312,12 +317,13 @@ impl Sessions {
     }
 
     /// Ends live sessions now: the kernel revocation comes first (one write severs every flow
-    /// on its next packet), then the grants go, then the record is made durable.
+    /// on its next packet), then the grants go, then the record is made durable. The kernel
+    /// work runs on a blocking thread, never on the async workers.
     ///
     /// # Errors
     /// An id is unknown, or the kernel or store fails.
     pub async fn terminate(
-        &self,
+        self: &Arc<Self>,
         target: &Target,
         by: &str,
         reason: &str,
@@ -346,9 +352,18 @@ impl Sessions {
                     .collect(),
             }
         };
-        let ended = self.end(&ids, SessionState::Terminated, cause, kind, by, reason)?;
-        self.persist(ended.1).await?;
-        Ok(ended.0)
+        // Kernel writes, the heirs of freed grants and socket teardown: off the async workers.
+        let this = Arc::clone(self);
+        let (by, reason) = (by.to_owned(), reason.to_owned());
+        let (ended, writes) = tokio::task::spawn_blocking(move || {
+            this.end(&ids, SessionState::Terminated, cause, kind, &by, &reason)
+        })
+        .await
+        .map_err(|_| SessionError::Interrupted {
+            what: "terminating sessions",
+        })??;
+        self.persist(writes).await?;
+        Ok(ended)
     }
 
     /// Moves live sessions to a final state in memory and the kernel; returns them and the
