@@ -21,7 +21,7 @@ use crate::{
     enforce::Enforcer,
     metrics::Metrics,
     policy::{Policy, PolicyError, PolicyHandle},
-    sessions::Sessions,
+    sessions::{Sessions, model::SessionId},
     store::Store,
 };
 
@@ -116,6 +116,19 @@ async fn serve(
     }
     let reconciled = sessions.reconcile().await?;
     tracing::info!(?reconciled, "store and kernel reconciled");
+    // The flow index learns the flows opened before this start (under an earlier agent, or
+    // while none ran) from one walk; until it completes, lookups walk the table themselves.
+    // Kernel events are read from here on, so no flow opened meanwhile is missed either.
+    {
+        let enforcer = Arc::clone(&enforcer);
+        tokio::task::spawn_blocking(move || {
+            let census = enforcer.census();
+            tracing::info!(
+                flows = census.flows,
+                "flow index reconciled with the kernel"
+            );
+        });
+    }
     sessions
         .record(vec![AuditEvent::new(AuditKind::AgentStarted)])
         .await?;
@@ -199,12 +212,7 @@ async fn serve(
     ));
     let _watch = (config.policy.watch_interval_ms > 0).then(|| {
         let (tx, rx) = mpsc::unbounded_channel();
-        tasks.spawn(policy_loop(
-            Arc::clone(&sessions),
-            Arc::clone(&enforcer),
-            Arc::clone(&metrics),
-            rx,
-        ));
+        tasks.spawn(policy_loop(Arc::clone(&sessions), Arc::clone(&metrics), rx));
         crate::policy::watch(
             Arc::clone(&policy),
             Duration::from_millis(config.policy.watch_interval_ms),
@@ -312,10 +320,16 @@ impl Drop for Sweeper {
 /// and are recorded from here.
 async fn event_loop(sessions: Arc<Sessions>, mut events: crate::datapath::EventReader) {
     let (tx, mut rx) = mpsc::channel::<DatapathEvent>(4096);
+    let enforcer = Arc::clone(sessions.enforcer());
     std::thread::spawn(move || {
         loop {
             events.wait(Duration::from_millis(200));
             while let Some(e) = events.try_next() {
+                // Into the flow index at once, on this thread: a termination finds the flow
+                // even while the audit record is still queued.
+                if e.kind == crate::datapath::EventKind::FlowOpened {
+                    enforcer.flow_opened(SessionId(e.session_id), &flow_key(&e));
+                }
                 if tx.blocking_send(e).is_err() {
                     return;
                 }
@@ -329,6 +343,18 @@ async fn event_loop(sessions: Arc<Sessions>, mut events: crate::datapath::EventR
         if let Err(err) = sessions.on_datapath_event(&e).await {
             tracing::error!(error = %err, "cannot record a datapath event");
         }
+    }
+}
+
+/// The kernel's key of the flow an event is about (the source is the client).
+fn flow_key(e: &DatapathEvent) -> crate::datapath::FlowKey {
+    crate::datapath::FlowKey {
+        src: crate::datapath::addr_bytes(e.source.ip()),
+        dst: crate::datapath::addr_bytes(e.destination.ip()),
+        sport: e.source.port(),
+        dport: e.destination.port(),
+        proto: e.proto,
+        _pad: [0; 3],
     }
 }
 
@@ -348,18 +374,17 @@ fn forward_kernel_logs(mut kernel_log: crate::datapath::KernelLog) {
     }
 }
 
-/// Applies each policy change: kernel resources first, then continuous evaluation of every
-/// live session. A bad edit is recorded and the last good policy stays.
+/// Applies each policy change ([`Sessions::install_policy`]). A bad edit is recorded and the
+/// last good policy stays.
 async fn policy_loop(
     sessions: Arc<Sessions>,
-    enforcer: Arc<Enforcer>,
     metrics: Arc<Metrics>,
     mut changes: mpsc::UnboundedReceiver<Result<Arc<Policy>, PolicyError>>,
 ) {
     while let Some(change) = changes.recv().await {
         match change {
             Ok(policy) => {
-                let applied = apply_policy(&sessions, &enforcer, &policy).await;
+                let applied = sessions.install_policy(policy).await;
                 metrics.policy_reloaded(applied.is_ok());
                 if let Err(e) = applied {
                     tracing::error!(error = %e, "applying the new policy failed");
@@ -377,26 +402,4 @@ async fn policy_loop(
             }
         }
     }
-}
-
-/// Installs a policy that is already current in the handle: resources in the kernel, then
-/// continuous evaluation. Shared by the file watcher and `policy reload`.
-///
-/// # Errors
-/// The kernel refuses the resource tables, or evaluation fails.
-pub async fn apply_policy(
-    sessions: &Sessions,
-    enforcer: &Enforcer,
-    policy: &Policy,
-) -> anyhow::Result<crate::sessions::PolicyOutcome> {
-    enforcer.install_resources(&policy.resources)?;
-    let outcome = sessions.apply_policy(policy).await?;
-    tracing::info!(?outcome, "policy applied");
-    let ev = AuditEvent::new(AuditKind::PolicyReloaded {
-        files: policy.files.len(),
-        resources: policy.resources.resources.len(),
-        rules: policy.rules.len(),
-    });
-    sessions.record(vec![ev]).await?;
-    Ok(outcome)
 }

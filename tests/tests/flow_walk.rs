@@ -1,12 +1,17 @@
 //! The batched walk over the kernel's flow table (BPF_MAP_LOOKUP_BATCH) against aya's
 //! key-by-key iteration of the same pinned map: the same flows, each exactly once, for an
-//! empty table, one flow, exactly one chunk, one more than a chunk and several chunks.
+//! empty table, one flow, exactly one chunk, one more than a chunk and several chunks. And the
+//! flow index (each session's flows without a walk) against full walks of the same table.
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use agent_common::{IPPROTO_TCP, IPPROTO_UDP, map_names};
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
-use flowwarden::datapath::{FLOW_CHUNK, Flow, FlowKey, Walk, addr_bytes, maps_dir};
+use flowwarden::{
+    datapath::{FLOW_CHUNK, Flow, FlowKey, Maps, Walk, addr_bytes, maps_dir},
+    enforce::Enforcer,
+    sessions::model::SessionId,
+};
 use flowwarden_tests::{loaded::LoadedDatapath, privileged::require_root};
 
 /// Room for the largest case with the table at most half full, as a busy agent's would be.
@@ -153,4 +158,109 @@ fn batched_flow_walk_matches_the_key_by_key_walk() {
         inserted.remove(k);
     }
     check(&dp, &inserted, FLOW_CHUNK);
+}
+
+/// Every session's flow keys from one full walk, sorted.
+fn by_session(flows: Vec<(FlowKey, Flow)>) -> HashMap<u64, Vec<FlowKey>> {
+    let mut out: HashMap<u64, Vec<FlowKey>> = HashMap::new();
+    for (k, f) in flows {
+        out.entry(f.session_id).or_default().push(k);
+    }
+    for keys in out.values_mut() {
+        keys.sort_by_key(|k| (k.src, k.sport, k.dport));
+    }
+    out
+}
+
+/// Checks every session's flows through the index against one full walk (and a session
+/// without flows).
+fn index_matches_walk(enforcer: &Enforcer, when: &str) {
+    let walked = by_session(enforcer.flows());
+    for (id, keys) in &walked {
+        let indexed = by_session(enforcer.session_flows(SessionId(*id)));
+        assert_eq!(
+            indexed.get(id),
+            Some(keys),
+            "{when}: session {id:x} through the flow index differs from the full walk"
+        );
+        assert_eq!(
+            indexed.len(),
+            1,
+            "{when}: flows of another session for {id:x}"
+        );
+    }
+    assert!(
+        enforcer.session_flows(SessionId(0x0bad)).is_empty(),
+        "{when}: flows for a session that has none"
+    );
+}
+
+#[test]
+fn the_flow_index_gives_each_session_what_a_full_walk_gives() {
+    if !require_root("the_flow_index_gives_each_session_what_a_full_walk_gives") {
+        return;
+    }
+    let mut dp = LoadedDatapath::with_flow_table("fwidx", TABLE);
+    // Flows written before this "agent" existed, as an earlier agent's would be: it saw none
+    // of their flow-opened events.
+    let n = FLOW_CHUNK + FLOW_CHUNK / 2;
+    for i in 0..n as u32 {
+        let (k, f) = flow(i);
+        dp.datapath
+            .maps
+            .insert_flow(k, f)
+            .expect("inserting a flow");
+    }
+    let enforcer = Enforcer::new(Maps::open_pinned(dp.pin_dir()).expect("the pinned maps"));
+    assert_eq!(enforcer.indexed_flows(), 0);
+    // Before the first walk the index cannot tell, and a lookup walks instead.
+    let some = flow(7).1.session_id;
+    assert_eq!(
+        by_session(enforcer.session_flows(SessionId(some))).get(&some),
+        by_session(enforcer.flows()).get(&some),
+        "before the first walk"
+    );
+
+    let census = enforcer.census();
+    assert_eq!(census.flows, n);
+    assert_eq!(
+        enforcer.indexed_flows(),
+        n,
+        "the walk at start taught the index every flow"
+    );
+    index_matches_walk(&enforcer, "after the first walk");
+
+    // Removed by the agent: gone from the index at once.
+    let first = flow(0).1.session_id;
+    let removed = enforcer.remove_flows(|_, f| f.session_id == first || f.resource_id == 2);
+    assert!(removed.len() > n / 4, "removed {} flows", removed.len());
+    assert_eq!(enforcer.indexed_flows(), n - removed.len());
+    assert!(enforcer.session_flows(SessionId(first)).is_empty());
+    index_matches_walk(&enforcer, "after the agent removed flows");
+
+    // Removed behind the agent's back: lookups check the kernel, and the next walk prunes.
+    let (gone_key, gone) = flow(15);
+    dp.datapath
+        .maps
+        .remove_flow(&gone_key)
+        .expect("removing a flow");
+    index_matches_walk(&enforcer, "after a flow went behind the agent's back");
+    enforcer.census();
+    assert_eq!(enforcer.indexed_flows(), n - removed.len() - 1);
+
+    // Opened now, with its event: listed without another walk.
+    let (new_key, mut new) = flow(n as u32 + 5);
+    new.session_id = gone.session_id;
+    dp.datapath
+        .maps
+        .insert_flow(new_key, new)
+        .expect("inserting a flow");
+    enforcer.flow_opened(SessionId(new.session_id), &new_key);
+    assert!(
+        enforcer
+            .session_flows(SessionId(new.session_id))
+            .contains(&(new_key, new)),
+        "a flow known from its event"
+    );
+    index_matches_walk(&enforcer, "after a flow-opened event");
 }

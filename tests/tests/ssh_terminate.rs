@@ -15,7 +15,7 @@ use flowwarden_tests::{
     privileged::require_root,
     ssh::{SshSession, Sshd, realtime_ns},
     stack::{Stack, TokenSpec},
-    tcp::{accept, connect, listen},
+    tcp::{accept, carries, connect, listen},
 };
 use serde_json::Value;
 
@@ -279,6 +279,108 @@ fn terminating_a_user_ends_all_their_sessions_and_flows() {
             "a connection of a terminated session was not torn down: {r:?}"
         );
     }
+}
+
+/// The flows `flows list` shows, as comparable (client, resource address) pairs.
+fn flow_pairs(v: &Value) -> Vec<String> {
+    let mut pairs: Vec<String> = v
+        .as_array()
+        .unwrap_or_else(|| panic!("flows list: expected an array, saw {v}"))
+        .iter()
+        .map(|f| format!("{} {} {}", f["session"], f["source"], f["destination"]))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+#[test]
+fn terminate_after_a_restart_destroys_the_sockets_opened_before_it() {
+    if !require_root("terminate_after_a_restart_destroys_the_sockets_opened_before_it") {
+        return;
+    }
+    let mut stack = Stack::start("rst", POLICY, "");
+    let echo: SocketAddr = (stack.pair.server_addr, 7000).into();
+    let listener = listen(&stack.pair.server, echo);
+    let login = |who: &str| {
+        let cache = stack.scratch.dir.join(who);
+        let email = format!("{who}@corp.example");
+        let (ok, out) = stack.login(&stack.token(&TokenSpec::user(&email, &["ops"])), &cache);
+        assert!(ok, "{out}");
+        stdout_json(&out)["session"].as_str().unwrap().to_owned()
+    };
+    let open = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let c = connect(&stack.pair.client, echo, Duration::from_secs(5)).unwrap();
+                let s = accept(&listener, Duration::from_secs(5)).unwrap();
+                (c, s)
+            })
+            .collect::<Vec<_>>()
+    };
+    // Both from the client's one address: the newest session holds the grant, so bob's
+    // flows are opened before carol logs in, and carol's after.
+    let bob = login("bob");
+    let mut bobs = open(3);
+    let _carol = login("carol");
+    let mut carols = open(1);
+    let flows_before = stack.ctl_json(&["flows", "list", "--session", &bob]);
+
+    // A crash: the flows stay in the pinned kernel table, and the new agent knows them only
+    // from its walk at start (it saw none of their flow-opened events).
+    stack.agent_mut().kill9();
+    stack.start_agent();
+    stack.wait_until(
+        Duration::from_secs(10),
+        "the restarted agent's flow index to be reconciled",
+        || {
+            stack
+                .agent()
+                .log_contains("flow index reconciled with the kernel")
+        },
+    );
+
+    let listed = stack.ctl_json(&["flows", "list", "--session", &bob]);
+    let all = stack.ctl_json(&["flows", "list"]);
+    let walked: Vec<Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["session"] == bob.as_str())
+        .cloned()
+        .collect();
+    assert_eq!(
+        flow_pairs(&listed),
+        flow_pairs(&Value::Array(walked)),
+        "flows list --session (flow index) against the full walk"
+    );
+    assert_eq!(flow_pairs(&listed).len(), 3, "bob's three flows: {listed}");
+    assert_eq!(
+        flow_pairs(&listed),
+        flow_pairs(&flows_before),
+        "the same flows as before the restart"
+    );
+
+    let v = stack.ctl_json(&["sessions", "terminate", &bob]);
+    assert_eq!(v["count"], 1, "{v}");
+    // Every socket of bob's flows is destroyed: the client sees a reset (or EOF) at once.
+    for (c, _) in &mut bobs {
+        use std::io::Read as _;
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let r = c.read(&mut [0u8; 16]);
+        assert!(
+            matches!(&r, Ok(0))
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "a connection opened before the restart outlived its session's termination: {r:?}"
+        );
+    }
+    // Carol's connection, opened under the same grant after bob's, is not touched.
+    let (c, s) = &mut carols[0];
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert!(
+        carries(c, s, b"still here"),
+        "the other session's connection was torn down too"
+    );
 }
 
 /// Pids whose command line contains `needle`.

@@ -322,8 +322,12 @@ impl Core {
     fn flows(&self, session: Option<SessionId>) -> Vec<super::views::FlowView> {
         let policy = self.policy.current();
         let revoked: HashSet<SessionId> = self.enforcer.revoked().into_iter().collect();
-        self.enforcer
-            .flows_where(|f| session.is_none_or(|id| f.session_id == id.0))
+        // One session's flows come from the flow index: no walk of the whole table.
+        let flows = match session {
+            Some(id) => self.enforcer.session_flows(id),
+            None => self.enforcer.flows(),
+        };
+        flows
             .iter()
             .map(|(k, f)| {
                 let s = self.sessions.get(SessionId(f.session_id));
@@ -385,9 +389,11 @@ impl Core {
         match self.policy.reload() {
             Ok(Reload::Unchanged) => Ok(json!({ "changed": false })),
             Ok(Reload::Changed(policy)) => {
-                let outcome = crate::agent::apply_policy(&self.sessions, &self.enforcer, &policy)
+                let outcome = self
+                    .sessions
+                    .install_policy(policy)
                     .await
-                    .map_err(|e| rpc(APP_ERROR, format!("{e:#}")))?;
+                    .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
                 Ok(json!({ "changed": true, "outcome": outcome }))
             }
             Err(e) => {

@@ -9,15 +9,19 @@ use std::{
 };
 
 mod census;
+mod diag_codec;
+pub mod flow_index;
 pub mod pressure;
 pub mod sockets;
 
 pub use census::{CENSUS_MAX_AGE, FlowCensus, LARGE_TABLE, Traffic, TrafficMap, WALK_DUTY};
 
+use self::flow_index::{FlowIndex, WALK_BATCH};
 use crate::{
     config::Mode,
     datapath::{
-        Counters, DatapathError, Flow, FlowKey, FlowTable, Maps, ResourceEntries, Revocation,
+        Counters, DatapathError, FLOW_CHUNK, Flow, FlowKey, FlowTable, Maps, ResourceEntries,
+        Revocation,
         SessionStats, Walk,
     },
     policy::ResourceTable,
@@ -59,6 +63,8 @@ pub struct Enforcer {
     flows_capacity: u32,
     /// The newest census of the flow table, for reads of a large table to reuse.
     census: Mutex<Option<Arc<FlowCensus>>>,
+    /// Each session's flows, so that one session's are found without walking the table.
+    index: FlowIndex,
 }
 
 impl Enforcer {
@@ -68,6 +74,7 @@ impl Enforcer {
             flows_capacity: maps.flows_capacity(),
             maps: Mutex::new(maps),
             census: Mutex::new(None),
+            index: FlowIndex::new(),
         }
     }
 
@@ -250,6 +257,66 @@ impl Enforcer {
         for (k, f) in doomed {
             let _ = maps.remove_flow_of(k, f);
         }
+        drop(maps);
+        self.index.removed(doomed);
+    }
+
+    /// One pass over the flow table that also reconciles the flow index with it (see
+    /// [`flow_index`]); a walk that fails part way prunes nothing.
+    fn walk_indexed(&self, mut each: impl FnMut(&FlowKey, &Flow)) {
+        let mark = self.index.walk_started();
+        let mut met = Vec::with_capacity(WALK_BATCH);
+        let walk = self.flow_table.for_each_in_chunks(FLOW_CHUNK, |k, f| {
+            met.push((*k, f.session_id));
+            if met.len() == WALK_BATCH {
+                self.index.walked(mark, &met);
+                met.clear();
+            }
+            each(k, f);
+        });
+        self.index.walked(mark, &met);
+        if walk != Walk::Failed {
+            self.index.walk_done(mark);
+        }
+    }
+
+    /// A flow the kernel opened (its flow-opened event), for the flow index.
+    pub fn flow_opened(&self, session: SessionId, key: &FlowKey) {
+        self.index.opened(session, key);
+    }
+
+    /// Flows the index holds, over all sessions.
+    pub fn indexed_flows(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The flows of these sessions as the kernel holds them now: from the flow index and one
+    /// lookup per flow (which also drops any the index still held but the kernel no longer
+    /// has, or has for another session), or one walk when the index cannot tell.
+    pub fn flows_of(&self, sessions: &HashSet<u64>) -> Vec<(FlowKey, Flow)> {
+        let mut keys = Vec::new();
+        for id in sessions {
+            match self.index.flows_of(SessionId(*id)) {
+                Some(k) => keys.extend(k),
+                None => return self.flows_where(|f| sessions.contains(&f.session_id)),
+            }
+        }
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let maps = self.maps();
+        keys.into_iter()
+            .filter_map(|k| {
+                maps.flow(&k)
+                    .filter(|f| sessions.contains(&f.session_id))
+                    .map(|f| (k, f))
+            })
+            .collect()
+    }
+
+    /// The flows of one session: see [`Enforcer::flows_of`].
+    pub fn session_flows(&self, session: SessionId) -> Vec<(FlowKey, Flow)> {
+        self.flows_of(&HashSet::from([session.0]))
     }
 
     /// The sweep's one pass over the flow table: removes the flows `sever` picks, and takes a
@@ -266,7 +333,7 @@ impl Enforcer {
         }
         let mut doomed = Vec::new();
         let mut census = FlowCensus::new();
-        self.flow_table.for_each(|k, f| {
+        self.walk_indexed(|k, f| {
             if sever(k, f) {
                 doomed.push((*k, *f));
             } else {
@@ -280,7 +347,7 @@ impl Enforcer {
     /// A fresh census of the flow table: one pass, kept for later reads.
     pub fn census(&self) -> Arc<FlowCensus> {
         let mut census = FlowCensus::new();
-        self.flow_table.for_each(|_, f| census.add(f));
+        self.walk_indexed(|_, f| census.add(f));
         self.keep(census.done())
     }
 
@@ -340,11 +407,18 @@ impl Enforcer {
     /// process's network namespace), so local processes see an abort and peers get a reset
     /// at once instead of hanging on a revoked flow. Call after the revocation: the kernel
     /// already drops the flows, this only makes both ends notice.
+    /// The session's flows come from the flow index (see [`Enforcer::flows_of`]).
     pub fn destroy_sockets(
         &self,
         sessions: &HashSet<u64>,
     ) -> Result<sockets::Destroyed, sockets::SocketError> {
-        self.destroy_sockets_where(|f| sessions.contains(&f.session_id))
+        let flows: Vec<sockets::FlowSockets> = self
+            .flows_of(sessions)
+            .iter()
+            .filter(|(k, _)| k.proto == agent_common::IPPROTO_TCP)
+            .map(|(k, _)| flow_sockets(k))
+            .collect();
+        sockets::destroy_tcp(&flows)
     }
 
     /// Like [`Enforcer::destroy_sockets`] for the flows `pick` selects.
@@ -355,10 +429,7 @@ impl Enforcer {
         let mut flows: Vec<sockets::FlowSockets> = Vec::new();
         self.flow_table.for_each(|k, f| {
             if k.proto == agent_common::IPPROTO_TCP && pick(f) {
-                flows.push(sockets::FlowSockets {
-                    remote: (crate::datapath::addr_from_bytes(k.src), k.sport).into(),
-                    local: (crate::datapath::addr_from_bytes(k.dst), k.dport).into(),
-                });
+                flows.push(flow_sockets(k));
             }
         });
         sockets::destroy_tcp(&flows)
@@ -430,5 +501,13 @@ impl Enforcer {
     /// Slots held by sessions and the session table's capacity.
     pub fn session_slots_fill(&self) -> (usize, u32) {
         self.maps().session_slots_fill()
+    }
+}
+
+/// The local socket's view of a flow: the client is remote, the resource local.
+fn flow_sockets(k: &FlowKey) -> sockets::FlowSockets {
+    sockets::FlowSockets {
+        remote: (crate::datapath::addr_from_bytes(k.src), k.sport).into(),
+        local: (crate::datapath::addr_from_bytes(k.dst), k.dport).into(),
     }
 }

@@ -4,9 +4,14 @@ use std::{
     fmt,
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
+};
+
+use super::diag_codec::{
+    Found, SOCK_DESTROY, SOCK_DIAG_BY_FAMILY, SockId, TCP_LISTEN, TCP_TIME_WAIT, decode_found,
+    encode, kernel_id, malformed, parse_answer,
 };
 
 /// One flow as the agent knows it: `remote` is the client, `local` the resource address on
@@ -135,144 +140,8 @@ fn enter_netns(ns: &File) -> io::Result<()> {
     })
 }
 
-// From linux/sock_diag.h and net/tcp_states.h; libc does not carry them.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const SOCK_DESTROY: u16 = 21;
-const TCP_TIME_WAIT: u8 = 6;
-const TCP_LISTEN: u8 = 10;
-/// INET_DIAG_NOCOOKIE: match any socket with the 4-tuple.
-const NO_COOKIE: [u8; 8] = [0xff; 8];
-
-const NLMSG_HDRLEN: usize = 16;
-/// struct nlmsghdr followed by struct inet_diag_req_v2.
-const REQUEST_LEN: usize = NLMSG_HDRLEN + 56;
-/// struct inet_diag_msg up to and including its id (family, state, timer, retrans, id).
-const DIAG_MSG_MIN: usize = 52;
 /// Kernel answers are synchronous; this only bounds a kernel that never answers.
 const ANSWER_TIMEOUT_SECS: libc::time_t = 5;
-
-/// struct inet_diag_sockid in the kernel's byte order: ports and addresses big-endian.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SockId {
-    family: u8,
-    sport: u16,
-    dport: u16,
-    src: [u8; 16],
-    dst: [u8; 16],
-    cookie: [u8; 8],
-}
-
-impl SockId {
-    fn v4(local: Ipv4Addr, lport: u16, remote: Ipv4Addr, rport: u16) -> Self {
-        let (mut src, mut dst) = ([0; 16], [0; 16]);
-        src[..4].copy_from_slice(&local.octets());
-        dst[..4].copy_from_slice(&remote.octets());
-        Self::new(libc::AF_INET, lport, rport, src, dst)
-    }
-
-    fn v6(local: Ipv6Addr, lport: u16, remote: Ipv6Addr, rport: u16) -> Self {
-        Self::new(
-            libc::AF_INET6,
-            lport,
-            rport,
-            local.octets(),
-            remote.octets(),
-        )
-    }
-
-    fn new(family: i32, sport: u16, dport: u16, src: [u8; 16], dst: [u8; 16]) -> Self {
-        Self {
-            family: family as u8,
-            sport,
-            dport,
-            src,
-            dst,
-            cookie: NO_COOKIE,
-        }
-    }
-}
-
-/// The kernel's id for the socket of a flow. `None` when the flow cannot name a connected
-/// socket: such a 4-tuple would only ever resolve to a listener.
-fn kernel_id(flow: &FlowSockets) -> Option<SockId> {
-    let (remote, local) = (flow.remote, flow.local);
-    if remote.port() == 0 || local.port() == 0 {
-        return None;
-    }
-    if remote.ip().is_unspecified() || local.ip().is_unspecified() {
-        return None;
-    }
-    let as_v4 = |ip: IpAddr| match ip {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(a) => a.to_ipv4_mapped(),
-    };
-    match (
-        as_v4(local.ip()),
-        as_v4(remote.ip()),
-        local.ip(),
-        remote.ip(),
-    ) {
-        // One AF_INET request also finds an IPv4 flow on a dual-stack socket: the kernel
-        // hashes such connections by their IPv4 addresses, whatever the socket's family
-        // (and answers a v4-mapped AF_INET6 request from the same table), so a second,
-        // mapped request could only find what the first already did.
-        (Some(l), Some(r), _, _) => Some(SockId::v4(l, local.port(), r, remote.port())),
-        (None, None, IpAddr::V6(l), IpAddr::V6(r)) => {
-            Some(SockId::v6(l, local.port(), r, remote.port()))
-        }
-        // One side IPv4, the other a plain IPv6 address: no socket has such a tuple.
-        _ => None,
-    }
-}
-
-fn encode(kind: u16, flags: i32, seq: u32, states: u32, id: &SockId) -> [u8; REQUEST_LEN] {
-    let mut b = [0u8; REQUEST_LEN];
-    b[0..4].copy_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
-    b[4..6].copy_from_slice(&kind.to_ne_bytes());
-    b[6..8].copy_from_slice(&(flags as u16).to_ne_bytes());
-    b[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // nlmsg_pid 0: the kernel fills in ours.
-    let r = &mut b[NLMSG_HDRLEN..];
-    r[0] = id.family;
-    r[1] = libc::IPPROTO_TCP as u8;
-    // r[2] idiag_ext 0: no extensions, the answer only needs the state and the cookie.
-    r[4..8].copy_from_slice(&states.to_ne_bytes());
-    r[8..10].copy_from_slice(&id.sport.to_be_bytes());
-    r[10..12].copy_from_slice(&id.dport.to_be_bytes());
-    r[12..28].copy_from_slice(&id.src);
-    r[28..44].copy_from_slice(&id.dst);
-    // r[44..48] idiag_if 0: any interface.
-    r[48..56].copy_from_slice(&id.cookie);
-    b
-}
-
-/// The one socket the kernel answered a lookup with: its state and its identity.
-struct Found {
-    state: u8,
-    id: SockId,
-}
-
-fn decode_found(payload: &[u8]) -> Option<Found> {
-    if payload.len() < DIAG_MSG_MIN {
-        return None;
-    }
-    let id = &payload[4..52];
-    Some(Found {
-        state: payload[1],
-        id: SockId {
-            family: payload[0],
-            sport: u16::from_be_bytes([id[0], id[1]]),
-            dport: u16::from_be_bytes([id[2], id[3]]),
-            src: id[4..20].try_into().ok()?,
-            dst: id[20..36].try_into().ok()?,
-            cookie: id[40..48].try_into().ok()?,
-        },
-    })
-}
-
-fn malformed(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what)
-}
 
 /// A NETLINK_SOCK_DIAG socket reused for every request of a batch.
 struct DiagSocket {
@@ -446,36 +315,8 @@ impl DiagSocket {
                 }
                 _ => e,
             })?;
-            let mut rest = &self.buf[..n];
-            while !rest.is_empty() {
-                if rest.len() < NLMSG_HDRLEN {
-                    return Err(malformed("truncated netlink header"));
-                }
-                let len = ne_u32(&rest[0..4]) as usize;
-                if len < NLMSG_HDRLEN || len > rest.len() {
-                    return Err(malformed("netlink message length out of bounds"));
-                }
-                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-                let seq = ne_u32(&rest[8..12]);
-                let payload = &rest[NLMSG_HDRLEN..len];
-                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-                // Only this request's answers count: nothing else may be credited to its flow.
-                if seq != self.seq {
-                    continue;
-                }
-                match kind as i32 {
-                    // Both carry a negative errno first; only an old kernel's DONE may be
-                    // empty, and that means success. An ERROR without one is never success.
-                    libc::NLMSG_ERROR | libc::NLMSG_DONE => {
-                        let code = match payload.get(0..4) {
-                            Some(b) => ne_u32(b) as i32,
-                            None if kind as i32 == libc::NLMSG_DONE => 0,
-                            None => return Err(malformed("netlink error without an errno")),
-                        };
-                        return Ok(code.wrapping_neg());
-                    }
-                    _ => on_data(payload),
-                }
+            if let Some(errno) = parse_answer(&self.buf[..n], self.seq, &mut on_data)? {
+                return Ok(errno);
             }
         }
     }
@@ -487,11 +328,6 @@ fn netlink_err(request: &'static str, flow: &FlowSockets, source: io::Error) -> 
         flow: *flow,
         source,
     }
-}
-
-/// A native-endian u32 from a slice of at least 4 bytes (checked by the caller).
-fn ne_u32(b: &[u8]) -> u32 {
-    u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
 }
 
 fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
@@ -511,7 +347,7 @@ fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
 mod tests {
     use std::{
         io::{Read, Write},
-        net::{TcpListener, TcpStream},
+        net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream},
         process::Command,
         sync::atomic::{AtomicU32, Ordering},
         time::{Duration, Instant},
@@ -841,36 +677,6 @@ mod tests {
                 other => panic!("{path}: expected a netns error, saw {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn flows_map_to_kernel_ids() {
-        let v4 = FlowSockets {
-            remote: (CLIENT_V4, 40000).into(),
-            local: (SERVER_V4, 22).into(),
-        };
-        let id = kernel_id(&v4).expect("id");
-        assert_eq!(
-            (id.family, id.sport, id.dport),
-            (libc::AF_INET as u8, 22, 40000)
-        );
-        assert_eq!(id.src[..4], SERVER_V4.octets());
-        assert_eq!(id.dst[..4], CLIENT_V4.octets());
-        let mapped = FlowSockets {
-            remote: (CLIENT_V4.to_ipv6_mapped(), 40000).into(),
-            local: (SERVER_V4.to_ipv6_mapped(), 22).into(),
-        };
-        assert_eq!(
-            kernel_id(&mapped),
-            Some(id),
-            "mapped addresses are the same flow"
-        );
-
-        let req = encode(SOCK_DESTROY, libc::NLM_F_REQUEST, 7, u32::MAX, &id);
-        assert_eq!(req[0..4], (REQUEST_LEN as u32).to_ne_bytes());
-        assert_eq!(req[16..18], [libc::AF_INET as u8, libc::IPPROTO_TCP as u8]);
-        assert_eq!(req[24..28], [0, 22, 0x9c, 0x40], "ports in network order");
-        assert_eq!(req[64..72], NO_COOKIE);
     }
 
     /// Prints what destroying 100 flows costs; a figure, not an assertion.

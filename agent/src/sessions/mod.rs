@@ -5,6 +5,8 @@
 mod lifecycle;
 mod manager;
 pub mod model;
+mod reevaluation;
 
 pub use lifecycle::{Reconciled, SweepOutcome};
-pub use manager::{Admitted, Ended, PolicyChange, PolicyOutcome, SessionError, Sessions, Target};
+pub use manager::{Admitted, Ended, SessionError, Sessions, Target};
+pub use reevaluation::{PolicyApplyError, PolicyChange, PolicyOutcome};
