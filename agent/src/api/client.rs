@@ -10,24 +10,8 @@ use std::{
 
 use serde_json::{Map, Value, json};
 
-use super::{
-    answers::{
-        AUDIT_EVENT, AUDIT_LAGGED, CheckView, ExplainView, Lagged, ModeView, ReloadView,
-        TerminateView, WhoisView,
-    },
-    jsonrpc::RpcError,
-    methods::{self as m, Method},
-    request::{
-        AuditFilter, DatapathMode, Empty, Explain, FlowFilter, PolicyCheck, SessionFilter,
-        SessionRef, Terminate, Whois,
-    },
-    views::{FlowView, SessionView, StatusView},
-};
-use crate::{
-    audit::{AuditQuery, event::AuditEvent},
-    config::DEFAULT_SOCKET,
-    sessions::model::SessionId,
-};
+use super::jsonrpc::RpcError;
+use crate::config::DEFAULT_SOCKET;
 
 /// Where the CLI looks for the socket when `--socket` is not given.
 pub const SOCKET_ENV: &str = "FLOWWARDEN_SOCKET";
@@ -163,125 +147,6 @@ impl RpcClient {
     /// How long a call waits for its answer; `None` waits forever.
     pub fn set_call_timeout(&mut self, after: Option<Duration>) {
         self.call_timeout = after;
-    }
-
-    /// Calls method `M` with typed parameters and reads its typed answer.
-    ///
-    /// # Errors
-    ///
-    /// As [`Self::call`]; [`ClientError::Protocol`] when the answer is not `M`'s result.
-    pub fn request<M: Method>(&mut self, params: &M::Params) -> Result<M::Result, ClientError> {
-        let params = serde_json::to_value(params)
-            .map_err(|e| self.protocol(format!("cannot encode the params of {}: {e}", M::NAME)))?;
-        let answer = self.call(M::NAME, params)?;
-        serde_json::from_value(answer)
-            .map_err(|e| self.protocol(format!("the answer to {} does not read: {e}", M::NAME)))
-    }
-
-    /// `status`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn status(&mut self) -> Result<StatusView, ClientError> {
-        self.request::<m::Status>(&Empty {})
-    }
-
-    /// `sessions.list`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn sessions_list(
-        &mut self,
-        filter: &SessionFilter,
-    ) -> Result<Vec<SessionView>, ClientError> {
-        self.request::<m::SessionsList>(filter)
-    }
-
-    /// `sessions.get`.
-    ///
-    /// # Errors
-    /// As [`Self::request`]; not found is an [`ClientError::Rpc`] with `NOT_FOUND`.
-    pub fn sessions_get(&mut self, id: SessionId) -> Result<SessionView, ClientError> {
-        self.request::<m::SessionsGet>(&SessionRef { id })
-    }
-
-    /// `sessions.terminate`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn sessions_terminate(&mut self, t: &Terminate) -> Result<TerminateView, ClientError> {
-        self.request::<m::SessionsTerminate>(t)
-    }
-
-    /// `flows.list`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn flows_list(&mut self, session: Option<SessionId>) -> Result<Vec<FlowView>, ClientError> {
-        self.request::<m::FlowsList>(&FlowFilter { session })
-    }
-
-    /// `whois`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn whois(&mut self, w: &Whois) -> Result<WhoisView, ClientError> {
-        self.request::<m::Whois>(w)
-    }
-
-    /// `audit.query`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn audit_query(&mut self, q: &AuditQuery) -> Result<Vec<AuditEvent>, ClientError> {
-        self.request::<m::AuditQuery>(q)
-    }
-
-    /// `policy.reload`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn policy_reload(&mut self) -> Result<ReloadView, ClientError> {
-        self.request::<m::PolicyReload>(&Empty {})
-    }
-
-    /// `policy.check`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn policy_check(&mut self, c: &PolicyCheck) -> Result<CheckView, ClientError> {
-        self.request::<m::PolicyCheck>(c)
-    }
-
-    /// `policy.explain`.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn policy_explain(&mut self, e: &Explain) -> Result<ExplainView, ClientError> {
-        self.request::<m::PolicyExplain>(e)
-    }
-
-    /// `datapath.mode`: reads the mode, or sets it when `params.mode` is given.
-    ///
-    /// # Errors
-    /// As [`Self::request`].
-    pub fn datapath_mode(&mut self, params: &DatapathMode) -> Result<ModeView, ClientError> {
-        self.request::<m::DatapathMode>(params)
-    }
-
-    /// `audit.subscribe`: every new matching event, until the agent ends the stream.
-    ///
-    /// # Errors
-    /// As [`Self::request`] for the initial answer; the iterator yields later failures.
-    pub fn audit_subscribe(
-        &mut self,
-        filter: &AuditFilter,
-    ) -> Result<AuditStream<'_>, ClientError> {
-        let params = serde_json::to_value(filter).map_err(|e| {
-            self.protocol(format!("cannot encode the params of audit.subscribe: {e}"))
-        })?;
-        let (_, items) = self.subscribe(m::AuditSubscribe::NAME, params)?;
-        Ok(AuditStream { items })
     }
 
     /// Calls `method` and waits for its answer.
@@ -457,7 +322,7 @@ impl RpcClient {
         }
     }
 
-    fn protocol(&self, detail: String) -> ClientError {
+    pub(super) fn protocol(&self, detail: String) -> ClientError {
         ClientError::Protocol {
             path: self.path.clone(),
             detail,
@@ -467,7 +332,7 @@ impl RpcClient {
 
 /// The notifications of one subscription, in the order the agent sent them.
 pub struct Notifications<'a> {
-    client: &'a mut RpcClient,
+    pub(super) client: &'a mut RpcClient,
     method: String,
     done: bool,
 }
@@ -491,45 +356,6 @@ impl Iterator for Notifications<'_> {
         };
         self.done = true;
         item
-    }
-}
-
-/// What the audit stream brings.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AuditItem {
-    Event(Box<AuditEvent>),
-    /// The agent dropped events this subscriber did not take in time.
-    Lagged(Lagged),
-}
-
-/// The typed notifications of `audit.subscribe`.
-pub struct AuditStream<'a> {
-    items: Notifications<'a>,
-}
-
-impl Iterator for AuditStream<'_> {
-    type Item = Result<AuditItem, ClientError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            let (method, params) = match self.items.next()? {
-                Ok(item) => item,
-                Err(e) => return Some(Err(e)),
-            };
-            let item = match method.as_str() {
-                AUDIT_EVENT => {
-                    serde_json::from_value(params).map(|e| AuditItem::Event(Box::new(e)))
-                }
-                AUDIT_LAGGED => serde_json::from_value(params).map(AuditItem::Lagged),
-                // A notification a newer agent added: not for this client.
-                _ => continue,
-            };
-            return Some(item.map_err(|e| {
-                self.items
-                    .client
-                    .protocol(format!("a {method} notification that does not read: {e}"))
-            }));
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! client serves the CLI.
 
 pub mod answers;
+pub mod calls;
 pub mod client;
 pub mod core;
 mod errors;

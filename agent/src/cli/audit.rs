@@ -7,7 +7,7 @@ use super::{
     socket::{SocketArg, fail},
 };
 use crate::{
-    api::{client::AuditItem, request::AuditFilter},
+    api::{calls::AuditItem, request::AuditFilter},
     audit::{AuditQuery, event::AuditEvent},
     policy::parse_duration,
     sessions::model::{SessionId, now_ms},
