@@ -166,6 +166,10 @@ async fn serve(
             admission_listen: config.admission.listen.to_string(),
             admission_fingerprint: tls.fingerprint.clone(),
             started: std::time::Instant::now(),
+            groups: crate::api::peer::Groups {
+                admin: config.api.admin_group.clone(),
+                read: config.api.read_group.clone(),
+            },
         },
     });
     let access = AccessPolicy::from_names(&config.api.admin_group, &config.api.read_group)?;

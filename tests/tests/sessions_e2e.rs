@@ -93,7 +93,11 @@ fn a_token_admits_its_grants_for_its_source_only_and_a_policy_edit_severs_them()
     assert_eq!(answer["user"], "alice@corp.example");
     assert_eq!(answer["source"], stack.pair.client_addr.to_string());
     assert_eq!(answer["grants"][0]["resource"], "echo");
-    assert!(answer["reconnect"]["seed"].is_string());
+    // The seed is a credential: it goes to the cache file, never to the output.
+    assert!(
+        answer["reconnect"].is_object() && !out.contains("seed"),
+        "{out}"
+    );
     // The token never reaches the disk: neither the client cache nor the agent's state.
     let cached = std::fs::read_to_string(
         cache
@@ -331,7 +335,11 @@ fn expiry_ends_a_session_and_reconnect_tokens_are_single_use() {
     let answer = stdout_json(&out);
     let id: flowwarden::sessions::model::SessionId =
         answer["session"].as_str().unwrap().parse().unwrap();
-    let seed = answer["reconnect"]["seed"].as_str().unwrap().to_owned();
+    let cached: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(answer["saved_to"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let seed = cached["reconnect_seed"].as_str().unwrap().to_owned();
     let (ok, out) = stack.reconnect(&dave);
     assert!(ok, "reconnect of a live session failed: {out}");
     let agent = format!("{}:{ADMISSION_PORT}", stack.pair.server_addr);

@@ -10,7 +10,8 @@ use std::{
 
 use serde_json::{Map, Value, json};
 
-use super::{jsonrpc::RpcError, transport::DEFAULT_SOCKET_PATH};
+use super::jsonrpc::RpcError;
+use crate::config::DEFAULT_SOCKET;
 
 /// Where the CLI looks for the socket when `--socket` is not given.
 pub const SOCKET_ENV: &str = "FLOWWARDEN_SOCKET";
@@ -26,11 +27,16 @@ pub enum ClientError {
     )]
     NoSocket { path: PathBuf },
     #[error(
-        "permission denied on {}: your user needs to be in the flowwarden group (reads) or \
-         flowwarden-admin (changes)",
+        "permission denied on {}: your user needs to be in {group} to open it (reads; \
+         changes also need the agent's admin group)",
         path.display()
     )]
-    PermissionDenied { path: PathBuf },
+    PermissionDenied {
+        path: PathBuf,
+        /// The group that may open the socket, as its file (or the directory that stopped
+        /// us) says: the agent's configured read group.
+        group: String,
+    },
     #[error("the agent is not listening on {} (stale socket?)", path.display())]
     NotListening { path: PathBuf },
     #[error("connecting to the agent on {}: {source}", path.display())]
@@ -79,7 +85,7 @@ pub fn socket_path(flag: Option<&Path>) -> PathBuf {
     match (flag, std::env::var_os(SOCKET_ENV)) {
         (Some(path), _) => path.to_owned(),
         (None, Some(env)) if !env.is_empty() => PathBuf::from(env),
-        _ => PathBuf::from(DEFAULT_SOCKET_PATH),
+        _ => PathBuf::from(DEFAULT_SOCKET),
     }
 }
 
@@ -116,7 +122,10 @@ impl RpcClient {
             Err(e) => {
                 return Err(match e.kind() {
                     io::ErrorKind::NotFound => ClientError::NoSocket { path },
-                    io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path },
+                    io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+                        group: socket_group(&path),
+                        path,
+                    },
                     io::ErrorKind::ConnectionRefused => ClientError::NotListening { path },
                     _ => ClientError::Connect { path, source: e },
                 });
@@ -313,7 +322,7 @@ impl RpcClient {
         }
     }
 
-    fn protocol(&self, detail: String) -> ClientError {
+    pub(super) fn protocol(&self, detail: String) -> ClientError {
         ClientError::Protocol {
             path: self.path.clone(),
             detail,
@@ -323,7 +332,7 @@ impl RpcClient {
 
 /// The notifications of one subscription, in the order the agent sent them.
 pub struct Notifications<'a> {
-    client: &'a mut RpcClient,
+    pub(super) client: &'a mut RpcClient,
     method: String,
     done: bool,
 }
@@ -348,6 +357,19 @@ impl Iterator for Notifications<'_> {
         self.done = true;
         item
     }
+}
+
+/// The group named on the socket file, or on the nearest directory above it that we can
+/// see, for a refusal that names the group to join.
+fn socket_group(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    path.ancestors()
+        .find_map(|p| std::fs::metadata(p).ok())
+        .and_then(|m| super::peer::group_name(m.gid()))
+        .map_or_else(
+            || "the agent's read group".to_owned(),
+            |name| format!("the {name} group"),
+        )
 }
 
 #[cfg(test)]
@@ -575,9 +597,14 @@ pub(super) mod tests {
         let path = dir.0.join("agent.sock");
         let _listener = UnixListener::bind(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // The socket's own group is the one to join (the agent makes it its read group).
+        let group = {
+            use std::os::unix::fs::MetadataExt as _;
+            crate::api::peer::group_name(std::fs::metadata(&path).unwrap().gid()).unwrap()
+        };
         let want = format!(
-            "permission denied on {}: your user needs to be in the flowwarden group (reads) or \
-             flowwarden-admin (changes)",
+            "permission denied on {}: your user needs to be in the {group} group to open it \
+             (reads; changes also need the agent's admin group)",
             path.display()
         );
         match privileged() {

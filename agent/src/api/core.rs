@@ -3,13 +3,18 @@
 
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{
-    jsonrpc::{APP_ERROR, Call, INVALID_PARAMS, NOT_FOUND, PERMISSION_DENIED, RpcError},
-    peer::Access,
-    request::{AuditFilter, Explain, Proto, Request, SessionFilter},
+    answers::{
+        AUDIT_EVENT, AUDIT_LAGGED, AffectedView, CheckView, ExplainView, Lagged, ModeView,
+        ReloadView, Subscribed, TerminateView, WhoisView,
+    },
+    jsonrpc::{APP_ERROR, Call, INVALID_PARAMS, NOT_FOUND, RpcError},
+    methods::{self, Method, Request},
+    peer::Groups,
+    request::{AuditFilter, Explain, Proto, SessionFilter},
     transport::{Caller, Handler},
     views::{
         AdmissionInfo, DropsView, FillView, PolicyInfo, StateCounts, StatusView, flow_view,
@@ -17,12 +22,15 @@ use super::{
     },
 };
 use crate::{
-    audit::event::{AuditEvent, AuditKind},
+    audit::{
+        MAX_QUERY_LIMIT,
+        event::{AuditEvent, AuditKind},
+    },
     datapath::{DropReason, FlowKey, SessionStats, addr_bytes},
     enforce::Enforcer,
     policy::{PolicyHandle, Reload, load_policy},
     sessions::{
-        SessionError, Sessions, Target,
+        Sessions, Target,
         model::{Session, SessionId, SessionState},
     },
 };
@@ -35,6 +43,8 @@ pub struct AgentInfo {
     pub admission_listen: String,
     pub admission_fingerprint: String,
     pub started: Instant,
+    /// The configured admin and read groups, named in refusals.
+    pub groups: Groups,
 }
 
 /// Listed sessions up to which each one's kernel counters are looked up on their own; above,
@@ -49,33 +59,27 @@ pub struct Core {
 }
 
 fn rpc(code: i64, message: impl Into<String>) -> RpcError {
-    RpcError {
-        code,
-        message: message.into(),
-        data: None,
-    }
+    RpcError::new(code, message)
 }
 
-fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, RpcError> {
-    serde_json::to_value(v).map_err(|e| rpc(APP_ERROR, format!("cannot encode the answer: {e}")))
-}
-
-fn session_error(e: SessionError) -> RpcError {
-    match e {
-        SessionError::NotFound(id) => rpc(NOT_FOUND, format!("no session {id}")),
-        other => rpc(APP_ERROR, other.to_string()),
-    }
+/// The typed answer of method `M`, as the JSON the transport writes.
+fn answer<M: Method>(result: M::Result) -> Result<Value, RpcError> {
+    serde_json::to_value(&result).map_err(|e| {
+        rpc(
+            APP_ERROR,
+            format!("cannot encode the answer of {}: {e}", M::NAME),
+        )
+    })
 }
 
 impl Handler for Core {
     async fn handle(&self, call: Call, caller: Caller) -> Result<Value, RpcError> {
-        let request = Request::parse(&call)?;
-        self.authorize(&request, &call.method, &caller)?;
+        let request = self.authorized(&call, &caller)?;
         self.dispatch(request, &caller).await
     }
 
     fn is_stream(&self, method: &str) -> bool {
-        method == "audit.subscribe"
+        methods::streams(method)
     }
 
     async fn stream(
@@ -83,57 +87,41 @@ impl Handler for Core {
         call: Call,
         caller: Caller,
     ) -> Result<(Value, mpsc::Receiver<(String, Value)>), RpcError> {
-        let request = Request::parse(&call)?;
-        self.authorize(&request, &call.method, &caller)?;
-        let Request::AuditSubscribe(filter) = request else {
+        let Request::AuditSubscribe(filter) = self.authorized(&call, &caller)? else {
             return Err(rpc(
                 INVALID_PARAMS,
                 format!("{} does not stream", call.method),
             ));
         };
-        Ok(self.subscribe(filter))
+        let rx = self.subscribe(filter);
+        Ok((
+            answer::<methods::AuditSubscribe>(Subscribed { subscribed: true })?,
+            rx,
+        ))
     }
 }
 
 impl Core {
-    fn authorize(&self, request: &Request, method: &str, caller: &Caller) -> Result<(), RpcError> {
-        let needed = if request.mutates() {
-            Access::Admin
-        } else {
-            Access::Read
-        };
-        if caller.access >= needed {
-            return Ok(());
-        }
-        Err(rpc(
-            PERMISSION_DENIED,
-            format!(
-                "permission denied: {method} needs {} access and uid {} has {}",
-                if needed == Access::Admin {
-                    "admin"
-                } else {
-                    "read"
-                },
-                caller.peer.uid,
-                match caller.access {
-                    Access::Admin => "admin",
-                    Access::Read => "read only",
-                    Access::None => "none",
-                }
-            ),
-        ))
+    /// The call as a typed request, if the caller's access allows this very call.
+    fn authorized(&self, call: &Call, caller: &Caller) -> Result<Request, RpcError> {
+        let request = Request::parse(call)?;
+        self.info
+            .groups
+            .require(caller.access, request.access(), request.method())?;
+        Ok(request)
     }
 
     async fn dispatch(&self, request: Request, caller: &Caller) -> Result<Value, RpcError> {
+        use methods as m;
         match request {
-            Request::Status(_) => to_value(&self.status()?),
-            Request::SessionsList(filter) => to_value(&self.list(&filter)),
+            Request::Status(_) => answer::<m::Status>(self.status()?),
+            Request::SessionsList(filter) => answer::<m::SessionsList>(self.list(&filter)),
             Request::SessionsGet(r) => {
                 let s = self
                     .sessions
                     .get(r.id)
                     .ok_or_else(|| rpc(NOT_FOUND, format!("no session {}", r.id)))?;
-                to_value(&self.detail(&s))
+                answer::<m::SessionsGet>(self.detail(&s))
             }
             Request::SessionsTerminate(t) => {
                 let target = match (t.ids.is_empty(), t.user) {
@@ -150,75 +138,58 @@ impl Core {
                     .reason
                     .unwrap_or_else(|| "terminated by an administrator".into());
                 let by = format!("uid {}", caller.peer.uid);
-                let ended = self
-                    .sessions
-                    .terminate(&target, &by, &reason)
-                    .await
-                    .map_err(session_error)?;
-                let list: Vec<Value> = ended
-                    .iter()
-                    .map(|e| json!({"id": e.id.to_string(), "user": e.user, "source": e.source}))
-                    .collect();
-                Ok(json!({ "terminated": list, "count": ended.len() }))
+                let ended = self.sessions.terminate(&target, &by, &reason).await?;
+                answer::<m::SessionsTerminate>(TerminateView::of(&ended))
             }
-            Request::FlowsList(f) => {
-                let flows = self.flows(f.session);
-                to_value(&flows)
-            }
-            Request::Whois(w) => self.whois(w.a, w.b, w.protocol),
+            Request::FlowsList(f) => answer::<m::FlowsList>(self.flows(f.session)),
+            Request::Whois(w) => answer::<m::Whois>(self.whois(w.a, w.b, w.protocol)?),
             Request::AuditQuery(q) => {
-                let events = self
-                    .sessions
-                    .audit()
-                    .query(&q)
-                    .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
-                to_value(&events)
+                if let Some(limit) = q.limit.filter(|&l| l > MAX_QUERY_LIMIT) {
+                    return Err(rpc(
+                        INVALID_PARAMS,
+                        format!(
+                            "limit {limit} is above the maximum of {MAX_QUERY_LIMIT}: page with \
+                             after_seq (the seq of the last event you have)"
+                        ),
+                    ));
+                }
+                answer::<m::AuditQuery>(self.sessions.audit().query(&q)?)
             }
             Request::AuditSubscribe(_) => Err(rpc(
                 INVALID_PARAMS,
                 "audit.subscribe streams: the transport calls it as a subscription",
             )),
-            Request::PolicyReload(_) => self.reload().await,
+            Request::PolicyReload(_) => answer::<m::PolicyReload>(self.reload().await?),
             Request::PolicyCheck(c) => {
                 let dir = c.dir.unwrap_or_else(|| self.policy.dir().to_owned());
-                let p = load_policy(&dir).map_err(|e| rpc(APP_ERROR, e.to_string()))?;
-                Ok(json!({
-                    "ok": true, "dir": dir, "files": p.files.len(),
-                    "resources": p.resources.resources.len(), "rules": p.rules.len(),
-                }))
+                let p = load_policy(&dir)?;
+                answer::<m::PolicyCheck>(CheckView {
+                    ok: true,
+                    dir,
+                    files: p.files.len(),
+                    resources: p.resources.resources.len(),
+                    rules: p.rules.len(),
+                })
             }
-            Request::PolicyExplain(e) => self.explain(e),
-            Request::DatapathMode(m) => {
-                if let Some(mode) = m.mode {
-                    self.enforcer
-                        .set_mode(mode)
-                        .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
-                    let name = format!("{mode:?}").to_lowercase();
-                    let mut ev = AuditEvent::new(AuditKind::DatapathModeChanged { mode: name });
+            Request::PolicyExplain(e) => answer::<m::PolicyExplain>(self.explain(e)?),
+            Request::DatapathMode(params) => {
+                if let Some(mode) = params.mode {
+                    self.enforcer.set_mode(mode.into())?;
+                    let mut ev = AuditEvent::new(AuditKind::DatapathModeChanged {
+                        mode: mode.as_str().to_owned(),
+                    });
                     ev.detail = format!("set by uid {}", caller.peer.uid);
-                    self.sessions
-                        .record(vec![ev])
-                        .await
-                        .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
+                    self.sessions.record(vec![ev]).await?;
                 }
-                let mode = self
-                    .enforcer
-                    .mode()
-                    .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
-                Ok(json!({ "mode": format!("{mode:?}").to_lowercase() }))
+                let mode = self.enforcer.mode()?;
+                answer::<m::DatapathMode>(ModeView { mode: mode.into() })
             }
         }
     }
 
     fn status(&self) -> Result<StatusView, RpcError> {
-        let counters = self
-            .enforcer
-            .counters()
-            .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
-        let mode = self
-            .enforcer
-            .mode()
-            .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
+        let counters = self.enforcer.counters()?;
+        let mode = self.enforcer.mode()?;
         let (count, capacity) = self.enforcer.flow_fill();
         let mut states = StateCounts::default();
         for s in self.sessions.all() {
@@ -235,7 +206,7 @@ impl Core {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_ms: self.info.started.elapsed().as_millis() as u64,
             now_ms: crate::sessions::model::now_ms(),
-            mode: format!("{mode:?}").to_lowercase(),
+            mode: mode.into(),
             interfaces: self.info.interfaces.clone(),
             pin_dir: self.info.pin_dir.clone(),
             admission: AdmissionInfo {
@@ -347,7 +318,7 @@ impl Core {
         a: std::net::SocketAddr,
         b: std::net::SocketAddr,
         proto: Proto,
-    ) -> Result<Value, RpcError> {
+    ) -> Result<WhoisView, RpcError> {
         let proto = match proto {
             Proto::Tcp => agent_common::IPPROTO_TCP,
             Proto::Udp => agent_common::IPPROTO_UDP,
@@ -374,8 +345,10 @@ impl Core {
                 &self.policy.current(),
                 revoked,
             );
-            let sv = session.map(|s| self.detail(&s));
-            return Ok(json!({ "flow": fv, "session": sv }));
+            return Ok(WhoisView {
+                flow: fv,
+                session: session.map(|s| self.detail(&s)),
+            });
         }
         Err(rpc(
             NOT_FOUND,
@@ -385,48 +358,59 @@ impl Core {
         ))
     }
 
-    async fn reload(&self) -> Result<Value, RpcError> {
+    async fn reload(&self) -> Result<ReloadView, RpcError> {
         match self.policy.reload() {
-            Ok(Reload::Unchanged) => Ok(json!({ "changed": false })),
+            Ok(Reload::Unchanged) => Ok(ReloadView {
+                changed: false,
+                outcome: None,
+            }),
             Ok(Reload::Changed(policy)) => {
                 let outcome = self
                     .sessions
                     .install_policy(policy)
                     .await
                     .map_err(|e| rpc(APP_ERROR, e.to_string()))?;
-                Ok(json!({ "changed": true, "outcome": outcome }))
+                Ok(ReloadView {
+                    changed: true,
+                    outcome: Some(outcome.into()),
+                })
             }
             Err(e) => {
                 let ev = AuditEvent::new(AuditKind::PolicyRejected {
                     error: e.to_string(),
                 });
                 let _ = self.sessions.record(vec![ev]).await;
-                Err(rpc(APP_ERROR, e.to_string()))
+                Err(e.into())
             }
         }
     }
 
-    fn explain(&self, e: Explain) -> Result<Value, RpcError> {
+    fn explain(&self, e: Explain) -> Result<ExplainView, RpcError> {
         if let Some(dir) = e.candidate {
-            let candidate = load_policy(&dir).map_err(|err| rpc(APP_ERROR, err.to_string()))?;
+            let candidate = load_policy(&dir)?;
             let mut affected = Vec::new();
             for s in self.sessions.all().into_iter().filter(|s| s.is_live()) {
                 let applicable = candidate.applicable(&s.identity, s.source);
-                let removed: Vec<&str> = s
+                let removed: Vec<String> = s
                     .grants
                     .iter()
                     .filter(|g| !applicable.reaches(g.resource_id))
-                    .map(|g| g.resource.as_str())
+                    .map(|g| g.resource.clone())
                     .collect();
                 if !removed.is_empty() {
-                    affected.push(json!({
-                        "session": s.id.to_string(), "user": s.identity.user(),
-                        "source": s.source, "removed": removed,
-                        "terminated": removed.len() == s.grants.len(),
-                    }));
+                    affected.push(AffectedView {
+                        session: s.id,
+                        user: s.identity.user().to_owned(),
+                        source: s.source,
+                        terminated: removed.len() == s.grants.len(),
+                        removed,
+                    });
                 }
             }
-            return Ok(json!({ "candidate": dir, "affected": affected }));
+            return Ok(ExplainView::Candidate {
+                candidate: dir,
+                affected,
+            });
         }
         let session = match (e.session, e.user.as_deref()) {
             (Some(id), _) => self.sessions.get(id),
@@ -463,45 +447,43 @@ impl Core {
                 .map(|r| r.name.clone())
                 .collect(),
         };
-        let explanations: Vec<_> = resources
-            .iter()
-            .map(|r| policy.explain(&s.identity, Some(s.source), r))
-            .collect();
-        Ok(json!({
-            "user": s.identity.user(), "session": s.id.to_string(), "source": s.source,
-            "explanations": explanations,
-        }))
+        Ok(ExplainView::Identity {
+            user: s.identity.user().to_owned(),
+            session: s.id,
+            source: s.source,
+            explanations: resources
+                .iter()
+                .map(|r| policy.explain(&s.identity, Some(s.source), r).into())
+                .collect(),
+        })
     }
 
-    fn subscribe(&self, filter: AuditFilter) -> (Value, mpsc::Receiver<(String, Value)>) {
+    fn subscribe(&self, filter: AuditFilter) -> mpsc::Receiver<(String, Value)> {
         let mut rx = self.sessions.audit().subscribe();
         let (tx, out) = mpsc::channel(1024);
         tokio::spawn(async move {
             loop {
-                match rx.recv().await {
-                    Ok(ev) => {
-                        if !matches(&filter, &ev) {
-                            continue;
-                        }
-                        let Ok(v) = serde_json::to_value(&ev) else {
-                            continue;
-                        };
-                        if tx.send(("audit.event".into(), v)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let note =
-                            json!({ "lagged": n, "hint": "re-query with audit.query after_seq" });
-                        if tx.send(("audit.lagged".into(), note)).await.is_err() {
-                            return;
-                        }
-                    }
+                let item = match rx.recv().await {
+                    Ok(ev) if !matches(&filter, &ev) => continue,
+                    Ok(ev) => (AUDIT_EVENT, serde_json::to_value(&ev)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => (
+                        AUDIT_LAGGED,
+                        serde_json::to_value(Lagged {
+                            lagged: n,
+                            hint: "re-query with audit.query after_seq".into(),
+                        }),
+                    ),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let (method, Ok(params)) = item else {
+                    continue;
+                };
+                if tx.send((method.to_owned(), params)).await.is_err() {
+                    return;
                 }
             }
         });
-        (json!({ "subscribed": true }), out)
+        out
     }
 }
 

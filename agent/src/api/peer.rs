@@ -218,22 +218,59 @@ impl AccessPolicy {
         }))
     }
 
+    /// The configured group names.
+    pub fn groups(&self) -> Groups {
+        Groups {
+            admin: self.admin_group.clone(),
+            read: self.read_group.clone(),
+        }
+    }
+
     /// As [`require`], naming this host's groups in the message.
     ///
     /// # Errors
     ///
     /// `PERMISSION_DENIED` when `access` is below `needed`.
     pub fn require(&self, access: Access, needed: Access, method: &str) -> Result<(), RpcError> {
-        let who = match needed {
-            Access::Admin => format!("uid 0 or the {} group", self.admin_group),
-            _ => format!("the {} or {} group", self.read_group, self.admin_group),
-        };
-        check(access, needed, method, &who)
+        self.groups().require(access, needed, method)
     }
 }
 
-/// Checks that a connection's access is enough for `method`; the core calls this for every
-/// method that changes something.
+/// The names of the admin and read groups as the agent is configured, for messages that say
+/// which group to join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Groups {
+    pub admin: String,
+    pub read: String,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Self {
+            admin: DEFAULT_ADMIN_GROUP.to_owned(),
+            read: DEFAULT_READ_GROUP.to_owned(),
+        }
+    }
+}
+
+impl Groups {
+    /// Checks that a call's access is enough for `method`, naming these groups when not.
+    ///
+    /// # Errors
+    ///
+    /// `PERMISSION_DENIED`, whose `data` carries the method, the access needed and held, and
+    /// the configured group names.
+    pub fn require(&self, access: Access, needed: Access, method: &str) -> Result<(), RpcError> {
+        let who = match needed {
+            Access::Admin => format!("uid 0 or the {} group", self.admin),
+            _ => format!("the {} or {} group", self.read, self.admin),
+        };
+        check(access, needed, method, &who, Some(self))
+    }
+}
+
+/// Checks that a connection's access is enough for `method`, without naming this host's
+/// groups (the core names them through [`Groups::require`]).
 ///
 /// # Errors
 ///
@@ -243,12 +280,24 @@ pub fn require(access: Access, needed: Access, method: &str) -> Result<(), RpcEr
         Access::Admin => "uid 0 or the agent's admin group",
         _ => "the agent's read or admin group",
     };
-    check(access, needed, method, who)
+    check(access, needed, method, who, None)
 }
 
-fn check(access: Access, needed: Access, method: &str, who: &str) -> Result<(), RpcError> {
+/// The one place a refused call's message is written.
+fn check(
+    access: Access,
+    needed: Access,
+    method: &str,
+    who: &str,
+    groups: Option<&Groups>,
+) -> Result<(), RpcError> {
     if access >= needed {
         return Ok(());
+    }
+    let mut data = json!({ "method": method, "needed": needed, "have": access });
+    if let Some(g) = groups {
+        data["admin_group"] = json!(g.admin);
+        data["read_group"] = json!(g.read);
     }
     Err(RpcError::new(
         PERMISSION_DENIED,
@@ -261,7 +310,7 @@ fn check(access: Access, needed: Access, method: &str, who: &str) -> Result<(), 
             }
         ),
     )
-    .with_data(json!({ "method": method, "needed": needed, "have": access })))
+    .with_data(data))
 }
 
 fn resolve(name: &str, level: &str) -> Result<Option<u32>, PeerError> {
@@ -324,6 +373,31 @@ pub fn gid_of(name: &str) -> Result<Option<u32>, PeerError> {
                 });
             }
         }
+    }
+}
+
+/// The name of group `gid`, or `None` when the group database has no such group or fails
+/// (this only words messages, so a failure is no reason to fail).
+pub fn group_name(gid: u32) -> Option<String> {
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: `libc::group` is plain old data (integers and pointers); all-zero is valid.
+        let mut entry: libc::group = unsafe { mem::zeroed() };
+        let mut found: *mut libc::group = ptr::null_mut();
+        // SAFETY: `entry`, `found` and `buf` (of `buf.len()` bytes) are valid for writes; the
+        // strings in `entry` point into `buf`, which outlives the read of `gr_name` below.
+        let rc =
+            unsafe { libc::getgrgid_r(gid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+        if !found.is_null() {
+            // SAFETY: on success `gr_name` is a NUL-terminated string inside `buf`.
+            let name = unsafe { std::ffi::CStr::from_ptr(entry.gr_name) };
+            return Some(name.to_string_lossy().into_owned());
+        }
+        if rc == libc::ERANGE && buf.len() < MAX_GROUP_ENTRY_BYTES {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        return None;
     }
 }
 
@@ -435,6 +509,34 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn a_refusal_names_the_configured_groups_in_its_message_and_data() {
+        let groups = policy().groups();
+        let e = groups
+            .require(Access::Read, Access::Admin, "datapath.mode")
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "permission denied: datapath.mode needs admin access (uid 0 or the fw-admin group); \
+             this connection has read access"
+        );
+        assert_eq!(
+            e.data,
+            Some(
+                json!({"method": "datapath.mode", "needed": "admin", "have": "read",
+                        "admin_group": "fw-admin", "read_group": "fw"})
+            )
+        );
+        assert!(groups.require(Access::Admin, Access::Admin, "x").is_ok());
+        assert_eq!(Groups::default().admin, DEFAULT_ADMIN_GROUP);
+    }
+
+    #[test]
+    fn group_names_come_from_the_group_database() {
+        assert_eq!(group_name(0).as_deref(), Some("root"));
+        assert_eq!(group_name(0xFFFF_FFF0), None);
     }
 
     #[test]

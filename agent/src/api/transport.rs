@@ -39,7 +39,7 @@ use super::{
     peer::{Access, AccessPolicy, Peer, peer_of},
 };
 
-pub const DEFAULT_SOCKET_PATH: &str = "/run/flowwarden/agent.sock";
+pub const DEFAULT_SOCKET_PATH: &str = crate::config::DEFAULT_SOCKET;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;

@@ -182,7 +182,7 @@ pub struct StatusView {
     pub version: String,
     pub uptime_ms: u64,
     pub now_ms: u64,
-    pub mode: String,
+    pub mode: super::answers::ModeName,
     pub interfaces: Vec<String>,
     pub pin_dir: String,
     pub admission: AdmissionInfo,

@@ -1,7 +1,7 @@
 //! Which audit events a reader wants: the filters of `flowwarden audit` and of the status
 //! socket's audit query, parsed strictly at the boundary.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::event::AuditEvent;
 use crate::sessions::model::SessionId;
@@ -13,7 +13,7 @@ pub const DEFAULT_QUERY_LIMIT: usize = 1000;
 pub const MAX_QUERY_LIMIT: usize = 10_000;
 
 /// Every filter is optional and they all must match.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only events with a larger seq; also switches to oldest-first (see [`super::Audit::query`]).

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
+use super::output::outln;
 use crate::{
     auth::dev::{self, DevClaims},
     sessions::model::now_ms,
@@ -55,10 +56,9 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
     match command {
         DevCommand::Keygen { dir } => {
             let keys = dev::keygen(&dir)?;
-            println!("development key (not for production):");
-            println!("  private key {}", keys.private_key.display());
-            println!("  public JWKS {}  (kid {})", keys.jwks.display(), keys.kid);
-            Ok(())
+            outln!("development key (not for production):")?;
+            outln!("  private key {}", keys.private_key.display())?;
+            outln!("  public JWKS {}  (kid {})", keys.jwks.display(), keys.kid)
         }
         DevCommand::Token(a) => {
             let jwks_path = a.dir.join(dev::JWKS_FILE);
@@ -78,8 +78,7 @@ pub fn run(command: DevCommand) -> anyhow::Result<()> {
                 not_before_secs: None,
             };
             let token = dev::token(&a.dir.join(dev::KEY_FILE), &kid, &claims, now_ms() / 1000)?;
-            println!("{token}");
-            Ok(())
+            outln!("{token}")
         }
     }
 }

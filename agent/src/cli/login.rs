@@ -10,10 +10,14 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
+use super::{
+    output::{self, outln},
+    table::duration_ms,
+};
 use crate::{
     admission::{
         client::{Client, Trust, normalize_fingerprint},
-        wire::AdmissionResponse,
+        wire::{AdmissionResponse, GrantedResource},
     },
     auth::reconnect,
     sessions::model::{SessionId, now_ms},
@@ -42,7 +46,8 @@ pub struct LoginArgs {
     /// Re-admit the cached session with a reconnect token instead of an IdP token.
     #[arg(long)]
     pub reconnect: bool,
-    /// Print the agent's answer as JSON.
+    /// Print the agent's answer as JSON (without the reconnect seed, which stays in the cache
+    /// file); errors too are JSON then, on standard error.
     #[arg(long)]
     pub json: bool,
 }
@@ -165,34 +170,69 @@ fn reconnect_cached(args: &LoginArgs, path: &Path) -> anyhow::Result<()> {
     report(&answer, args.json, path)
 }
 
+/// What `login --json` prints: the agent's answer without the reconnect seed, which is a
+/// credential and stays in the cache file alone.
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    session: &'a str,
+    user: &'a str,
+    source: &'a str,
+    expires_at_ms: u64,
+    grants: &'a [GrantedResource],
+    /// Present when the session may reconnect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconnect: Option<ReconnectReport>,
+    /// The cache file that holds the session (and the seed).
+    saved_to: &'a Path,
+}
+
+#[derive(Debug, Serialize)]
+struct ReconnectReport {
+    token_lifetime_secs: u64,
+}
+
+impl<'a> Report<'a> {
+    fn of(answer: &'a AdmissionResponse, path: &'a Path) -> Self {
+        Self {
+            session: &answer.session,
+            user: &answer.user,
+            source: &answer.source,
+            expires_at_ms: answer.expires_at_ms,
+            grants: &answer.grants,
+            reconnect: answer.reconnect.as_ref().map(|r| ReconnectReport {
+                token_lifetime_secs: r.token_lifetime_secs,
+            }),
+            saved_to: path,
+        }
+    }
+}
+
 fn report(answer: &AdmissionResponse, json: bool, path: &Path) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(answer)?);
-        return Ok(());
+        return output::json(&Report::of(answer, path));
     }
     let grants: Vec<String> = answer
         .grants
         .iter()
         .map(|g| format!("{} (rule {})", g.resource, g.rule))
         .collect();
-    let left = answer.expires_at_ms.saturating_sub(now_ms()) / 1000;
-    println!(
+    outln!(
         "session {} for {} from {}",
-        answer.session, answer.user, answer.source
-    );
-    println!("granted: {}", grants.join(", "));
-    println!(
-        "expires in {}h{:02}m{}",
-        left / 3600,
-        left % 3600 / 60,
+        answer.session,
+        answer.user,
+        answer.source
+    )?;
+    outln!("granted: {}", grants.join(", "))?;
+    outln!(
+        "expires in {}{}",
+        duration_ms(answer.expires_at_ms.saturating_sub(now_ms())),
         if answer.reconnect.is_some() {
             "; reconnect enabled"
         } else {
             ""
         }
-    );
-    println!("saved to {}", path.display());
-    Ok(())
+    )?;
+    outln!("saved to {}", path.display())
 }
 
 /// `$XDG_CACHE_HOME/flowwarden/sessions/<agent>.json`, or under `~/.cache`.
@@ -240,4 +280,40 @@ fn save(path: &Path, cached: &Cached) -> anyhow::Result<()> {
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::wire::ReconnectMaterial;
+
+    #[test]
+    fn the_json_report_never_carries_the_reconnect_seed() {
+        let seed = "5eed".repeat(16);
+        let answer = AdmissionResponse {
+            session: "5e55100000000001".into(),
+            user: "alice@corp.example".into(),
+            source: "10.0.0.7".into(),
+            expires_at_ms: 1,
+            grants: vec![GrantedResource {
+                resource: "ssh".into(),
+                rule: "ops-ssh".into(),
+            }],
+            reconnect: Some(ReconnectMaterial {
+                seed: seed.clone(),
+                token_lifetime_secs: 60,
+            }),
+        };
+        let text = serde_json::to_string(&Report::of(&answer, Path::new("/c/s.json"))).unwrap();
+        assert!(!text.contains(&seed) && !text.contains("seed"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["reconnect"],
+            serde_json::json!({"token_lifetime_secs": 60})
+        );
+        assert_eq!(
+            (v["session"].as_str(), v["saved_to"].as_str()),
+            (Some("5e55100000000001"), Some("/c/s.json"))
+        );
+    }
 }

@@ -1,24 +1,36 @@
 //! The command line: clap commands, each a thin call into the library or the agent's status
 //! socket. Errors say what to do; exit codes tell causes apart.
 
-mod control;
+mod audit;
+mod config;
+mod datapath;
 mod dev;
+mod flows;
 mod login;
+mod output;
+mod policy;
+mod sessions;
+mod socket;
+mod status;
 mod table;
+mod whois;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH, DEFAULT_PIN_DIR};
-use control::{AuditArgs, PolicyCommand, SessionsCommand, SocketArg};
+use crate::config::DEFAULT_CONFIG_PATH;
+use socket::SocketArg;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "flowwarden",
     version,
     about = "Identity-aware flow enforcement agent",
-    after_help = "Exit codes: 0 success, 1 failure, 2 usage, 3 not found, 4 permission denied, 5 agent unreachable."
+    after_help = "Exit codes: 0 success, 1 failure, 2 usage, 3 not found, 4 permission denied, \
+                  5 agent unreachable. With --json, an error is one JSON object on standard \
+                  error, {\"error\":{\"message\":…,\"exit_code\":N}}, with the same exit code. \
+                  Output cut short by its reader (| head) ends quietly with exit code 0."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -35,45 +47,35 @@ enum Command {
         config: PathBuf,
     },
     /// The agent's state: mode, sessions, flow table, policy, drops.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
+    Status(status::StatusArgs),
     /// List, inspect and terminate sessions.
     Sessions {
         #[command(subcommand)]
-        command: SessionsCommand,
+        command: sessions::SessionsCommand,
     },
     /// Flows the kernel holds, with their owners and counters.
     Flows {
         #[command(subcommand)]
-        command: FlowsCommand,
+        command: flows::FlowsCommand,
     },
     /// Which identity owns a flow: `whois 10.0.0.7:51514 10.0.0.2:22`.
-    Whois {
-        a: String,
-        b: String,
-        #[arg(long)]
-        udp: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Whois(whois::WhoisArgs),
     /// The audit log: every decision, who, what, when, from where.
-    Audit(AuditArgs),
+    Audit(audit::AuditArgs),
     /// Check, reload and explain policy.
     Policy {
         #[command(subcommand)]
-        command: PolicyCommand,
+        command: policy::PolicyCommand,
     },
     /// Inspect, switch or remove the kernel datapath.
     Datapath {
         #[command(subcommand)]
-        command: DatapathCommand,
+        command: datapath::DatapathCommand,
     },
     /// Check a config file and its policies without starting anything.
     Config {
         #[command(subcommand)]
-        command: ConfigCommand,
+        command: config::ConfigCommand,
     },
     /// Present a token to an agent and open a session for this host.
     Login(login::LoginArgs),
@@ -89,38 +91,25 @@ enum Command {
     Man,
 }
 
-#[derive(Debug, Subcommand)]
-enum FlowsCommand {
-    List {
-        #[arg(long)]
-        session: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum DatapathCommand {
-    /// Show the mode, or switch it: `enforce` drops, `monitor` only counts what it would drop.
-    Mode {
-        mode: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Detach the programs and remove every pinned map and link. Enforcement stops.
-    Detach {
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum ConfigCommand {
-    /// Validate the config and every policy file it points to.
-    Check {
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+impl Command {
+    /// Whether the command was asked for JSON, so that its errors are JSON too.
+    fn json(&self) -> bool {
+        match self {
+            Self::Status(a) => a.json,
+            Self::Sessions { command } => command.json(),
+            Self::Flows { command } => command.json(),
+            Self::Whois(a) => a.json,
+            Self::Audit(a) => a.json,
+            Self::Policy { command } => command.json(),
+            Self::Datapath { command } => command.json(),
+            Self::Login(a) => a.json,
+            Self::Agent { .. }
+            | Self::Config { .. }
+            | Self::Dev { .. }
+            | Self::Completions { .. }
+            | Self::Man => false,
+        }
+    }
 }
 
 /// The clap command tree, for man pages and completions.
@@ -142,20 +131,19 @@ pub fn main() -> ExitCode {
     if let Some(why) = bad_filter {
         tracing::warn!("{why}");
     }
+    let json = cli.command.json();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Causes whose text the message already carries are not repeated.
-            let mut message = e.to_string();
-            for cause in e.chain().skip(1) {
-                let c = cause.to_string();
-                if !message.contains(&c) {
-                    message.push_str(": ");
-                    message.push_str(&c);
-                }
+            let Some(code) = output::exit_code(&e) else {
+                return ExitCode::SUCCESS;
+            };
+            let message = output::message(&e);
+            if json {
+                eprintln!("{}", output::error_json(&message, code));
+            } else {
+                eprintln!("error: {message}");
             }
-            eprintln!("error: {message}");
-            let code = e.downcast_ref::<control::Failure>().map_or(1, |f| f.code);
             ExitCode::from(code)
         }
     }
@@ -190,73 +178,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = &cli.socket;
     match cli.command {
         Command::Agent { config } => crate::agent::run(&config),
-        Command::Status { json } => control::status(socket, json),
-        Command::Sessions { command } => control::sessions(socket, command),
-        Command::Flows {
-            command: FlowsCommand::List { session, json },
-        } => control::flows(socket, session, json),
-        Command::Whois { a, b, udp, json } => control::whois(socket, &a, &b, udp, json),
-        Command::Audit(args) => control::audit(socket, args),
-        Command::Policy { command } => control::policy(socket, command),
-        Command::Datapath {
-            command: DatapathCommand::Mode { mode, json },
-        } => control::datapath_mode(socket, mode, json),
-        Command::Datapath {
-            command: DatapathCommand::Detach { pin_dir },
-        } => {
-            let removed = crate::datapath::detach_all(&pin_dir)?;
-            if removed.is_empty() {
-                println!(
-                    "nothing pinned under {}: nothing to detach",
-                    pin_dir.display()
-                );
-            } else {
-                for path in &removed {
-                    println!("removed {}", path.display());
-                }
-                println!("datapath detached: traffic to resources is no longer enforced");
-            }
-            Ok(())
-        }
-        Command::Config {
-            command: ConfigCommand::Check { config },
-        } => {
-            let c = Config::load(&config)?;
-            c.auth.validate()?;
-            let policy = crate::policy::load_policy(&c.policy.dir)?;
-            println!(
-                "{}: ok ({} issuers; {} resources and {} rules from {})",
-                config.display(),
-                c.auth.issuers.len(),
-                policy.resources.resources.len(),
-                policy.rules.len(),
-                c.policy.dir.display()
-            );
-            for r in &policy.resources.resources {
-                let ports: Vec<String> = r
-                    .ports
-                    .iter()
-                    .map(|&(l, h)| {
-                        if l == h {
-                            l.to_string()
-                        } else {
-                            format!("{l}-{h}")
-                        }
-                    })
-                    .collect();
-                println!("  resource {} = {}/{}", r.name, r.protocol, ports.join(","));
-            }
-            Ok(())
-        }
+        Command::Status(args) => status::run(socket, &args),
+        Command::Sessions { command } => sessions::run(socket, command),
+        Command::Flows { command } => flows::run(socket, command),
+        Command::Whois(args) => whois::run(socket, &args),
+        Command::Audit(args) => audit::run(socket, &args),
+        Command::Policy { command } => policy::run(socket, command),
+        Command::Datapath { command } => datapath::run(socket, command),
+        Command::Config { command } => config::run(command),
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
         Command::Man => {
-            clap_mangen::Man::new(command()).render(&mut std::io::stdout())?;
-            Ok(())
+            let mut roff = Vec::new();
+            clap_mangen::Man::new(command()).render(&mut roff)?;
+            output::bytes(&roff)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut command(), "flowwarden", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command(), "flowwarden", &mut script);
+            output::bytes(&script)
         }
     }
 }

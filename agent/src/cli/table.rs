@@ -3,38 +3,72 @@
 
 use std::io::IsTerminal as _;
 
+use super::output::outln;
+use crate::policy::format_duration;
+
 /// Prints rows under a header, each column as wide as its widest cell.
-pub fn print(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+///
+/// # Errors
+/// As [`super::output::line`].
+pub fn print(header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    let header: Vec<String> = header.iter().map(|h| bold(h)).collect();
+    for line in layout(&header, rows) {
+        outln!("{line}")?;
+    }
+    Ok(())
+}
+
+/// The lines of the table, padded by what a terminal shows: colour escapes take no room.
+fn layout(header: &[String], rows: &[Vec<String>]) -> Vec<String> {
+    let mut widths: Vec<usize> = header.iter().map(|h| visible_width(h)).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(cell.chars().count());
+                *w = (*w).max(visible_width(cell));
             }
         }
     }
-    let line = |cells: Vec<String>| {
+    let line = |cells: &[String]| {
         let mut out = String::new();
         let last = cells.len().saturating_sub(1);
-        for (i, c) in cells.into_iter().enumerate() {
-            if i == last {
-                out.push_str(&c);
-            } else {
-                let pad = widths[i].saturating_sub(c.chars().count());
-                out.push_str(&c);
+        for (i, c) in cells.iter().enumerate() {
+            out.push_str(c);
+            if i != last {
+                let pad = widths
+                    .get(i)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(visible_width(c));
                 out.push_str(&" ".repeat(pad + 2));
             }
         }
-        println!("{}", out.trim_end());
+        out.trim_end().to_owned()
     };
-    line(header.iter().map(|h| bold(h)).collect());
-    for row in rows {
-        line(row.clone());
-    }
+    std::iter::once(line(header))
+        .chain(rows.iter().map(|r| line(r)))
+        .collect()
 }
 
-/// Bold on a terminal (unless NO_COLOR), plain otherwise. Padding is computed on the plain
-/// text, so only the header uses it.
+/// Characters a terminal shows: SGR escapes (`ESC [ … m`) count for nothing.
+fn visible_width(s: &str) -> usize {
+    let mut width = 0;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // Up to and including the final byte of the escape sequence.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            width += 1;
+        }
+    }
+    width
+}
+
+/// Bold on a terminal (unless NO_COLOR), plain otherwise.
 pub fn bold(s: &str) -> String {
     if colour() {
         format!("\x1b[1m{s}\x1b[0m")
@@ -56,15 +90,15 @@ fn colour() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-/// "42s", "3m", "2h05m", "3d4h".
+/// Coarse, for people: "42s", "3m", "2h5m", "3d4h" (two units at most, rounded down).
 pub fn duration_ms(ms: u64) -> String {
     let s = ms / 1000;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s / 60),
-        3600..=86_399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
-    }
+    let kept = match s {
+        0..60 => s,
+        60..86_400 => s - s % 60,
+        _ => s - s % 3600,
+    };
+    format_duration(kept)
 }
 
 /// "3m ago" for a Unix-ms time in the past.
@@ -100,6 +134,36 @@ pub fn bytes(n: u64) -> String {
 mod tests {
     use super::*;
 
+    /// A red cell and a bold header take the room of their text only, so columns line up on
+    /// a terminal as they do in a pipe.
+    #[test]
+    fn colour_escapes_take_no_room() {
+        let header = vec![
+            "\x1b[1mSTATE\x1b[0m".to_owned(),
+            "\x1b[1mUSER\x1b[0m".to_owned(),
+        ];
+        let rows = vec![
+            vec!["\x1b[31mterminated\x1b[0m".to_owned(), "alice".to_owned()],
+            vec!["active".to_owned(), "bob".to_owned()],
+        ];
+        let lines = layout(&header, &rows);
+        let plain: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                l.replace("\x1b[1m", "")
+                    .replace("\x1b[31m", "")
+                    .replace("\x1b[0m", "")
+            })
+            .collect();
+        assert_eq!(
+            plain,
+            ["STATE       USER", "terminated  alice", "active      bob"],
+            "{lines:?}"
+        );
+        assert_eq!(visible_width("\x1b[31mrevoked\x1b[0m"), 7);
+        assert_eq!(visible_width("tcp 10.0.0.7:1 → 10.0.0.2:22"), 28);
+    }
+
     #[test]
     fn humane_units() {
         assert_eq!(bytes(0), "0 B");
@@ -107,7 +171,8 @@ mod tests {
         assert_eq!(bytes(3 * 1024 * 1024 + 200 * 1024), "3.2 MiB");
         assert_eq!(duration_ms(42_000), "42s");
         assert_eq!(duration_ms(180_000), "3m");
-        assert_eq!(duration_ms(7_500_000), "2h05m");
+        assert_eq!(duration_ms(7_500_000), "2h5m");
+        assert_eq!(duration_ms(7_259_000), "2h");
         assert_eq!(duration_ms(3 * 86_400_000 + 4 * 3_600_000), "3d4h");
         assert_eq!(ago(1_000, 181_000), "3m ago");
         assert_eq!(until(1_000, 2_000), "passed");

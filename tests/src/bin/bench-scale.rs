@@ -395,6 +395,7 @@ fn main() -> anyhow::Result<()> {
             admission_listen: "127.0.0.1:7443".into(),
             admission_fingerprint: String::new(),
             started: Instant::now(),
+            groups: Default::default(),
         },
     };
     let caller = || Caller {

@@ -1,0 +1,46 @@
+//! `flowwarden config check`: validate a config file and the policies it points to, without
+//! starting anything.
+
+use std::path::PathBuf;
+
+use super::output::outln;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config and every policy file it points to.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+pub fn run(command: ConfigCommand) -> anyhow::Result<()> {
+    let ConfigCommand::Check { config } = command;
+    let c = Config::load(&config)?;
+    c.auth.validate()?;
+    let policy = crate::policy::load_policy(&c.policy.dir)?;
+    outln!(
+        "{}: ok ({} issuers; {} resources and {} rules from {})",
+        config.display(),
+        c.auth.issuers.len(),
+        policy.resources.resources.len(),
+        policy.rules.len(),
+        c.policy.dir.display()
+    )?;
+    for r in &policy.resources.resources {
+        let ports: Vec<String> = r
+            .ports
+            .iter()
+            .map(|&(l, h)| {
+                if l == h {
+                    l.to_string()
+                } else {
+                    format!("{l}-{h}")
+                }
+            })
+            .collect();
+        outln!("  resource {} = {}/{}", r.name, r.protocol, ports.join(","))?;
+    }
+    Ok(())
+}
