@@ -23,6 +23,8 @@ pub const DEFAULT_SOCKET: &str = "/run/flowwarden/agent.sock";
 pub const EXIT_NOT_FOUND: u8 = 3;
 pub const EXIT_PERMISSION: u8 = 4;
 pub const EXIT_UNREACHABLE: u8 = 5;
+/// The agent refused the connection for now (its connection limits); trying later can work.
+pub const EXIT_BUSY: u8 = 6;
 
 #[derive(Debug, clap::Args)]
 pub struct SocketArg {
@@ -117,6 +119,7 @@ fn fail(e: ClientError) -> anyhow::Error {
         ClientError::Rpc { code, .. } if *code == crate::api::jsonrpc::PERMISSION_DENIED => {
             EXIT_PERMISSION
         }
+        ClientError::Rpc { code, .. } if *code == crate::api::jsonrpc::BUSY => EXIT_BUSY,
         ClientError::Rpc { .. } => 1,
         _ => {
             if e.to_string().contains("permission denied") {
