@@ -391,7 +391,7 @@ fn main() -> anyhow::Result<()> {
                 sweeps
                     .lock()
                     .unwrap()
-                    .push((t.elapsed(), thread_cpu() - cpu));
+                    .push((t.elapsed(), thread_cpu().saturating_sub(cpu)));
             }
         })
     };
