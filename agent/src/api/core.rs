@@ -1,7 +1,7 @@
 //! The core behind the status socket: each typed request answered from the sessions, the
 //! kernel and the policy. The transport only moves bytes and checks credentials.
 
-use std::{collections::HashSet, sync::Arc, time::Instant};
+use std::{collections::HashSet, io, sync::Arc, time::Instant};
 
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -15,7 +15,7 @@ use super::{
     methods::{self, Method, Request},
     peer::Groups,
     request::{AuditFilter, Explain, Proto, SessionFilter},
-    transport::{Caller, Handler},
+    transport::{Caller, Handler, Reply},
     views::{
         AdmissionInfo, DropsView, FillView, PolicyInfo, StateCounts, StatusView, flow_view,
         session_view,
@@ -73,9 +73,12 @@ fn answer<M: Method>(result: M::Result) -> Result<Value, RpcError> {
 }
 
 impl Handler for Core {
-    async fn handle(&self, call: Call, caller: Caller) -> Result<Value, RpcError> {
+    async fn handle(&self, call: Call, caller: Caller) -> Result<Reply, RpcError> {
         let request = self.authorized(&call, &caller)?;
-        self.dispatch(request, &caller).await
+        if let Request::SessionsList(filter) = request {
+            return Ok(self.list(filter));
+        }
+        self.dispatch(request, &caller).await.map(Reply::Value)
     }
 
     fn is_stream(&self, method: &str) -> bool {
@@ -115,7 +118,7 @@ impl Core {
         use methods as m;
         match request {
             Request::Status(_) => answer::<m::Status>(self.status()?),
-            Request::SessionsList(filter) => answer::<m::SessionsList>(self.list(&filter)),
+            Request::SessionsList(filter) => self.list(filter).into_value(),
             Request::SessionsGet(r) => {
                 let s = self
                     .sessions
@@ -247,36 +250,11 @@ impl Core {
         drops_view(self.enforcer.session_stats(id))
     }
 
-    /// Sessions first, filtered (nothing else is read when none match); their traffic from
-    /// one census of the flow table (a recent one when the table is large); their kernel
-    /// counters in one batched read when there are many.
-    fn list(&self, f: &SessionFilter) -> Vec<super::views::SessionView> {
-        let mut sessions: Vec<std::sync::Arc<Session>> = self
-            .sessions
-            .all()
-            .into_iter()
-            .filter(|s| !f.live || s.is_live())
-            .filter(|s| f.state.is_none_or(|st| s.state == st))
-            .filter(|s| f.user.as_deref().is_none_or(|u| s.identity.is(u)))
-            .filter(|s| f.resource.as_deref().is_none_or(|r| s.grants_resource(r)))
-            .filter(|s| f.source.is_none_or(|ip| s.source == ip))
-            .collect();
-        if sessions.is_empty() {
-            return Vec::new();
-        }
-        sessions.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
-        let census = self.enforcer.recent_census();
-        let stats = (sessions.len() > STATS_ONE_BY_ONE).then(|| self.enforcer.all_session_stats());
-        sessions
-            .iter()
-            .map(|s| {
-                let drops = match &stats {
-                    Some(all) => drops_view(all.get(&s.id).copied()),
-                    None => self.drops(s.id),
-                };
-                session_view(s, census.traffic.get(&s.id), drops, false)
-            })
-            .collect()
+    /// `sessions.list`, as an answer that writes itself: with 100,000 sessions the list is
+    /// 70 MiB of JSON, which is never held in memory as a whole (see [`write_list`]).
+    fn list(&self, filter: SessionFilter) -> Reply {
+        let (sessions, enforcer) = (Arc::clone(&self.sessions), Arc::clone(&self.enforcer));
+        Reply::raw(move |out| write_list(&sessions, &enforcer, &filter, out))
     }
 
     fn detail(&self, s: &Session) -> super::views::SessionView {
@@ -485,6 +463,45 @@ impl Core {
         });
         out
     }
+}
+
+/// Sessions first, filtered (nothing else is read when none match); their traffic from
+/// one census of the flow table (a recent one when the table is large); their kernel
+/// counters in one batched read when there are many. Each session is encoded and written as
+/// it comes, so memory holds one session's view at a time, not the whole list.
+fn write_list(
+    sessions: &Sessions,
+    enforcer: &Enforcer,
+    f: &SessionFilter,
+    out: &mut dyn io::Write,
+) -> io::Result<()> {
+    let mut sessions: Vec<Arc<Session>> = sessions
+        .all()
+        .into_iter()
+        .filter(|s| !f.live || s.is_live())
+        .filter(|s| f.state.is_none_or(|st| s.state == st))
+        .filter(|s| f.user.as_deref().is_none_or(|u| s.identity.is(u)))
+        .filter(|s| f.resource.as_deref().is_none_or(|r| s.grants_resource(r)))
+        .filter(|s| f.source.is_none_or(|ip| s.source == ip))
+        .collect();
+    out.write_all(b"[")?;
+    if !sessions.is_empty() {
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+        let census = enforcer.recent_census();
+        let stats = (sessions.len() > STATS_ONE_BY_ONE).then(|| enforcer.all_session_stats());
+        for (i, s) in sessions.iter().enumerate() {
+            if i > 0 {
+                out.write_all(b",")?;
+            }
+            let drops = match &stats {
+                Some(all) => drops_view(all.get(&s.id).copied()),
+                None => drops_view(enforcer.session_stats(s.id)),
+            };
+            let view = session_view(s, census.traffic.get(&s.id), drops, false);
+            serde_json::to_writer(&mut *out, &view)?;
+        }
+    }
+    out.write_all(b"]")
 }
 
 fn drops_view(stats: Option<SessionStats>) -> DropsView {

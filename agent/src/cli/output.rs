@@ -33,6 +33,8 @@ pub struct Failure {
 pub const EXIT_NOT_FOUND: u8 = 3;
 pub const EXIT_PERMISSION: u8 = 4;
 pub const EXIT_UNREACHABLE: u8 = 5;
+/// The agent refused the connection for now (its connection limits); trying later can work.
+pub const EXIT_BUSY: u8 = 6;
 
 fn stdout_error(e: io::Error) -> anyhow::Error {
     if e.kind() == io::ErrorKind::BrokenPipe {

@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use super::output::{EXIT_NOT_FOUND, EXIT_PERMISSION, EXIT_UNREACHABLE, Failure};
+use super::output::{EXIT_BUSY, EXIT_NOT_FOUND, EXIT_PERMISSION, EXIT_UNREACHABLE, Failure};
 use crate::{
     api::{
         client::{ClientError, RpcClient, SOCKET_ENV},
-        jsonrpc::{NOT_FOUND, PERMISSION_DENIED},
+        jsonrpc::{BUSY, NOT_FOUND, PERMISSION_DENIED},
     },
     config::DEFAULT_SOCKET,
 };
@@ -34,6 +34,7 @@ pub fn fail(e: ClientError) -> anyhow::Error {
     let code = match &e {
         ClientError::Rpc { code, .. } if *code == NOT_FOUND => EXIT_NOT_FOUND,
         ClientError::Rpc { code, .. } if *code == PERMISSION_DENIED => EXIT_PERMISSION,
+        ClientError::Rpc { code, .. } if *code == BUSY => EXIT_BUSY,
         ClientError::Rpc { .. } => 1,
         ClientError::PermissionDenied { .. } => EXIT_PERMISSION,
         _ => EXIT_UNREACHABLE,

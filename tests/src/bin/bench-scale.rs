@@ -1,10 +1,13 @@
-//! `cargo xtask bench scale`: `sessions.list` as the status socket answers it, with 100,000
-//! sessions in the table and 1,000,000 flows in the kernel's flow map, with and without
-//! filters; the flow walks it rests on; and the memory the agent holds meanwhile; as JSON.
+//! `cargo xtask bench scale`: `sessions.list` as the status socket answers it (through the
+//! socket), with 100,000 sessions in the table and 1,000,000 flows in the kernel's flow map,
+//! with and without filters; the flow walks it rests on; and the memory the agent holds
+//! meanwhile (peak above resting per query); as JSON.
 
 use std::{
+    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -13,9 +16,9 @@ use anyhow::{Context as _, bail};
 use flowwarden::{
     api::{
         core::{AgentInfo, Core},
-        jsonrpc::{Call, response_ok},
-        peer::{Access, Peer},
-        transport::{Caller, Handler as _},
+        jsonrpc::Call,
+        peer::{Access, AccessPolicy, Peer},
+        transport::{Caller, Handler as _, Reply, SocketOptions, serve},
     },
     audit::Audit,
     config::SessionsConfig,
@@ -177,6 +180,36 @@ fn map_memlock_mib(pin_dir: &std::path::Path, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix("memlock:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map_or(f64::NAN, |b| b / (1024.0 * 1024.0))
+}
+
+/// One call over a fresh connection to the status socket, as the CLI makes it: the bytes of
+/// the answer line, read in 64 KiB pieces and kept only when `keep` (to check and count the
+/// rows once, outside the measured calls).
+fn call_socket(
+    socket: &Path,
+    method: &str,
+    params: &Value,
+    keep: bool,
+) -> anyhow::Result<(usize, Option<Vec<u8>>)> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    stream.write_all(format!("{request}\n").as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut total, mut kept) = (0usize, keep.then(Vec::new));
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            bail!("{method}: the agent closed after {total} bytes without ending the line");
+        }
+        total += n;
+        if let Some(kept) = &mut kept {
+            kept.extend_from_slice(&buf[..n]);
+        }
+        if buf[n - 1] == b'\n' {
+            return Ok((total, kept));
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -377,7 +410,7 @@ fn main() -> anyhow::Result<()> {
                 sweeps
                     .lock()
                     .unwrap()
-                    .push((t.elapsed(), thread_cpu() - cpu));
+                    .push((t.elapsed(), thread_cpu().saturating_sub(cpu)));
             }
         })
     };
@@ -447,25 +480,43 @@ fn main() -> anyhow::Result<()> {
         ),
         ("status", "flow table fill", json!({})),
     ];
+    // The same core, served on a socket as the agent serves it.
+    let socket = scratch.dir.join("bench.sock");
+    let server = rt.spawn(serve(
+        SocketOptions::new(&socket),
+        AccessPolicy::from_names("", "")?,
+        Arc::new(Core {
+            sessions: Arc::clone(&core.sessions),
+            enforcer: Arc::clone(&core.enforcer),
+            policy: Arc::clone(&core.policy),
+            info: core.info.clone(),
+        }),
+    ));
+    while UnixStream::connect(&socket).is_err() {
+        if server.is_finished() {
+            bail!("the status socket did not start: {:?}", rt.block_on(server));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut results = Vec::new();
     for (method, label, params) in queries {
         eprintln!("{method} {label}…");
-        let call = || Call {
-            id: json!(1),
-            method: method.to_owned(),
-            params: params.clone(),
-        };
-        let once = || -> anyhow::Result<(Duration, Duration, usize, usize)> {
+        let once = || -> anyhow::Result<(Duration, Duration, usize)> {
             let (t, cpu) = (Instant::now(), thread_cpu());
-            let value = rt
-                .block_on(core.handle(call(), caller()))
-                .map_err(|e| anyhow::anyhow!("{method} {label}: {}", e.message))?;
-            let rows = value.as_array().map_or(1, Vec::len);
-            let line = response_ok(&json!(1), value);
-            let (d, c) = (t.elapsed(), thread_cpu() - cpu);
-            Ok((d, c, rows, line.len()))
+            let (bytes, _) = call_socket(&socket, method, &params, false)?;
+            Ok((t.elapsed(), thread_cpu() - cpu, bytes))
         };
-        let (_, _, warm_rows, _) = once()?;
+        // The warm-up call keeps its answer, to check it and count its rows.
+        let (_, Some(line)) = call_socket(&socket, method, &params, true)? else {
+            bail!("{method} {label}: no answer kept");
+        };
+        let answer: Value = serde_json::from_slice(&line)
+            .with_context(|| format!("{method} {label}: the answer is not one JSON line"))?;
+        if let Some(e) = answer.get("error") {
+            bail!("{method} {label}: {e}");
+        }
+        let warm_rows = answer["result"].as_array().map_or(1, Vec::len);
+        drop((line, answer));
         // Whole-table answers take seconds each: fewer calls of those.
         let calls = if warm_rows > HEAVY_ROWS {
             args.calls.min(HEAVY_CALLS)
@@ -477,12 +528,12 @@ fn main() -> anyhow::Result<()> {
         reset_peak();
         let (rss_before, _) = memory();
         let (mut wall, mut cpu) = (Vec::new(), Vec::new());
-        let (mut rows, mut bytes) = (0, 0);
+        let (rows, mut bytes) = (warm_rows, 0);
         for _ in 0..calls {
-            let (d, c, r, b) = once()?;
+            let (d, c, b) = once()?;
             wall.push(d);
             cpu.push(c);
-            (rows, bytes) = (r, b);
+            bytes = b;
         }
         let (_, peak) = memory();
         let w = quantiles(wall);
@@ -504,6 +555,7 @@ fn main() -> anyhow::Result<()> {
             "thread_cpu": quantiles(cpu),
             "rss_before_mib": rss_before,
             "peak_rss_during_mib": peak,
+            "peak_rss_above_resting_mib": peak - rss_before,
         }));
     }
     // One session's flows: through the flow index (what terminate and `Enforcer::session_flows`
@@ -576,7 +628,7 @@ fn main() -> anyhow::Result<()> {
             });
             polling.wait();
             let t = Instant::now();
-            let answer = rt.block_on(core.handle(call, admin));
+            let answer = rt.block_on(core.handle(call, admin)).and_then(Reply::into_value);
             let took = t.elapsed();
             let seen = poller.join().expect("revocation poller");
             answer
@@ -607,6 +659,7 @@ fn main() -> anyhow::Result<()> {
         revoked_after["p50_ms"].as_f64().unwrap_or(f64::NAN),
     );
     sweeper.abort();
+    server.abort();
     let load_after = loadavg();
     let (rss_end, _) = memory();
     let (sweep_wall, sweep_cpu): (Vec<Duration>, Vec<Duration>) =
@@ -636,16 +689,16 @@ fn main() -> anyhow::Result<()> {
         "method": "in-process, the agent's library as the agent wires it: a private datapath \
                    (pinned maps, no interface attached) with a flow table sized for the flows, \
                    a redb store on the local disk, Enforcer, Audit, PolicyHandle, Sessions, a \
-                   2-worker tokio runtime, and the status socket's Core called through its \
-                   Handler::handle with a read-only caller, as the transport calls it, then \
-                   the response line encoded (jsonrpc::response_ok) as the transport writes it; \
-                   the socket itself is not in the path. Sessions admitted with \
+                   2-worker tokio runtime, and the status socket's Core served on a Unix socket by the \
+                   agent's transport (transport::serve); each call is a fresh connection as \
+                   the CLI makes one, timed from the request to the answer's newline, the \
+                   answer read in 64 KiB pieces and not kept. Sessions admitted with \
                    Sessions::admit from 512 tasks (distinct IPv4 sources; every 100th in group \
                    ops, granted admin; every 100th, offset 50, terminated). Flows written into \
                    the kernel flow map with Maps::insert_flow, spread evenly over the sessions. \
                    Each query: one warm-up call, then N timed calls (at most 5 for answers \
                    of more than 10,000 rows); wall time and this \
-                   thread's CPU time per call, nearest-rank quantiles; peak RSS per query from \
+                   the client thread's CPU time per call, nearest-rank quantiles; peak RSS per query from \
                    VmHWM reset through /proc/self/clear_refs. Walks alone: the batched walk \
                    (BPF_MAP_LOOKUP_BATCH), aya's key-by-key iteration of the same pinned map \
                    (the agent's walk before), and Enforcer::census (walk + per-session sums). \
