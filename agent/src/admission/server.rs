@@ -157,10 +157,11 @@ impl Admission {
                 if let Err(err) = self.sessions.record(vec![e]).await {
                     tracing::error!(error = %err, "cannot record a rejected admission");
                 }
+                tracing::info!(%source, reason = rejection.code(), detail = %rejection, "admission refused");
                 return error(
                     StatusCode::UNAUTHORIZED,
                     rejection.code(),
-                    rejection.to_string(),
+                    rejection.client_message(),
                 );
             }
             Err(_) => {

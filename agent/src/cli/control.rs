@@ -175,6 +175,9 @@ pub fn status(socket: &SocketArg, json_out: bool) -> anyhow::Result<()> {
     );
     let drops: Vec<String> = s.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("drops        {}", drops.join(", "));
+    for issuer in &s.issuers {
+        println!("issuer       {}", issuer.summary(s.now_ms / 1000));
+    }
     if s.mode == "monitor" {
         let would: Vec<String> = s
             .would_drop
