@@ -44,6 +44,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         .validate()
         .with_context(|| format!("{}: [auth]", config_path.display()))?;
     let verifier = Arc::new(Verifier::new(&config.auth).context("loading issuer keys")?);
+    verifier.report_status();
     if config.auth.issuers.is_empty() {
         tracing::warn!("no [[auth.issuer]] configured: every admission will be rejected");
     }

@@ -361,9 +361,13 @@ impl Config {
         let mut config = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for issuer in &mut config.auth.issuers {
-            for p in [issuer.jwks_file.as_mut(), issuer.hs256_secret_file.as_mut()]
-                .into_iter()
-                .flatten()
+            for p in [
+                issuer.jwks_file.as_mut(),
+                issuer.hs256_secret_file.as_mut(),
+                issuer.ca_file.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 if p.is_relative() {
                     *p = base.join(&*p);

@@ -8,6 +8,11 @@ use serde::{
     de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor},
 };
 use serde_json::{Value, value::RawValue};
+use sha2::{Digest, Sha256};
+
+mod path;
+
+pub use path::ClaimPath;
 
 /// The identity of a verified token. The bearer token itself is never kept: only its claims
 /// and the SHA-256 fingerprint of the token (to correlate with IdP logs).
@@ -24,7 +29,9 @@ pub struct Identity {
     pub device: Device,
     /// Every claim of the token as issued, for display and claim-match rules.
     pub claims: Claims,
-    /// Lowercase hex SHA-256 of the bearer token.
+    /// Lowercase hex SHA-256 of the token's signed part (`header.payload`, without the
+    /// signature): an ECDSA signature rewritten as (r, n−s) verifies too, and must not make
+    /// the same token look like another one.
     pub token_sha256: String,
     /// `exp` of the token, seconds since the Unix epoch: a session never outlives it unless
     /// a reconnect renews it.
@@ -62,9 +69,26 @@ impl Identity {
         self.groups.iter().any(|g| g == group)
     }
 
+    /// The key a token denial is recorded under: the issuer and `jti` when the token has a
+    /// `jti` (every token the provider issued under that id), else the fingerprint of the
+    /// signed part ([`Identity::token_sha256`]). Neither changes when the signature bytes are
+    /// re-encoded, so a denial cannot be dodged by rewriting an ECDSA signature.
+    pub fn denial_key(&self) -> String {
+        match self.claims.get("jti") {
+            Some(Value::String(jti)) if !jti.is_empty() => {
+                let mut h = Sha256::new();
+                h.update(self.issuer.as_bytes());
+                h.update([0]);
+                h.update(jti.as_bytes());
+                format!("jti:{}", hex::encode(h.finalize()))
+            }
+            _ => format!("sha256:{}", self.token_sha256),
+        }
+    }
+
     /// A claim's values as strings, for claim-match rules: a string is one value, an array of
     /// strings (or numbers, or booleans) is each of them; anything else matches nothing.
-    pub fn claim_values(&self, claim: &str) -> Vec<String> {
+    pub fn claim_values(&self, claim: &ClaimPath) -> Vec<String> {
         fn scalar(v: &serde_json::Value) -> Option<String> {
             match v {
                 serde_json::Value::String(s) => Some(s.clone()),
@@ -73,7 +97,7 @@ impl Identity {
                 _ => None,
             }
         }
-        match self.claims.get(claim) {
+        match self.claims.get_path(claim) {
             Some(serde_json::Value::Array(items)) => items.iter().filter_map(scalar).collect(),
             Some(v) => scalar(&v).into_iter().collect(),
             None => Vec::new(),
@@ -111,6 +135,11 @@ impl Claims {
         // The text was checked to be an object when it was made: a failure cannot happen, and
         // would only mean "no such claim".
         Find(name).deserialize(&mut de).ok().flatten()
+    }
+
+    /// The value at a claim path (a top-level claim, or inside one).
+    pub fn get_path(&self, path: &ClaimPath) -> Option<Value> {
+        path.descend(self.get(path.claim())?)
     }
 
     /// Every claim, as a map.
@@ -244,10 +273,32 @@ mod tests {
             .insert("amr".into(), serde_json::json!(["pwd", "mfa", 3, true]));
         id.claims.insert("acr".into(), serde_json::json!("gold"));
         id.claims.insert("obj".into(), serde_json::json!({"a": 1}));
-        assert_eq!(id.claim_values("amr"), ["pwd", "mfa", "3", "true"]);
-        assert_eq!(id.claim_values("acr"), ["gold"]);
-        assert!(id.claim_values("obj").is_empty());
-        assert!(id.claim_values("missing").is_empty());
+        let values = |p: &str| id.claim_values(&ClaimPath::parse(p).unwrap());
+        assert_eq!(values("amr"), ["pwd", "mfa", "3", "true"]);
+        assert_eq!(values("acr"), ["gold"]);
+        assert!(values("obj").is_empty());
+        assert_eq!(values("/obj/a"), ["1"]);
+        assert!(values("missing").is_empty());
+    }
+
+    #[test]
+    fn denial_keys_use_the_jti_else_the_signed_part() {
+        let mut id = test_identity("a@corp.example", &[]);
+        assert_eq!(id.denial_key(), format!("sha256:{}", "00".repeat(32)));
+        id.claims.insert("jti".into(), serde_json::json!("t-1"));
+        let with_jti = id.denial_key();
+        assert!(
+            with_jti.starts_with("jti:") && with_jti.len() == 68,
+            "{with_jti}"
+        );
+        id.token_sha256 = "11".repeat(32);
+        assert_eq!(id.denial_key(), with_jti, "the jti decides, not the bytes");
+        id.issuer = "https://other.example".into();
+        assert_ne!(
+            id.denial_key(),
+            with_jti,
+            "the same jti from another issuer"
+        );
     }
 
     #[test]

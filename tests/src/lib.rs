@@ -10,6 +10,7 @@ pub mod frames;
 pub mod hostile_frames;
 pub mod loaded;
 pub mod netns;
+pub mod oidc;
 pub mod privileged;
 pub mod ssh;
 pub mod stack;

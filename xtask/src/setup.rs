@@ -45,6 +45,7 @@ pub fn setup() -> Result<()> {
     rust_src(&nightly)?;
     bpf_linker(&nightly)?;
     packages()?;
+    oidc_provider()?;
     bpffs()?;
     println!("setup: done");
     Ok(())
@@ -291,6 +292,57 @@ fn package_installed(pkg: &str) -> Result<bool> {
     Ok(String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
 }
 
+/// The OpenID provider the identity acceptance tests run (panva's oidc-provider), installed
+/// from tests/oidc/package-lock.json into tests/oidc/node_modules by `npm ci`, and only when
+/// the installed version is not the locked one.
+fn oidc_provider() -> Result<()> {
+    let dir = cmd::workspace_root().join("tests/oidc");
+    let lock = std::fs::read_to_string(dir.join("package-lock.json"))
+        .with_context(|| format!("cannot read {}/package-lock.json", dir.display()))?;
+    let locked = locked_version(&lock, "node_modules/oidc-provider")
+        .ok_or_else(|| anyhow!("tests/oidc/package-lock.json does not lock oidc-provider"))?;
+    let what = format!("oidc-provider {locked} (tests/oidc)");
+    let installed = std::fs::read_to_string(dir.join("node_modules/oidc-provider/package.json"))
+        .ok()
+        .and_then(|text| json_string_field(&text, "version"));
+    if installed.as_deref() == Some(locked.as_str()) {
+        step(&what, "present");
+        return Ok(());
+    }
+    if cmd::output(Command::new("npm").arg("--version")).is_err() {
+        bail!(
+            "npm is missing; the identity acceptance tests run a Node.js OpenID provider: \
+             install Node.js 20 or newer with npm (e.g. `apt-get install nodejs npm`)"
+        );
+    }
+    step(&what, "installing with npm ci");
+    cmd::run(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir),
+    )
+    .context("npm ci in tests/oidc failed; is the npm registry reachable?")
+}
+
+/// The `version` of `package` in the `packages` map of an npm lock file (v2/v3).
+fn locked_version(lock: &str, package: &str) -> Option<String> {
+    let at = lock.find(&format!("\"{package}\": {{"))?;
+    json_string_field(&lock[at..], "version")
+}
+
+/// The first `"field": "value"` in `text`; enough for the two lock-file fields read here,
+/// without a JSON parser in xtask.
+fn json_string_field(text: &str, field: &str) -> Option<String> {
+    let key = format!("\"{field}\"");
+    let rest = &text[text.find(&key)? + key.len()..];
+    let rest = rest
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    Some(rest[..rest.find('"')?].to_owned())
+}
+
 fn bpffs() -> Result<()> {
     let what = format!("bpffs at {BPFFS}");
     let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
@@ -324,6 +376,23 @@ fn bpffs_mounted(mounts: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn npm_lock_versions() {
+        let lock = r#"{"packages": {"": {"dependencies": {"oidc-provider": "9.13.3"}},
+            "node_modules/jose": {"version": "6.2.13"},
+            "node_modules/oidc-provider": {
+              "version": "9.13.3", "resolved": "x"}}}"#;
+        assert_eq!(
+            locked_version(lock, "node_modules/oidc-provider").as_deref(),
+            Some("9.13.3")
+        );
+        assert_eq!(locked_version(lock, "node_modules/koa"), None);
+        assert_eq!(
+            json_string_field("{\"version\" : \"1.2\"}", "version").as_deref(),
+            Some("1.2")
+        );
+    }
 
     #[test]
     fn parses_rustc_verbose() {

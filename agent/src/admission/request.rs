@@ -27,8 +27,10 @@ pub struct Refusal {
 }
 
 /// Routes a request: unknown path (404), wrong method (405), rate limit (429, asked of
-/// `allow` only for a request that reached an endpoint), missing credential (401). The checks
-/// run in that order, so a flood of requests without a token still spends the source's budget.
+/// `allow` only for a request that reached an endpoint), more than one `Authorization` header
+/// (400: which one a proxy and the agent each read is anyone's guess), missing credential
+/// (401). The checks run in that order, so a flood of requests without a token still spends
+/// the source's budget.
 ///
 /// # Errors
 /// The [`Refusal`] to send back.
@@ -58,6 +60,18 @@ pub fn read<'a>(
             status: StatusCode::TOO_MANY_REQUESTS,
             code: "rate_limited",
             message: format!("too many attempts from {source}: wait a moment and try again"),
+        });
+    }
+    if headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            code: "duplicate_authorization",
+            message: "send exactly one Authorization header".into(),
         });
     }
     if path == RECONNECT_PATH {
@@ -141,6 +155,23 @@ mod tests {
         assert!(e.message.contains("Bearer"), "{}", e.message);
         let e = read(&Method::POST, RECONNECT_PATH, &none, SOURCE, ok).unwrap_err();
         assert!(e.message.contains(RECONNECT_SCHEME), "{}", e.message);
+    }
+
+    #[test]
+    fn two_authorization_headers_refuse_the_request() {
+        let mut h = headers(Some("Bearer a.b.c"));
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer d.e.f"),
+        );
+        for path in [SESSIONS_PATH, RECONNECT_PATH] {
+            let e = read(&Method::POST, path, &h, SOURCE, || true).unwrap_err();
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::BAD_REQUEST, "duplicate_authorization"),
+                "{path}"
+            );
+        }
     }
 
     #[test]

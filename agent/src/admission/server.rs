@@ -68,6 +68,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: A
                 Err(_) => return,
             };
             let source = canonical(peer.ip());
+            let oversized = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let tls = super::refusal::HeadLimit::new(tls, Arc::clone(&oversized));
+            let auditor = Arc::clone(&app);
             let service = service_fn(move |req| {
                 let app = Arc::clone(&app);
                 async move { Ok::<_, Infallible>(app.handle(req, source).await) }
@@ -75,6 +78,10 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: A
             let conn = http1_builder().serve_connection(TokioIo::new(tls), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "admission connection ended with an error");
+            }
+            if oversized.load(std::sync::atomic::Ordering::Acquire) {
+                let refusal = super::refusal::head_too_large();
+                auditor.record_refusal(&refusal, source).await;
             }
         });
     }
@@ -128,7 +135,10 @@ impl Admission {
         let token = match ask {
             Ok(Ask::Admit { token }) => token,
             Ok(Ask::Reconnect { token }) => return self.reconnect(token, source).await,
-            Err(refusal) => return error(refusal.status, refusal.code, refusal.message),
+            Err(refusal) => {
+                self.record_refusal(&refusal, source).await;
+                return error(refusal.status, refusal.code, refusal.message);
+            }
         };
         let started = std::time::Instant::now();
         let now = now_ms() / 1000;
@@ -157,10 +167,11 @@ impl Admission {
                 if let Err(err) = self.sessions.record(vec![e]).await {
                     tracing::error!(error = %err, "cannot record a rejected admission");
                 }
+                tracing::info!(%source, reason = rejection.code(), detail = %rejection, "admission refused");
                 return error(
                     StatusCode::UNAUTHORIZED,
                     rejection.code(),
-                    rejection.to_string(),
+                    rejection.client_message(),
                 );
             }
             Err(_) => {

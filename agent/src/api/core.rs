@@ -243,6 +243,7 @@ impl Core {
                 .collect(),
             flows_opened: counters.flows_opened,
             events_lost: counters.events_lost,
+            issuers: crate::auth::key_status(),
         })
     }
 

@@ -193,6 +193,9 @@ pub struct StatusView {
     pub would_drop: std::collections::BTreeMap<String, u64>,
     pub flows_opened: u64,
     pub events_lost: u64,
+    /// Each issuer's key state (kids, last fetch, last error, next refresh).
+    #[serde(default)]
+    pub issuers: Vec<crate::auth::IssuerKeyStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

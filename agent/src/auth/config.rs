@@ -6,6 +6,7 @@ use std::{collections::HashMap, path::PathBuf};
 use serde::Deserialize;
 
 use super::{alg::Alg, fetch};
+use crate::identity::ClaimPath;
 
 /// Clock skew allowed for `exp` / `nbf` is capped: more would let expired tokens in for long.
 pub const MAX_LEEWAY_SECS: u64 = 300;
@@ -42,6 +43,15 @@ pub struct IssuerConfig {
     pub discovery: Option<bool>,
     /// Key source: a shared HS256 secret (the file's bytes, without trailing whitespace).
     pub hs256_secret_file: Option<PathBuf>,
+    /// With `discovery`: a PEM bundle of the certificate authorities that vouch for the
+    /// provider's discovery and JWKS URLs. It replaces the system store for this issuer (see
+    /// docs/configuration.md); without it the system store is used.
+    pub ca_file: Option<PathBuf>,
+    /// Accepted values of the token header's `typ`, compared case-insensitively and with or
+    /// without `application/`; `""` accepts a token without `typ`. Default: `JWT`, `at+jwt`
+    /// and none. `["at+jwt"]` requires RFC 9068 access tokens.
+    #[serde(default = "default_token_types")]
+    pub token_types: Vec<String>,
     /// Periodic key refresh interval, seconds.
     #[serde(default = "default_refresh_secs")]
     pub refresh_secs: u64,
@@ -50,31 +60,44 @@ pub struct IssuerConfig {
     pub claims: ClaimMapping,
 }
 
-/// Claim names that feed the identity. Defaults are the conventional names.
+/// Claim paths that feed the identity: a top-level name, or a JSON Pointer into nested claims
+/// (`/device/managed`; see [`ClaimPath`]). Defaults are the conventional top-level names. A
+/// path that does not parse is refused when the config is read, with its line.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClaimMapping {
-    pub subject: String,
-    pub email: String,
-    pub groups: String,
-    pub device_id: String,
-    pub device_managed: String,
-    pub device_compliant: String,
-    pub device_os: String,
+    pub subject: ClaimPath,
+    pub email: ClaimPath,
+    pub groups: ClaimPath,
+    pub device_id: ClaimPath,
+    pub device_managed: ClaimPath,
+    pub device_compliant: ClaimPath,
+    pub device_os: ClaimPath,
 }
 
 impl Default for ClaimMapping {
     fn default() -> Self {
         Self {
-            subject: "sub".into(),
-            email: "email".into(),
-            groups: "groups".into(),
-            device_id: "device_id".into(),
-            device_managed: "device_managed".into(),
-            device_compliant: "device_compliant".into(),
-            device_os: "device_os".into(),
+            subject: ClaimPath::top("sub"),
+            email: ClaimPath::top("email"),
+            groups: ClaimPath::top("groups"),
+            device_id: ClaimPath::top("device_id"),
+            device_managed: ClaimPath::top("device_managed"),
+            device_compliant: ClaimPath::top("device_compliant"),
+            device_os: ClaimPath::top("device_os"),
         }
     }
+}
+
+/// The `typ` values accepted when an issuer sets none: what providers put on ID tokens and
+/// RFC 9068 access tokens, and no `typ` at all.
+pub const DEFAULT_TOKEN_TYPES: [&str; 3] = ["JWT", "at+jwt", ""];
+
+fn default_token_types() -> Vec<String> {
+    DEFAULT_TOKEN_TYPES
+        .iter()
+        .map(|t| (*t).to_owned())
+        .collect()
 }
 
 impl Default for AuthConfig {
@@ -200,6 +223,18 @@ impl IssuerConfig {
                 "HS256 is only allowed with hs256_secret_file, never with a JWKS",
             ));
         }
+        if self.ca_file.is_some() && self.discovery != Some(true) {
+            return Err(invalid(
+                format!("{at}.ca_file"),
+                "only used with discovery = true (keys from a file need no TLS)",
+            ));
+        }
+        if self.token_types.is_empty() {
+            return Err(invalid(
+                format!("{at}.token_types"),
+                "accepts no token: list the typ values, e.g. [\"at+jwt\"]",
+            ));
+        }
         if self.discovery == Some(true) {
             let url = fetch::discovery_url(&self.issuer);
             fetch::check_url(&url).map_err(|why| invalid(format!("{at}.discovery"), why))?;
@@ -213,7 +248,7 @@ impl IssuerConfig {
                 ),
             ));
         }
-        self.claims.validate(&format!("{at}.claims"))
+        Ok(())
     }
 
     /// The allowed algorithms, typed; `none` in any spelling is refused by name.
@@ -244,27 +279,6 @@ impl IssuerConfig {
             }
         }
         Ok(algs)
-    }
-}
-
-impl ClaimMapping {
-    fn validate(&self, at: &str) -> Result<(), AuthConfigError> {
-        let fields = [
-            ("subject", &self.subject),
-            ("email", &self.email),
-            ("groups", &self.groups),
-            ("device_id", &self.device_id),
-            ("device_managed", &self.device_managed),
-            ("device_compliant", &self.device_compliant),
-            ("device_os", &self.device_os),
-        ];
-        match fields.iter().find(|(_, v)| v.is_empty()) {
-            Some((name, _)) => Err(invalid(
-                format!("{at}.{name}"),
-                "must name a claim, not be empty",
-            )),
-            None => Ok(()),
-        }
     }
 }
 
@@ -308,10 +322,42 @@ mod tests {
         let cfg = parse(&one(
             "algorithms = [\"RS256\"]\njwks_file = \"/etc/jwks.json\"\n[auth.issuer.claims]\ngroups = \"roles\"",
         ));
-        assert_eq!(cfg.issuers[0].claims.groups, "roles");
-        assert_eq!(cfg.issuers[0].claims.subject, "sub");
+        assert_eq!(cfg.issuers[0].claims.groups.as_str(), "roles");
+        assert_eq!(cfg.issuers[0].claims.subject.as_str(), "sub");
         cfg.validate().expect("valid");
         assert!(AuthConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn claim_paths_are_parsed_when_the_config_is_read() {
+        #[derive(Debug, Deserialize)]
+        struct Root {
+            auth: AuthConfig,
+        }
+        let nested = one(
+            "algorithms = [\"ES256\"]\ndiscovery = true\n[auth.issuer.claims]\n\
+             device_managed = \"/device/managed\"\ngroups = \"https://corp.example/claims/groups\"",
+        );
+        let cfg = toml::from_str::<Root>(&nested).expect("paths parse").auth;
+        assert_eq!(cfg.issuers[0].claims.device_managed.claim(), "device");
+        assert_eq!(
+            cfg.issuers[0].claims.groups.claim(),
+            "https://corp.example/claims/groups"
+        );
+        for (bad, want) in [
+            (
+                "device_managed = \"device.managed\"",
+                "write \"/device/managed\"",
+            ),
+            ("device_os = \"/device/~9\"", "`~` must be followed"),
+            ("subject = \"\"", "must name a claim"),
+        ] {
+            let text = one(&format!(
+                "algorithms = [\"ES256\"]\ndiscovery = true\n[auth.issuer.claims]\n{bad}"
+            ));
+            let err = toml::from_str::<Root>(&text).expect_err(bad).to_string();
+            assert!(err.contains(want) && err.contains("line"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -369,8 +415,12 @@ mod tests {
                 "auth.issuer[0].refresh_secs: 1 is outside",
             ),
             (
-                "algorithms = [\"RS256\"]\ndiscovery = true\n[auth.issuer.claims]\nsubject = \"\"",
-                "auth.issuer[0].claims.subject: must name a claim",
+                "algorithms = [\"RS256\"]\njwks_file = \"/j\"\nca_file = \"/ca.pem\"",
+                "auth.issuer[0].ca_file: only used with discovery",
+            ),
+            (
+                "algorithms = [\"RS256\"]\ndiscovery = true\ntoken_types = []",
+                "auth.issuer[0].token_types: accepts no token",
             ),
         ];
         for (extra, want) in cases {

@@ -5,6 +5,7 @@
 use std::{
     io::Read,
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -47,8 +48,10 @@ pub(crate) fn check_url(url: &str) -> Result<(), String> {
     }
 }
 
-pub(crate) fn agent(timeout: Duration) -> ureq::Agent {
+/// An HTTP client for key fetches, trusting what `tls` trusts (see [`super::trust`]).
+pub(crate) fn agent(timeout: Duration, tls: Arc<rustls::ClientConfig>) -> ureq::Agent {
     ureq::AgentBuilder::new()
+        .tls_config(tls)
         // One budget for connect, TLS, headers and body: a slow server fails like a dead one.
         .timeout(timeout)
         // Keys come from the URLs configured or discovered, never from wherever a redirect points.
@@ -65,6 +68,13 @@ struct DiscoveryDocument {
     jwks_uri: String,
 }
 
+/// A JWKS document as fetched, with how long the provider says it may be cached.
+pub(crate) struct Fetched {
+    pub(crate) body: Vec<u8>,
+    /// `Cache-Control: max-age` of the JWKS response (`no-store` / `no-cache` count as 0).
+    pub(crate) max_age: Option<Duration>,
+}
+
 /// Fetches the issuer's current JWKS document by OIDC discovery. Both requests share one
 /// `budget`: a token that waits for this fetch waits at most that long, however the provider
 /// spreads its slowness over the two answers.
@@ -72,10 +82,10 @@ pub(crate) fn discover_jwks(
     agent: &ureq::Agent,
     issuer: &str,
     budget: Duration,
-) -> Result<Vec<u8>, String> {
+) -> Result<Fetched, String> {
     let deadline = Instant::now() + budget;
     let url = discovery_url(issuer);
-    let body = get(agent, &url, deadline, budget)?;
+    let body = get(agent, &url, deadline, budget)?.body;
     let doc: DiscoveryDocument = serde_json::from_slice(&body)
         .map_err(|e| format!("{url}: not an OpenID discovery document: {e}"))?;
     // Mix-up defence (OIDC Discovery 4.3): the document must speak for the configured issuer.
@@ -90,12 +100,31 @@ pub(crate) fn discover_jwks(
     get(agent, &doc.jwks_uri, deadline, budget)
 }
 
+/// `max-age` of a `Cache-Control` header; `no-store` and `no-cache` mean "do not keep".
+pub(crate) fn max_age(cache_control: &str) -> Option<Duration> {
+    let mut age = None;
+    for directive in cache_control.split(',').map(str::trim) {
+        let lower = directive.to_ascii_lowercase();
+        if lower == "no-store" || lower == "no-cache" {
+            return Some(Duration::ZERO);
+        }
+        if let Some(v) = lower.strip_prefix("max-age=") {
+            age = v
+                .trim_matches('"')
+                .parse::<u64>()
+                .ok()
+                .map(Duration::from_secs);
+        }
+    }
+    age
+}
+
 fn get(
     agent: &ureq::Agent,
     url: &str,
     deadline: Instant,
     budget: Duration,
-) -> Result<Vec<u8>, String> {
+) -> Result<Fetched, String> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(format!(
@@ -112,9 +141,18 @@ fn get(
             let detail = std::error::Error::source(&t)
                 .map(|s| s.to_string())
                 .or_else(|| t.message().filter(|m| *m != kind).map(str::to_owned));
+            let hint = if detail
+                .as_deref()
+                .is_some_and(|d| d.contains("UnknownIssuer"))
+            {
+                " (the provider's certificate is not from a CA this issuer trusts: set its \
+                 ca_file to the CA bundle that issued it)"
+            } else {
+                ""
+            };
             match detail {
-                Some(detail) => format!("{url}: {kind}: {detail}"),
-                None => format!("{url}: {kind}"),
+                Some(detail) => format!("{url}: {kind}: {detail}{hint}"),
+                None => format!("{url}: {kind}{hint}"),
             }
         }
     })?;
@@ -125,6 +163,7 @@ fn get(
             response.status()
         ));
     }
+    let max_age = response.header("cache-control").and_then(max_age);
     let mut body = Vec::new();
     response
         .into_reader()
@@ -134,12 +173,25 @@ fn get(
     if body.len() as u64 > MAX_BODY_BYTES {
         return Err(format!("{url}: body is larger than {MAX_BODY_BYTES} bytes"));
     }
-    Ok(body)
+    Ok(Fetched { body, max_age })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_control_max_age() {
+        assert_eq!(
+            max_age("public, max-age=600"),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(max_age("Max-Age=\"30\""), Some(Duration::from_secs(30)));
+        assert_eq!(max_age("no-store"), Some(Duration::ZERO));
+        assert_eq!(max_age("max-age=60, no-cache"), Some(Duration::ZERO));
+        assert_eq!(max_age("public"), None);
+        assert_eq!(max_age("max-age=soon"), None);
+    }
 
     #[test]
     fn discovery_url_and_scheme_checks() {

@@ -128,6 +128,14 @@ impl KeySet {
         self.keys.len()
     }
 
+    /// The kid of each key, `-` for a key without one.
+    pub(crate) fn kids(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|k| k.kid.clone().unwrap_or_else(|| "-".into()))
+            .collect()
+    }
+
     /// Checks `signature` over `message` with the key the token names. A `kid` is only ever
     /// compared with the set's own kids. Without a `kid`, the set's only key for `alg` is used;
     /// with several candidates none is guessed.

@@ -11,8 +11,10 @@ mod alg;
 mod claims;
 mod config;
 mod fetch;
+mod json;
 mod jwks;
 mod source;
+pub mod trust;
 mod verify;
 
 pub mod dev;
@@ -21,6 +23,6 @@ pub mod reconnect;
 #[cfg(test)]
 mod tests;
 
-pub use config::{AuthConfig, AuthConfigError, ClaimMapping, IssuerConfig};
+pub use config::{AuthConfig, AuthConfigError, ClaimMapping, DEFAULT_TOKEN_TYPES, IssuerConfig};
 pub use source::IssuerKeyStatus;
-pub use verify::{MAX_TOKEN_BYTES, Rejection, Verifier};
+pub use verify::{MAX_TOKEN_BYTES, Rejection, Verifier, key_status};

@@ -7,20 +7,24 @@ use std::{
     io::Read,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, TryLockError},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     alg::Alg,
     config::{AuthConfigError, IssuerConfig},
     fetch,
     jwks::KeySet,
+    trust,
 };
 
 /// HS256 secrets shorter than the hash output are brute-forceable (RFC 7518 3.2).
 const MIN_SECRET_BYTES: usize = 32;
+/// A JWKS `Cache-Control: max-age` shorter than this (or `no-store`) still waits this long
+/// before the next periodic fetch: the provider's hint must not turn into a fetch loop.
+pub(crate) const MIN_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// Timing knobs; fixed in production, shortened by tests.
 #[derive(Debug, Clone, Copy)]
@@ -72,9 +76,11 @@ struct RefreshState {
     /// `None` until a first successful load: a discovery issuer is fetched lazily, on first use.
     next_periodic: Option<Instant>,
     last_error: Option<String>,
-    last_success: Option<std::time::SystemTime>,
+    last_success: Option<SystemTime>,
     /// When the last load (periodic or on demand, good or bad) ended.
     last_attempt_end: Option<Instant>,
+    /// The same, on the wall clock, for status.
+    last_attempt_wall: Option<SystemTime>,
 }
 
 /// What an on-demand refresh brought.
@@ -89,7 +95,7 @@ pub(crate) enum OnDemand {
 }
 
 /// An issuer's key state, for `flowwarden status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssuerKeyStatus {
     pub issuer: String,
     /// `jwks_file <path>`, `discovery` or `hs256_secret_file`.
@@ -98,10 +104,51 @@ pub struct IssuerKeyStatus {
     pub loaded: bool,
     /// Usable keys in the current set.
     pub keys: usize,
+    /// The `kid` of each usable key (`-` for a key without one), in the set's order.
+    pub kids: Vec<String>,
     /// Last successful load, seconds since the Unix epoch.
     pub last_refresh_unix: Option<u64>,
-    /// Why the last refresh failed, if it did (the current set is the last good one).
+    /// Last load attempt, good or bad, seconds since the Unix epoch.
+    pub last_fetch_unix: Option<u64>,
+    /// When the next periodic refresh is due, seconds since the Unix epoch (`None`: keys are
+    /// loaded on first use, or never refreshed).
+    pub next_refresh_unix: Option<u64>,
+    /// Why the last refresh failed, if it did (the current set is the last good one, if any).
     pub last_error: Option<String>,
+}
+
+impl IssuerKeyStatus {
+    /// One line for `flowwarden status`: what the issuer's keys are and when they change.
+    pub fn summary(&self, now_secs: u64) -> String {
+        let ago = |t: Option<u64>| {
+            t.map_or("never".into(), |t| {
+                format!("{}s ago", now_secs.saturating_sub(t))
+            })
+        };
+        let mut line = format!(
+            "{} ({}): {} keys [{}], fetched {}, loaded {}",
+            self.issuer,
+            self.source,
+            self.keys,
+            self.kids.join(", "),
+            ago(self.last_fetch_unix),
+            ago(self.last_refresh_unix),
+        );
+        if let Some(next) = self.next_refresh_unix {
+            line.push_str(&format!(", next in {}s", next.saturating_sub(now_secs)));
+        }
+        if !self.loaded {
+            line.push_str(", NO KEYS LOADED");
+        }
+        if let Some(e) = &self.last_error {
+            line.push_str(&format!(", last error: {e}"));
+        }
+        line
+    }
+}
+
+fn unix(t: SystemTime) -> Option<u64> {
+    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -139,8 +186,15 @@ impl IssuerKeys {
                 KeySet::from_secret(&read_secret(at, path)?),
             )
         } else {
+            let tls = trust::client_config(cfg.ca_file.as_deref()).map_err(|e| {
+                AuthConfigError::BadKeys {
+                    field: format!("{at}.ca_file"),
+                    path: cfg.ca_file.clone().unwrap_or_default(),
+                    reason: e.to_string(),
+                }
+            })?;
             (
-                KeySource::Discovery(fetch::agent(tuning.http_timeout)),
+                KeySource::Discovery(fetch::agent(tuning.http_timeout, tls)),
                 KeySet::empty(),
             )
         };
@@ -156,7 +210,8 @@ impl IssuerKeys {
         };
         if loaded {
             let mut st = lock(&keys.state);
-            st.last_success = Some(std::time::SystemTime::now());
+            st.last_success = Some(SystemTime::now());
+            st.last_attempt_wall = st.last_success;
             if !matches!(keys.source, KeySource::Secret) {
                 st.next_periodic = Some(Instant::now() + refresh_every);
             }
@@ -174,7 +229,23 @@ impl IssuerKeys {
         !matches!(self.source, KeySource::Secret)
     }
 
-    /// A token named a key that `seen` lacks: reload, unless someone just did.
+    /// Whether [`IssuerKeys::refresh_on_demand`] would fetch now (not rate-limited): a token
+    /// whose signature failed with a known kid is only worth a blocking retry then.
+    pub(crate) fn may_refresh_now(&self, seen: &Arc<KeySet>) -> bool {
+        if !self.refreshable() {
+            return false;
+        }
+        if !Arc::ptr_eq(&self.snapshot(), seen) {
+            return true;
+        }
+        let st = lock(&self.state);
+        st.last_on_demand
+            .is_none_or(|t| t.elapsed() >= self.tuning.on_demand_every)
+    }
+
+    /// A token named a key that `seen` lacks, or its signature failed with the key of its
+    /// kid (a provider that replaced its key under the same kid): reload, unless someone just
+    /// did.
     pub(crate) fn refresh_on_demand(&self, seen: &Arc<KeySet>) -> OnDemand {
         if !self.refreshable() {
             return OnDemand::NotNow { last_error: None };
@@ -234,10 +305,12 @@ impl IssuerKeys {
             },
             loaded: set.loaded,
             keys: set.len(),
-            last_refresh_unix: st.last_success.and_then(|t| {
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .ok()
-                    .map(|d| d.as_secs())
+            kids: set.kids(),
+            last_refresh_unix: st.last_success.and_then(unix),
+            last_fetch_unix: st.last_attempt_wall.and_then(unix),
+            next_refresh_unix: st.next_periodic.and_then(|due| {
+                let wall = SystemTime::now() + due.saturating_duration_since(Instant::now());
+                unix(wall)
             }),
             last_error: st.last_error.clone(),
         }
@@ -246,8 +319,9 @@ impl IssuerKeys {
     fn reload(&self, st: &mut RefreshState, now: Instant) -> Result<Arc<KeySet>, String> {
         let loaded = self.load();
         st.last_attempt_end = Some(Instant::now());
+        st.last_attempt_wall = Some(SystemTime::now());
         match loaded {
-            Ok(set) => {
+            Ok((set, max_age)) => {
                 let set = Arc::new(set);
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&set);
                 if st.last_error.take().is_some() {
@@ -255,13 +329,24 @@ impl IssuerKeys {
                 } else {
                     tracing::debug!(issuer = %self.issuer, keys = set.len(), "issuer keys loaded");
                 }
-                st.last_success = Some(std::time::SystemTime::now());
-                st.next_periodic = Some(now + self.refresh_every);
+                st.last_success = Some(SystemTime::now());
+                // The provider's max-age may bring the next fetch forward (a rotation it
+                // announces), never past the operator's refresh_secs, never into a loop.
+                let every = max_age.map_or(self.refresh_every, |age| {
+                    self.refresh_every.min(age.max(MIN_MAX_AGE))
+                });
+                st.next_periodic = Some(now + every);
                 Ok(set)
             }
             Err(e) => {
-                tracing::warn!(issuer = %self.issuer, error = %e,
-                    "refreshing issuer keys failed; keeping the last good keys");
+                if self.snapshot().loaded {
+                    tracing::warn!(issuer = %self.issuer, error = %e,
+                        "refreshing issuer keys failed; keeping the last good keys");
+                } else {
+                    tracing::warn!(issuer = %self.issuer, error = %e,
+                        "loading issuer keys failed; no keys were ever loaded, so this \
+                         issuer's tokens are refused until a load succeeds");
+                }
                 st.last_error = Some(e.clone());
                 if st.next_periodic.is_some() {
                     let retry = self.refresh_every.min(self.tuning.retry_after_failure);
@@ -272,16 +357,19 @@ impl IssuerKeys {
         }
     }
 
-    fn load(&self) -> Result<KeySet, String> {
+    /// A fresh key set, and how long the provider says it may be cached.
+    fn load(&self) -> Result<(KeySet, Option<Duration>), String> {
         match &self.source {
             KeySource::JwksFile(path) => {
                 let bytes = read_capped(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 KeySet::from_jwks(&bytes, &self.algs)
+                    .map(|set| (set, None))
                     .map_err(|e| format!("{}: {e}", path.display()))
             }
             KeySource::Discovery(agent) => {
-                let bytes = fetch::discover_jwks(agent, &self.issuer, self.tuning.http_timeout)?;
-                KeySet::from_jwks(&bytes, &self.algs)
+                let fetched = fetch::discover_jwks(agent, &self.issuer, self.tuning.http_timeout)?;
+                KeySet::from_jwks(&fetched.body, &self.algs)
+                    .map(|set| (set, fetched.max_age))
                     .map_err(|e| format!("jwks_uri of {}: {e}", self.issuer))
             }
             KeySource::Secret => Err("an HS256 secret is read once, at start".into()),

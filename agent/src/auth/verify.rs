@@ -2,7 +2,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -17,6 +17,7 @@ use super::{
     alg::Alg,
     claims::{self, ClaimRules},
     config::{AuthConfig, AuthConfigError, ClaimMapping},
+    json,
     jwks::KeyOutcome,
     source::{IssuerKeyStatus, IssuerKeys, OnDemand, Tuning},
 };
@@ -52,6 +53,8 @@ pub enum Rejection {
     WrongAudience,
     #[error("the token lacks the {claim:?} claim")]
     MissingClaim { claim: String },
+    #[error("the token's type (typ {typ:?}) is not one this issuer accepts")]
+    WrongTokenType { typ: String },
 }
 
 impl Rejection {
@@ -69,6 +72,20 @@ impl Rejection {
             Rejection::NotYetValid => "not_yet_valid",
             Rejection::WrongAudience => "wrong_audience",
             Rejection::MissingClaim { .. } => "missing_claim",
+            Rejection::WrongTokenType { .. } => "wrong_token_type",
+        }
+    }
+
+    /// What an unauthenticated client is told: the code's meaning, never the provider's
+    /// internal URLs or TLS errors (those go to the log, the audit record and `status`).
+    pub fn client_message(&self) -> String {
+        match self {
+            Rejection::KeysUnavailable { .. } => {
+                "the identity provider's keys cannot be loaded right now; try again later, or \
+                 ask the operator (the agent's status shows why)"
+                    .into()
+            }
+            other => other.to_string(),
         }
     }
 }
@@ -91,7 +108,18 @@ struct Issuer {
     audiences: Vec<String>,
     algs: Vec<Alg>,
     mapping: ClaimMapping,
+    /// Accepted `typ` values, lowercase, without `application/`; `""` is "no typ".
+    token_types: Vec<String>,
     keys: IssuerKeys,
+}
+
+/// A media type as RFC 7515 4.1.9 compares it: case-insensitive, `application/` implied.
+fn media_type(typ: &str) -> String {
+    let lower = typ.trim().to_ascii_lowercase();
+    match lower.strip_prefix("application/") {
+        Some(rest) => rest.to_owned(),
+        None => lower,
+    }
 }
 
 /// The JOSE header. Other members (`typ`, `x5t`, ...) are ignored, not refused: providers set
@@ -100,6 +128,7 @@ struct Issuer {
 struct Header {
     alg: String,
     kid: Option<String>,
+    typ: Option<String>,
     crit: Option<Value>,
 }
 
@@ -125,6 +154,7 @@ impl Verifier {
                 keys: IssuerKeys::new(&at, ic, algs.clone(), tuning)?,
                 algs,
                 mapping: ic.claims.clone(),
+                token_types: ic.token_types.iter().map(|t| media_type(t)).collect(),
             });
         }
         let shared = Arc::new(Shared {
@@ -200,8 +230,10 @@ impl Verifier {
 
         // Unverified: read only to choose the issuer's config; trusted after the signature.
         let payload_json = b64(p64).ok_or_else(|| malformed("the payload is not base64url"))?;
-        let claims: Map<String, Value> = serde_json::from_slice(&payload_json)
-            .map_err(|_| malformed("the payload is not a JSON object"))?;
+        let claims: Map<String, Value> =
+            json::object(&payload_json).map_err(|why| Rejection::Malformed {
+                detail: format!("the payload is not a JSON object with unique members: {why}"),
+            })?;
         let iss = match claims.get("iss") {
             Some(Value::String(iss)) => iss,
             None => {
@@ -225,6 +257,18 @@ impl Verifier {
         let signature = b64(s64).ok_or_else(|| malformed("the signature is not base64url"))?;
         let signed = &token.as_bytes()[..h64.len() + 1 + p64.len()];
         issuer.check_signature(header.kid.as_deref(), alg, signed, &signature, fetch)?;
+        let typ = header.typ.as_deref().map_or_else(String::new, media_type);
+        if !issuer.token_types.contains(&typ) {
+            return Err(Rejection::WrongTokenType {
+                typ: header
+                    .typ
+                    .unwrap_or_default()
+                    .chars()
+                    .take(MAX_ALG_ECHO)
+                    .collect(),
+            }
+            .into());
+        }
 
         let iss = iss.clone();
         let rules = ClaimRules {
@@ -232,17 +276,33 @@ impl Verifier {
             mapping: &issuer.mapping,
             leeway_secs: self.shared.leeway_secs,
         };
-        Ok(claims::identity(iss, claims, token, now_secs, &rules)?)
+        Ok(claims::identity(iss, claims, signed, now_secs, &rules)?)
     }
 
     /// Each issuer's key state, for status displays.
     pub fn key_status(&self) -> Vec<IssuerKeyStatus> {
-        self.shared
-            .issuers
-            .iter()
-            .map(|i| i.keys.status())
-            .collect()
+        self.shared.key_status()
     }
+
+    /// Makes this verifier the one [`key_status`] reports on: the agent's, for `status`.
+    pub fn report_status(&self) {
+        *AGENT_VERIFIER
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(&self.shared);
+    }
+}
+
+/// The verifier `status` reports on; weak, so that it never keeps one alive.
+static AGENT_VERIFIER: Mutex<Weak<Shared>> = Mutex::new(Weak::new());
+
+/// The key state of each issuer of the agent's verifier (empty before one reports): keys and
+/// kids, last fetch, last error, next refresh.
+pub fn key_status() -> Vec<IssuerKeyStatus> {
+    let shared = AGENT_VERIFIER
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .upgrade();
+    shared.map_or_else(Vec::new, |s| s.key_status())
 }
 
 impl Drop for Verifier {
@@ -255,6 +315,10 @@ impl Drop for Verifier {
 }
 
 impl Shared {
+    fn key_status(&self) -> Vec<IssuerKeyStatus> {
+        self.issuers.iter().map(|i| i.keys.status()).collect()
+    }
+
     fn refresh_loop(&self, tick: Duration) {
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
@@ -277,6 +341,17 @@ impl Issuer {
     ) -> Result<(), Stop> {
         let keys = self.keys.snapshot();
         let outcome = match keys.verify(kid, alg, signed, signature) {
+            // The provider may have replaced the key under the same kid (some do on restart):
+            // reload once, rate-limited like an unknown kid, and retry with the new set.
+            KeyOutcome::BadSignature if !self.keys.may_refresh_now(&keys) => {
+                KeyOutcome::BadSignature
+            }
+            KeyOutcome::BadSignature if fetch == Fetch::NotNow => return Err(Stop::WouldFetch),
+            KeyOutcome::BadSignature => match self.keys.refresh_on_demand(&keys) {
+                OnDemand::Fresh(newer) => newer.verify(kid, alg, signed, signature),
+                // Keys unavailable now: the signature failed with the keys there are.
+                OnDemand::NotNow { .. } | OnDemand::Failed(_) => KeyOutcome::BadSignature,
+            },
             KeyOutcome::NoKey if fetch == Fetch::NotNow => return Err(Stop::WouldFetch),
             KeyOutcome::NoKey => match self.keys.refresh_on_demand(&keys) {
                 OnDemand::Fresh(newer) => newer.verify(kid, alg, signed, signature),

@@ -60,6 +60,9 @@ fn render(s: &StatusView) -> String {
             .join(", ")
     };
     line(format!("drops        {}", counts(&s.drops)));
+    for issuer in &s.issuers {
+        line(format!("issuer       {}", issuer.summary(s.now_ms / 1000)));
+    }
     if s.mode == ModeName::Monitor {
         line(format!("would drop   {}", counts(&s.would_drop)));
     }

@@ -81,7 +81,7 @@ impl Policy {
 }
 
 /// Every condition of `rule` that `identity` (from `source`, if given) fails.
-fn failures(rule: &Rule, identity: &Identity, source: Option<IpAddr>) -> Vec<String> {
+pub(super) fn failures(rule: &Rule, identity: &Identity, source: Option<IpAddr>) -> Vec<String> {
     let user = identity.user();
     let mut out = Vec::new();
     if !rule.names(identity) {
@@ -100,7 +100,7 @@ fn failures(rule: &Rule, identity: &Identity, source: Option<IpAddr>) -> Vec<Str
             [one] => one.clone(),
             many => format!("one of {}", list(many)),
         };
-        let has = match identity.claims.get(&claim.claim) {
+        let has = match identity.claims.get_path(&claim.claim) {
             None => format!("the token has no {} claim", claim.claim),
             Some(serde_json::Value::Object(_) | serde_json::Value::Null) => {
                 format!("the token's {} claim is not a value or a list", claim.claim)

@@ -12,7 +12,7 @@ use super::{
     duration::{DAY, MINUTE, bounded_duration, format_duration},
     file::{Source, valid_name},
 };
-use crate::identity::{Device, Identity};
+use crate::identity::{ClaimPath, Device, Identity};
 
 /// A validated rule. Matching is all of: who (users or groups, or everyone), claims, device,
 /// sources.
@@ -42,7 +42,8 @@ pub struct Rule {
 /// are, booleans as `true`/`false`, numbers in decimal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRequirement {
-    pub claim: String,
+    /// The claim path as written in the policy (docs/policy.md, "Claim paths").
+    pub claim: ClaimPath,
     pub values: Vec<String>,
 }
 
@@ -127,7 +128,7 @@ impl ClaimRequirement {
     /// Reads the one claim from the compact claims text: evaluation runs this for every live
     /// session on every policy change.
     pub fn matches(&self, identity: &Identity) -> bool {
-        match identity.claims.get(&self.claim) {
+        match identity.claims.get_path(&self.claim) {
             Some(serde_json::Value::Array(items)) => items.iter().any(|v| self.matches_value(v)),
             Some(v) => self.matches_value(&v),
             None => false,
@@ -508,6 +509,8 @@ fn compile_claims(
         if claim.is_empty() {
             return Err(src.invalid(span, "rule.claims", "a claim needs a name"));
         }
+        let path = ClaimPath::parse(&claim)
+            .map_err(|why| src.invalid(span.clone(), field.clone(), why))?;
         let scalar = |v: &toml::Value| match v {
             toml::Value::String(s) => Some(s.clone()),
             toml::Value::Boolean(b) => Some(b.to_string()),
@@ -532,7 +535,10 @@ fn compile_claims(
                 "empty: list the values that match, e.g. [\"hwk\", \"otp\"], or leave the claim out",
             ));
         }
-        out.push(ClaimRequirement { claim, values });
+        out.push(ClaimRequirement {
+            claim: path,
+            values,
+        });
     }
     Ok(out)
 }

@@ -179,6 +179,11 @@ pub(crate) fn issuer(issuer: &str, algorithms: &[&str]) -> IssuerConfig {
         jwks_file: None,
         discovery: None,
         hs256_secret_file: None,
+        ca_file: None,
+        token_types: crate::auth::DEFAULT_TOKEN_TYPES
+            .iter()
+            .map(|t| (*t).to_owned())
+            .collect(),
         refresh_secs: 3600,
         claims: ClaimMapping::default(),
     }

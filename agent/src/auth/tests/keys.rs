@@ -78,15 +78,6 @@ fn verify_cached_answers_from_cached_keys_and_defers_what_needs_a_fetch() {
         .verify_cached(&old, NOW)
         .expect("answered from the cache");
     assert_eq!(cached.expect("verified").subject, "alice");
-    // One signature character changed, away from the end (whose spare bits must stay zero).
-    let at = old.len() - 10;
-    let swapped = if &old[at..=at] == "A" { "B" } else { "A" };
-    let forged = format!("{}{swapped}{}", &old[..at], &old[at + 1..]);
-    assert_eq!(
-        verifier.verify_cached(&forged, NOW).map(|r| code(&r)),
-        Some("bad_signature"),
-        "a rejection needs no fetch"
-    );
 
     let rotated = dev::keygen(dev.dir.path()).expect("rotate");
     let new = dev::token(&rotated.private_key, &rotated.kid, &claims, NOW).expect("new token");
@@ -99,6 +90,17 @@ fn verify_cached_answers_from_cached_keys_and_defers_what_needs_a_fetch() {
         verifier.verify_cached(&new, NOW).map(|r| code(&r)),
         Some("ok"),
         "cached from then on"
+    );
+    // One signature character changed, away from the end (whose spare bits must stay zero).
+    let at = new.len() - 10;
+    let swapped = if &new[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &new[..at], &new[at + 1..]);
+    // A bad signature under a known kid may mean a key replaced under the same kid: it is
+    // left to verify() while a re-read is allowed, and answered from the cache once not.
+    assert_eq!(
+        verifier.verify_cached(&forged, NOW).map(|r| code(&r)),
+        Some("bad_signature"),
+        "the re-read just done rate-limits the next: a rejection needs no fetch"
     );
 }
 

@@ -8,4 +8,5 @@ mod discovery;
 mod hostile;
 mod keys;
 mod provider;
+mod tokens;
 mod verify;

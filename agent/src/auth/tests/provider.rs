@@ -24,6 +24,8 @@ pub(super) enum Reply {
     Json(Value),
     /// 200 with these bytes.
     Body(Vec<u8>),
+    /// 200 with this JSON and this `Cache-Control` header.
+    Cached(Value, String),
     /// This status, with a small body.
     Status(u16),
     /// 200 and a chunked body that never ends.
@@ -175,6 +177,15 @@ fn answer(conn: &mut TcpStream, reply: Reply, stop: &AtomicBool) {
         let _ = conn.write_all(body);
     };
     match reply {
+        Reply::Cached(v, cache) => {
+            let body = v.to_string();
+            let extra = format!(
+                "Content-Length: {}\r\nCache-Control: {cache}\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head("200 OK", &extra).as_bytes());
+            let _ = conn.write_all(body.as_bytes());
+        }
         Reply::Json(v) => whole(conn, "200 OK", v.to_string().as_bytes()),
         Reply::Body(b) => whole(conn, "200 OK", &b),
         Reply::Status(code) => whole(conn, &format!("{code} Oops"), b"{\"error\":\"oops\"}"),

@@ -55,7 +55,10 @@ fn dev_token_becomes_the_identity() {
     assert_eq!(id.token_issued_at, Some(NOW));
     assert_eq!(
         id.token_sha256,
-        hex::encode(Sha256::digest(token.as_bytes()))
+        hex::encode(Sha256::digest(
+            &token.as_bytes()[..token.rfind('.').unwrap()]
+        )),
+        "the fingerprint covers the signed part, not the signature"
     );
     assert_eq!(id.claims.get("nbf"), Some(json!(NOW - 10)));
     assert_eq!(id.claims.get("device_os"), Some(json!("linux")));
@@ -88,9 +91,9 @@ fn groups_as_a_string_and_posture_as_strings() {
 fn claim_mapping_is_followed() {
     let dev = DevIssuer::new("verify-mapping");
     let mut issuer = dev.issuer(&["ES256"]);
-    issuer.claims.subject = "oid".into();
-    issuer.claims.groups = "roles".into();
-    issuer.claims.email = "upn".into();
+    issuer.claims.subject = crate::identity::ClaimPath::top("oid");
+    issuer.claims.groups = crate::identity::ClaimPath::top("roles");
+    issuer.claims.email = crate::identity::ClaimPath::top("upn");
     let verifier = Verifier::new(&config(vec![issuer])).expect("verifier");
     let mut payload = claims();
     payload["oid"] = json!("object-1");

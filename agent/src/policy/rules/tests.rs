@@ -262,3 +262,53 @@ fn duplicate_names_across_files_and_no_resources() {
         "p.toml:3: rule.resources: unknown resource \"ssh\" (resources: none are defined)"
     );
 }
+
+#[test]
+fn claim_paths_match_nested_and_namespaced_claims() {
+    let p = parse(
+        r#"
+[[rule]]
+name = "managed"
+resources = ["ssh"]
+claims = { "/device/managed" = true, "https://corp.example/claims/groups" = "ops", "/roles/name" = "db" }
+"#,
+    )
+    .unwrap();
+    let rule = &p.rules[0];
+    let mut id = crate::identity::test_identity("a@corp.example", &[]);
+    id.claims.insert(
+        "device".into(),
+        serde_json::json!({"managed": true, "os": "linux"}),
+    );
+    id.claims.insert(
+        "https://corp.example/claims/groups".into(),
+        serde_json::json!(["dev", "ops"]),
+    );
+    id.claims.insert(
+        "roles".into(),
+        serde_json::json!([{"name": "web"}, {"name": "db"}]),
+    );
+    assert!(rule.claims_match(&id), "{:?}", rule.claims);
+    id.claims
+        .insert("device".into(), serde_json::json!({"managed": false}));
+    assert!(!rule.claims_match(&id));
+    let why = crate::policy::explain::failures(rule, &id, None);
+    assert!(
+        why.iter()
+            .any(|w| w.contains("claim /device/managed must be true")),
+        "{why:?}"
+    );
+}
+
+#[test]
+fn claim_paths_that_do_not_parse_are_refused_with_their_line() {
+    let err = error(
+        "[[rule]]\nname = 'r'\nresources = ['ssh']\nclaims = { \"device.managed\" = true }\n",
+    );
+    assert!(
+        err.starts_with("p.toml:4:") && err.contains("write \"/device/managed\""),
+        "{err}"
+    );
+    let err = error("[[rule]]\nname = 'r'\nresources = ['ssh']\nclaims = { \"/a/~x\" = 1 }\n");
+    assert!(err.contains("`~` must be followed"), "{err}");
+}
