@@ -180,6 +180,9 @@ pub struct StatusView {
     pub mode: String,
     pub interfaces: Vec<String>,
     pub pin_dir: String,
+    /// The ingress hook of each interface, and why it was chosen.
+    #[serde(default)]
+    pub ingress: Vec<IngressView>,
     pub admission: AdmissionInfo,
     pub sessions: StateCounts,
     pub flows: FillView,
@@ -188,6 +191,16 @@ pub struct StatusView {
     pub would_drop: std::collections::BTreeMap<String, u64>,
     pub flows_opened: u64,
     pub events_lost: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressView {
+    pub interface: String,
+    /// `xdp` or `tc_ingress`.
+    pub hook: String,
+    /// `xdp driver`, `xdp generic`, `tcx`, `clsact` or `adopted`.
+    pub how: String,
+    pub why: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

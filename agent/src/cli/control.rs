@@ -155,6 +155,12 @@ pub fn status(socket: &SocketArg, json_out: bool) -> anyhow::Result<()> {
         s.mode
     );
     println!("interfaces   {}", s.interfaces.join(", "));
+    for i in &s.ingress {
+        println!(
+            "ingress      {}: {} ({}): {}",
+            i.interface, i.hook, i.how, i.why
+        );
+    }
     println!(
         "sessions     {} active, {} dormant, {} expired, {} terminated",
         s.sessions.active, s.sessions.dormant, s.sessions.expired, s.sessions.terminated

@@ -17,7 +17,7 @@ use std::{
 pub use agent_common::{Event, Flow, FlowKey, Revocation, SessionStats};
 use aya::{Ebpf, EbpfLoader};
 
-pub use attach::{Attachment, detach_all};
+pub use attach::{Attachment, IngressChoice, choose_ingress, detach_all};
 pub use events::{DatapathEvent, EventKind, EventReader};
 pub use logs::KernelLog;
 pub use maps::{Counters, DropReason, Maps};
