@@ -130,7 +130,10 @@ fn main() -> anyhow::Result<()> {
                     }
                 };
                 let bps = iperf(&pair, args.secs)?;
-                let how = attached.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
+                let how = attached
+                    .as_ref()
+                    .map(|(_, h)| h.clone())
+                    .unwrap_or_default();
                 drop(attached);
                 let g = bps / 1e9;
                 if mode == "none" {
