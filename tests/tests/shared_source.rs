@@ -1,7 +1,8 @@
 //! Two live sessions from one source address (NAT): when the newer one ends, the older one's
 //! grant carries new flows from that address, attributed to the older session; once no live
 //! session from the address holds the resource, new flows are dropped. docs/security-model.md
-//! ("NAT and shared source addresses") says the same.
+//! ("NAT and shared source addresses") says the same. On the way, the default ingress on
+//! veth is checked to be TC, with its reason in `status`.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -57,6 +58,17 @@ fn the_older_live_session_carries_new_flows_when_the_newer_one_from_its_address_
     let stack = Stack::start("shared", POLICY, "");
     let echo: SocketAddr = (stack.pair.server_addr, 7000).into();
     let listener = listen(&stack.pair.server, echo);
+    // On veth the default ingress (auto) is TC, and status says why.
+    let status = stack.ctl_json(&["status"]);
+    let ingress = &status["ingress"][0];
+    assert_eq!(ingress["hook"], "tc_ingress", "status: {status}");
+    assert!(
+        ingress["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("driver veth"),
+        "status should say why TC was chosen: {status}"
+    );
     let older = login(&stack, "alice@corp.example");
     let newer = login(&stack, "bob@corp.example");
 
