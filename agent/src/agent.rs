@@ -82,9 +82,18 @@ async fn serve(
         .maps
         .install_resources(&policy.current().resources)?;
     datapath.maps.set_mode(config.datapath.mode)?;
+    let mut ingress = Vec::new();
     for interface in &config.datapath.interfaces {
         for a in datapath.attach(interface, config.datapath.ingress, config.datapath.xdp_mode)? {
-            tracing::info!(interface = %a.interface, hook = a.hook, how = %a.how, adopted = a.adopted, "attached");
+            tracing::info!(interface = %a.interface, hook = a.hook, how = %a.how, adopted = a.adopted, why = %a.why, "attached");
+            if a.hook != "tc_egress" {
+                ingress.push(crate::api::views::IngressView {
+                    interface: a.interface,
+                    hook: a.hook.to_owned(),
+                    how: a.how,
+                    why: a.why,
+                });
+            }
         }
     }
     let Datapath {
@@ -151,11 +160,30 @@ async fn serve(
         "admission endpoint (clients pin this fingerprint with `flowwarden login --fingerprint`)"
     );
     let metrics = Arc::new(Metrics::default());
+    let nofile = admission::open_files();
+    let admission_limit = admission::affordable(
+        config.admission.max_connections,
+        nofile,
+        config.api.max_connections,
+    );
+    tracing::info!(
+        open_files = nofile,
+        admission_connections = admission_limit,
+        per_source = config.admission.max_connections_per_source,
+        status_connections = config.api.max_connections,
+        reserved = admission::RESERVED_DESCRIPTORS,
+        "descriptor budget"
+    );
     let admission = Arc::new(Admission {
         sessions: Arc::clone(&sessions),
         verifier,
         limiter: RateLimiter::new(config.admission.rate_per_sec, config.admission.rate_burst),
         metrics: Arc::clone(&metrics),
+        budget: admission::Budget::new(
+            admission_limit,
+            config.admission.max_connections_per_source,
+        ),
+        request_timeout: Duration::from_millis(config.admission.request_timeout_ms),
     });
     let core = Arc::new(crate::api::core::Core {
         sessions: Arc::clone(&sessions),
@@ -163,6 +191,7 @@ async fn serve(
         policy: Arc::clone(&policy),
         info: crate::api::core::AgentInfo {
             interfaces: config.datapath.interfaces.clone(),
+            ingress,
             pin_dir: config.datapath.pin_dir.display().to_string(),
             admission_listen: config.admission.listen.to_string(),
             admission_fingerprint: tls.fingerprint.clone(),

@@ -143,6 +143,17 @@ pub struct AdmissionConfig {
     pub rate_per_sec: u32,
     #[serde(default = "default_rate_burst")]
     pub rate_burst: u32,
+    /// Admission connections open at once, in all. The agent lowers it further to what its
+    /// open-files limit affords beside the status socket and a reserve.
+    #[serde(default = "default_admission_max_connections")]
+    pub max_connections: usize,
+    /// Admission connections open at once from one source address.
+    #[serde(default = "default_admission_max_per_source")]
+    pub max_connections_per_source: usize,
+    /// A connection that has not sent a complete request this long after its TLS handshake
+    /// (or its last answer) is closed.
+    #[serde(default = "default_admission_request_timeout_ms")]
+    pub request_timeout_ms: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -153,6 +164,9 @@ impl Default for AdmissionConfig {
             key_file: None,
             rate_per_sec: default_rate_per_sec(),
             rate_burst: default_rate_burst(),
+            max_connections: default_admission_max_connections(),
+            max_connections_per_source: default_admission_max_per_source(),
+            request_timeout_ms: default_admission_request_timeout_ms(),
         }
     }
 }
@@ -193,7 +207,8 @@ pub struct DatapathConfig {
     /// Interfaces whose traffic is enforced. Required: the agent never guesses.
     #[serde(default)]
     pub interfaces: Vec<String>,
-    /// Where ingress is checked: XDP (fastest) or TC (where XDP is not available).
+    /// Where ingress is checked: `auto` (per interface: native XDP on real NICs, TC on veth
+    /// and virtual NICs, whose native XDP path costs throughput), XDP or TC.
     #[serde(default)]
     pub ingress: IngressHook,
     #[serde(default)]
@@ -256,7 +271,10 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IngressHook {
+    /// Chosen per interface from its driver: XDP where the driver's native XDP path costs
+    /// nothing, TC on veth and virtual NICs (see `datapath::attach::choose_ingress`).
     #[default]
+    Auto,
     Xdp,
     Tc,
 }
@@ -325,6 +343,18 @@ fn default_rate_per_sec() -> u32 {
 
 fn default_rate_burst() -> u32 {
     40
+}
+
+fn default_admission_max_connections() -> usize {
+    1_024
+}
+
+fn default_admission_max_per_source() -> usize {
+    32
+}
+
+fn default_admission_request_timeout_ms() -> u64 {
+    5_000
 }
 
 fn default_sweep_interval_ms() -> u64 {
@@ -444,6 +474,31 @@ impl Config {
                 "rate_per_sec and rate_burst must be at least 1".into(),
             ));
         }
+        if !(16..=1_000_000).contains(&self.admission.max_connections) {
+            return Err(invalid(
+                "admission.max_connections",
+                format!(
+                    "{} is out of range: use 16 to 1000000",
+                    self.admission.max_connections
+                ),
+            ));
+        }
+        let per_source = self.admission.max_connections_per_source;
+        if !(1..=self.admission.max_connections).contains(&per_source) {
+            return Err(invalid(
+                "admission.max_connections_per_source",
+                format!("{per_source} is out of range: use 1 to max_connections"),
+            ));
+        }
+        if !(100..=600_000).contains(&self.admission.request_timeout_ms) {
+            return Err(invalid(
+                "admission.request_timeout_ms",
+                format!(
+                    "{} is out of range: use 100 to 600000",
+                    self.admission.request_timeout_ms
+                ),
+            ));
+        }
         if !(1..=86_400).contains(&self.api.idle_timeout_secs) {
             return Err(invalid(
                 "api.idle_timeout_secs",
@@ -493,7 +548,7 @@ mod tests {
     fn empty_config_takes_safe_defaults() {
         let c = Config::parse("", Path::new("a.toml")).unwrap();
         assert_eq!(c.datapath.mode, Mode::Enforce);
-        assert_eq!(c.datapath.ingress, IngressHook::Xdp);
+        assert_eq!(c.datapath.ingress, IngressHook::Auto);
         assert_eq!(c.datapath.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(c.policy.dir, PathBuf::from(DEFAULT_POLICY_DIR));
         assert!(c.datapath.interfaces.is_empty());

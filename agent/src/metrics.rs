@@ -37,6 +37,29 @@ pub struct Metrics {
     latency_sum_ns: AtomicU64,
     policy_reloads: AtomicU64,
     policy_failures: AtomicU64,
+    connections: ConnectionCounters,
+}
+
+/// What the admission endpoint's connection budget did, by event.
+#[derive(Default)]
+struct ConnectionCounters {
+    refused_source_limit: AtomicU64,
+    refused_global_limit: AtomicU64,
+    evicted: AtomicU64,
+    closed_idle: AtomicU64,
+}
+
+/// Something the admission endpoint's connection budget did to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// Refused at accept: its source had its share open.
+    RefusedSourceLimit,
+    /// Refused at accept: the endpoint was full of busy connections.
+    RefusedGlobalLimit,
+    /// Closed, the oldest idle one, to make room for a new one.
+    Evicted,
+    /// Closed: no complete request (or handshake) in time.
+    ClosedIdle,
 }
 
 /// How an admission ended, for the counters.
@@ -71,6 +94,17 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_ns
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub fn admission_connection(&self, event: ConnectionEvent) {
+        let c = &self.connections;
+        let counter = match event {
+            ConnectionEvent::RefusedSourceLimit => &c.refused_source_limit,
+            ConnectionEvent::RefusedGlobalLimit => &c.refused_global_limit,
+            ConnectionEvent::Evicted => &c.evicted,
+            ConnectionEvent::ClosedIdle => &c.closed_idle,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn policy_reloaded(&self, ok: bool) {
@@ -146,6 +180,38 @@ impl Metrics {
             "counter",
             "Admission attempts by result and rejection reason.",
             &admissions,
+        );
+        let c = &self.connections;
+        metric(
+            "admission_connections_refused_total",
+            "counter",
+            "Admission connections closed at accept, by the limit they were over.",
+            &[
+                (
+                    "{limit=\"per_source\"}".into(),
+                    c.refused_source_limit.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "{limit=\"global\"}".into(),
+                    c.refused_global_limit.load(Ordering::Relaxed) as f64,
+                ),
+            ],
+        );
+        metric(
+            "admission_connections_closed_total",
+            "counter",
+            "Admission connections the agent closed: the oldest idle one to make room \
+             (evicted), or one that sent no complete request in time (idle).",
+            &[
+                (
+                    "{reason=\"evicted\"}".into(),
+                    c.evicted.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "{reason=\"idle\"}".into(),
+                    c.closed_idle.load(Ordering::Relaxed) as f64,
+                ),
+            ],
         );
         let census = enforcer.recent_census();
         let (mut rx_p, mut rx_b, mut tx_p, mut tx_b, mut flows) = (0u64, 0u64, 0u64, 0u64, 0u64);

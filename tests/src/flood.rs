@@ -2,9 +2,13 @@
 //! addresses of one client namespace, and the loops that hammer it or admit at a steady pace.
 
 use std::{
-    net::Ipv4Addr,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -72,6 +76,18 @@ impl FloodStack {
         admission_extra: &str,
         count: usize,
     ) -> anyhow::Result<Self> {
+        Self::start_with(tag, policy, admission_extra, "", count)
+    }
+
+    /// As [`FloodStack::start`], with further config `sections` (whole TOML tables, for
+    /// example `[metrics]`) at the end of the config.
+    pub fn start_with(
+        tag: &str,
+        policy: &str,
+        admission_extra: &str,
+        sections: &str,
+        count: usize,
+    ) -> anyhow::Result<Self> {
         if count > MAX_SOURCES {
             bail!("at most {MAX_SOURCES} sources, not {count}");
         }
@@ -88,7 +104,7 @@ impl FloodStack {
                  [admission]\nlisten = \"0.0.0.0:{ADMISSION_PORT}\"\n{admission_extra}\n\n\
                  [api]\nsocket = \"agent.sock\"\n\n\
                  [[auth.issuer]]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\n\
-                 algorithms = [\"ES256\"]\njwks_file = \"keys/{jwks}\"\n",
+                 algorithms = [\"ES256\"]\njwks_file = \"keys/{jwks}\"\n\n{sections}\n",
                 iface = pair.server_if,
                 pin = pin_dir.display(),
                 jwks = flowwarden::auth::dev::JWKS_FILE,
@@ -304,4 +320,171 @@ pub fn forged(token: &str) -> String {
         *first = if *first == b'A' { b'B' } else { b'A' };
     }
     format!("{rest}.{}", String::from_utf8_lossy(&sig))
+}
+
+/// How a held connection idles once its TCP connection is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// Completes the TLS handshake, then sends nothing.
+    Tls,
+    /// Completes the TLS handshake and sends the start of a request, never its end.
+    HalfRequest,
+}
+
+/// A TLS connection to the agent that holds its place and does nothing more.
+pub struct HeldConnection(rustls::StreamOwned<rustls::ClientConnection, TcpStream>);
+
+impl HeldConnection {
+    /// Whether the agent still keeps it open: a read that would block, rather than an end
+    /// of stream or an error.
+    pub fn is_open(&mut self) -> bool {
+        if self.0.sock.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 256];
+        loop {
+            match self.0.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(e) => return e.kind() == std::io::ErrorKind::WouldBlock,
+            }
+        }
+    }
+}
+
+/// What [`hold`] got.
+#[derive(Default)]
+pub struct Held {
+    /// Connections whose handshake completed (and whose half request was sent).
+    pub connections: Vec<HeldConnection>,
+    /// Connections the agent closed or refused before they got there.
+    pub turned_away: usize,
+}
+
+/// Opens `count` connections from `source`, one after another, each idling as `idle` says,
+/// and keeps those the agent lets through. Call inside the client namespace.
+pub fn hold(source: &Source, count: usize, idle: Idle) -> Held {
+    let tls = Arc::new(attacker_tls());
+    let addr = std::net::SocketAddr::from((source.server, ADMISSION_PORT));
+    let mut held = Held::default();
+    for _ in 0..count {
+        match hold_one(&tls, addr, idle) {
+            Ok(c) => held.connections.push(c),
+            Err(_) => held.turned_away += 1,
+        }
+    }
+    held
+}
+
+fn hold_one(
+    tls: &Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+    idle: Idle,
+) -> std::io::Result<HeldConnection> {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn =
+        rustls::ClientConnection::new(Arc::clone(tls), name).map_err(std::io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    if idle == Idle::HalfRequest {
+        stream.write_all(
+            format!("POST /v1/sessions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bea").as_bytes(),
+        )?;
+        stream.flush()?;
+    }
+    Ok(HeldConnection(stream))
+}
+
+/// A client that trusts any certificate: the flood does not care whom it exhausts.
+fn attacker_tls() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth()
+}
+
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The agent's resident memory (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}
+
+/// One sample of a Prometheus text `name{labels}` from `text`, 0 when absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `GET /metrics` from the agent's metrics endpoint at `addr`, inside the server namespace.
+pub fn scrape(stack: &FloodStack, addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    stack.pair.server.run(|| {
+        let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text)?;
+        Ok(text)
+    })
 }

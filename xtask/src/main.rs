@@ -33,7 +33,8 @@ enum Task {
     },
     /// Run setup, then a benchmark; results go to target/bench/<name>.json.
     Bench {
-        /// Which benchmark to run: datapath, admission, policy, revoke, scale or flood.
+        /// Which benchmark to run: datapath, admission, policy, revoke, scale, flood or
+        /// throughput (iperf3 over veth at each ingress mode).
         name: String,
         /// Forwarded to the benchmark as `--repeat N`.
         #[arg(long, value_name = "N")]

@@ -25,6 +25,7 @@ const BENCHES: &[&str] = &[
     "revoke",
     "scale",
     "flood",
+    "throughput",
 ];
 
 pub fn test(filter: Option<&str>) -> Result<()> {

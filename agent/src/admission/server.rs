@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
+    budget::{Budget, Refused},
     rate::RateLimiter,
     request::{self, Ask},
     wire::{AdmissionResponse, ErrorResponse, GrantedResource, ReconnectMaterial},
@@ -24,7 +25,7 @@ use super::{
 use crate::{
     audit::event::{AuditEvent, AuditKind},
     auth::Verifier,
-    metrics::{AdmissionResult, Metrics},
+    metrics::{AdmissionResult, ConnectionEvent, Metrics},
     sessions::{Admitted, SessionError, Sessions, model::now_ms},
 };
 
@@ -32,17 +33,25 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnect tokens are accepted this far from the agent's clock.
 const RECONNECT_TOKEN_LIFETIME_SECS: u64 = 60;
+/// Refusals and evictions are logged at most this often.
+const PRESSURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub struct Admission {
     pub sessions: Arc<Sessions>,
     pub verifier: Arc<Verifier>,
     pub limiter: RateLimiter,
     pub metrics: Arc<Metrics>,
+    /// Connections at once, from each source and in all.
+    pub budget: Arc<Budget>,
+    /// A connection that has finished TLS (or answered its last request) and has not sent a
+    /// complete request within this is closed.
+    pub request_timeout: Duration,
 }
 
 /// Serves admissions on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Arc<Admission>) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut pressure = PressureLog::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -53,37 +62,131 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: A
                 continue;
             }
         };
+        let source = canonical(peer.ip());
+        let ticket = match app.budget.admit(source) {
+            Ok(admitted) => {
+                if admitted.evicted {
+                    app.metrics.admission_connection(ConnectionEvent::Evicted);
+                    pressure.note(&app.budget, "closed the oldest idle connection", source);
+                }
+                admitted.ticket
+            }
+            Err(refused) => {
+                let (event, what) = match refused {
+                    Refused::SourceLimit => (
+                        ConnectionEvent::RefusedSourceLimit,
+                        "refused a connection: its source has its share open",
+                    ),
+                    Refused::GlobalLimit => (
+                        ConnectionEvent::RefusedGlobalLimit,
+                        "refused a connection: every admission connection is busy",
+                    ),
+                };
+                app.metrics.admission_connection(event);
+                pressure.note(&app.budget, what, source);
+                // Dropping the socket closes it before any TLS work is spent on it.
+                drop(tcp);
+                continue;
+            }
+        };
         // Without it, the TLS 1.3 session ticket the server sends right after its handshake
         // flight waits (Nagle) for the client's delayed ACK: 40 ms added to every new login.
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = Arc::clone(&app);
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "admission TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
+            let conn = Arc::clone(&ticket.connection);
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "admission TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        app.metrics.admission_connection(ConnectionEvent::ClosedIdle);
+                        return;
+                    }
+                },
+                () = conn.evicted() => return,
             };
-            let source = canonical(peer.ip());
             let oversized = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let tls = super::refusal::HeadLimit::new(tls, Arc::clone(&oversized));
             let auditor = Arc::clone(&app);
+            conn.idle_from_now();
+            let request_timeout = app.request_timeout;
+            let metrics = Arc::clone(&app.metrics);
+            let marks = Arc::clone(&conn);
             let service = service_fn(move |req| {
                 let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(app.handle(req, source).await) }
+                let busy = marks.busy();
+                async move {
+                    let answer = app.handle(req, source).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(answer)
+                }
             });
-            let conn = http1_builder().serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "admission connection ended with an error");
+            let served = http1_builder().serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(served);
+            loop {
+                // Idle: the time it has left; busy: look again after a whole timeout.
+                let left = conn
+                    .idle_for()
+                    .map_or(request_timeout, |idle| request_timeout.saturating_sub(idle));
+                tokio::select! {
+                    ended = &mut served => {
+                        if let Err(e) = ended {
+                            tracing::debug!(%peer, error = %e, "admission connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = tokio::time::sleep(left) => {
+                        if conn.idle_for().is_some_and(|idle| idle >= request_timeout) {
+                            tracing::debug!(%peer, "admission connection sent no complete request in time");
+                            metrics.admission_connection(ConnectionEvent::ClosedIdle);
+                            break;
+                        }
+                    }
+                    () = conn.evicted() => break,
+                }
             }
+            drop(ticket);
             if oversized.load(std::sync::atomic::Ordering::Acquire) {
                 let refusal = super::refusal::head_too_large();
                 auditor.record_refusal(&refusal, source).await;
             }
         });
+    }
+}
+
+/// Logs connection pressure (refusals, evictions) at warn level, at most once per
+/// [`PRESSURE_LOG_EVERY`], with how many happened since the last line.
+#[derive(Default)]
+struct PressureLog {
+    last: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl PressureLog {
+    fn note(&mut self, budget: &Budget, what: &'static str, source: IpAddr) {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|at| at.elapsed() < PRESSURE_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            %source,
+            open = budget.open(),
+            limit = budget.limit(),
+            per_source = budget.per_source(),
+            events = self.since,
+            "admission endpoint under connection pressure: {what}"
+        );
+        self.last = Some(std::time::Instant::now());
+        self.since = 0;
     }
 }
 

@@ -39,6 +39,7 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AgentInfo {
     pub interfaces: Vec<String>,
+    pub ingress: Vec<crate::api::views::IngressView>,
     pub pin_dir: String,
     pub admission_listen: String,
     pub admission_fingerprint: String,
@@ -212,6 +213,7 @@ impl Core {
             mode: mode.into(),
             interfaces: self.info.interfaces.clone(),
             pin_dir: self.info.pin_dir.clone(),
+            ingress: self.info.ingress.clone(),
             admission: AdmissionInfo {
                 listen: self.info.admission_listen.clone(),
                 fingerprint: self.info.admission_fingerprint.clone(),

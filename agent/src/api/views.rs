@@ -185,6 +185,9 @@ pub struct StatusView {
     pub mode: super::answers::ModeName,
     pub interfaces: Vec<String>,
     pub pin_dir: String,
+    /// The ingress hook of each interface, and why it was chosen.
+    #[serde(default)]
+    pub ingress: Vec<IngressView>,
     pub admission: AdmissionInfo,
     pub sessions: StateCounts,
     pub flows: FillView,
@@ -196,6 +199,16 @@ pub struct StatusView {
     /// Each issuer's key state (kids, last fetch, last error, next refresh).
     #[serde(default)]
     pub issuers: Vec<crate::auth::IssuerKeyStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressView {
+    pub interface: String,
+    /// `xdp` or `tc_ingress`.
+    pub hook: String,
+    /// `xdp driver`, `xdp generic`, `tcx`, `clsact` or `adopted`.
+    pub how: String,
+    pub why: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

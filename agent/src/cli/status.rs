@@ -35,6 +35,12 @@ fn render(s: &StatusView) -> String {
         s.mode
     ));
     line(format!("interfaces   {}", s.interfaces.join(", ")));
+    for i in &s.ingress {
+        line(format!(
+            "ingress      {}: {} ({}): {}",
+            i.interface, i.hook, i.how, i.why
+        ));
+    }
     line(format!(
         "sessions     {} active, {} dormant, {} expired, {} terminated",
         s.sessions.active, s.sessions.dormant, s.sessions.expired, s.sessions.terminated

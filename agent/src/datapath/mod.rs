@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub use agent_common::{Event, Flow, FlowKey, ResourceEntries, addr_bytes, addr_from_bytes};
 use aya::{Ebpf, EbpfLoader};
 
-pub use attach::{Attachment, detach_all};
+pub use attach::{Attachment, IngressChoice, choose_ingress, detach_all};
 pub use events::{DatapathEvent, EventKind, EventReader};
 pub use logs::KernelLog;
 pub use maps::{Counters, DropReason, Maps};

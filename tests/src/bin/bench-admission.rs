@@ -114,7 +114,8 @@ impl Bench {
                 "[datapath]\ninterfaces = [\"{iface}\"]\npin_dir = \"{pin}\"\n\n\
                  [policy]\ndir = \"policies\"\n\n[state]\ndir = \"state\"\n\n\
                  [admission]\nlisten = \"{addr}:{ADMISSION_PORT}\"\n\
-                 rate_per_sec = 1000000\nrate_burst = 1000000\n\n\
+                 rate_per_sec = 1000000\nrate_burst = 1000000\n\
+                 max_connections_per_source = 1024\nrequest_timeout_ms = 600000\n\n\
                  [api]\nsocket = \"agent.sock\"\n\n\
                  [[auth.issuer]]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\n\
                  algorithms = [\"ES256\"]\njwks_file = \"keys/{jwks}\"\n",

@@ -424,6 +424,7 @@ fn main() -> anyhow::Result<()> {
         policy: Arc::clone(&policy),
         info: AgentInfo {
             interfaces: Vec::new(),
+            ingress: Vec::new(),
             pin_dir: pins.0.display().to_string(),
             admission_listen: "127.0.0.1:7443".into(),
             admission_fingerprint: String::new(),
