@@ -9,15 +9,8 @@ use std::{
     time::Duration,
 };
 
-use flowwarden::admission::{
-    client::normalize_fingerprint, tls::fingerprint, wire::AdmissionResponse,
-};
-use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-};
+use flowwarden::admission::{client::pinned_config, wire::AdmissionResponse};
+use rustls::{ClientConfig, ClientConnection, StreamOwned, pki_types::ServerName};
 
 use crate::tcp::connect_from;
 
@@ -42,17 +35,12 @@ pub struct AdmitClient {
 }
 
 impl AdmitClient {
+    /// Trusts what `flowwarden login --fingerprint` trusts: the agent's own pinned verifier.
+    ///
     /// # Panics
     /// The fingerprint is not 64 hex digits.
     pub fn new(agent: SocketAddr, fingerprint: &str) -> Self {
-        let pinned = normalize_fingerprint(fingerprint).expect("a SHA-256 fingerprint");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .expect("default TLS versions")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned { pinned, provider }))
-            .with_no_client_auth();
+        let tls = pinned_config(fingerprint).expect("a SHA-256 fingerprint");
         Self {
             agent,
             tls: Arc::new(tls),
@@ -139,58 +127,6 @@ fn parse(raw: &[u8]) -> AdmitOutcome {
             status,
             body: format!("201 with a body that does not parse ({e}): {body}"),
         },
-    }
-}
-
-/// Accepts exactly one certificate; handshake signatures are still verified.
-#[derive(Debug)]
-struct Pinned {
-    pinned: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if fingerprint(end_entity) == self.pinned {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the agent's certificate does not match the pinned fingerprint".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.provider.signature_verification_algorithms;
-        verify_tls12_signature(message, cert, dss, algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.provider.signature_verification_algorithms;
-        verify_tls13_signature(message, cert, dss, algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

@@ -16,7 +16,7 @@ use crate::netns::Netns;
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("FLOWWARDEN_BIN") {
+        if let Some(bin) = std::env::var_os(AGENT_BIN_ENV) {
             return PathBuf::from(bin);
         }
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
@@ -41,30 +41,33 @@ pub fn agent_bin() -> PathBuf {
     .clone()
 }
 
-/// Makes [`agent_bin`] the release build (built now if stale) unless `$FLOWWARDEN_BIN` names
-/// one: benchmarks and the soak measure the agent as it ships, not the debug build's settings.
+/// The environment variable naming the agent binary to run (see [`agent_bin`]).
+pub const AGENT_BIN_ENV: &str = "FLOWWARDEN_BIN";
+
+/// The release agent a benchmark measures: the one `cargo xtask bench` (or `cargo xtask soak`)
+/// built and named in `$FLOWWARDEN_BIN` before starting the bench, so that [`agent_bin`] runs
+/// it too. A bench builds nothing itself: a cargo build inside a measuring process would
+/// compete with it, and would build with whatever profile that process was built with.
 ///
 /// # Errors
-/// The release build fails.
-pub fn use_release_agent() -> anyhow::Result<()> {
-    if std::env::var_os("FLOWWARDEN_BIN").is_some() {
-        return Ok(());
+/// `$FLOWWARDEN_BIN` is unset (the bench was not started by xtask) or names no file.
+pub fn release_agent() -> anyhow::Result<PathBuf> {
+    let bin = std::env::var_os(AGENT_BIN_ENV)
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "${AGENT_BIN_ENV} is not set: run benchmarks with `cargo xtask bench NAME` (or \
+             `cargo xtask soak`), which builds the release agent and names it there, or set \
+             {AGENT_BIN_ENV}=target/release/flowwarden after `cargo build --release -p flowwarden`"
+            )
+        })?;
+    if !bin.is_file() {
+        anyhow::bail!(
+            "${AGENT_BIN_ENV} names {}, which is not a file",
+            bin.display()
+        );
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "-p", "flowwarden"])
-        .args(["--bin", "flowwarden"])
-        .current_dir(workspace)
-        .status()?;
-    if !status.success() {
-        anyhow::bail!("cargo build --release -p flowwarden failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    // SAFETY: called first thing in main, before this process starts any thread.
-    unsafe { std::env::set_var("FLOWWARDEN_BIN", target.join("release/flowwarden")) };
-    Ok(())
+    Ok(bin)
 }
 
 /// A scratch directory for one agent's config and policies, removed on drop.

@@ -1,11 +1,19 @@
-//! What every benchmark reports about the machine it ran on (CPU, load, command output, this
-//! process's memory), and the synthetic sessions the in-process benchmarks admit.
+//! What the benchmarks share: their arguments, quantiles, CPU readings and in-process agent
+//! (in the submodules), what every report says about the machine (CPU, load, this process's
+//! memory), and the synthetic sessions the in-process benchmarks admit.
+
+pub mod args;
+pub mod cpu;
+pub mod inproc;
+pub mod stats;
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
+
+use anyhow::Context as _;
 
 use flowwarden::{
     datapath::detach_all,
@@ -13,13 +21,18 @@ use flowwarden::{
 };
 use serde_json::{Value, json};
 
+pub use self::{
+    args::{BenchArgs, HasBenchArgs, Knob, Spec},
+    stats::Stats,
+};
+
 /// How idle CPUs wait while a latency benchmark runs.
 ///
 /// On this VM (cpuidle driver haltpoll, no guest halt polling) an idle vCPU halts, and waking
 /// it took up to several milliseconds while the host ran other guests. A kernel trace of the
 /// revoke benchmark showed payloads queued on the server's socket, `sk_data_ready` fired, and
 /// the reader's vCPU asleep for 3 ms: the machine's wake-up, not the product, set the tail.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Idle {
     /// Holds `/dev/cpu_dma_latency` at 0 µs for the run, as cyclictest and tuned's
@@ -30,24 +43,11 @@ pub enum Idle {
 }
 
 impl Idle {
-    /// `poll` or `default`, as given to `--idle`.
-    ///
-    /// # Errors
-    /// Anything else.
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "poll" => Ok(Self::Poll),
-            "default" => Ok(Self::Default),
-            other => anyhow::bail!("--idle {other}: use poll or default"),
-        }
-    }
-
     /// Makes the request; it lasts as long as the returned file stays open.
     ///
     /// # Errors
     /// `/dev/cpu_dma_latency` cannot be opened or written (not root, or no PM QoS).
     pub fn hold(self) -> anyhow::Result<Option<std::fs::File>> {
-        use anyhow::Context as _;
         use std::io::Write as _;
         if self == Self::Default {
             return Ok(None);
@@ -67,6 +67,41 @@ impl Idle {
             .map_or_else(|_| "none".to_owned(), |d| d.trim().to_owned());
         json!({ "idle": self, "cpuidle_driver": driver })
     }
+}
+
+/// `--idle`, for the latency benches that hold an idle policy for their run.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct IdleArgs {
+    /// How idle vCPUs wait during the run: poll (hold /dev/cpu_dma_latency at 0 µs) or the
+    /// machine's default (they halt, and waking them adds to the tail).
+    #[arg(long, value_enum, default_value_t = Idle::Poll)]
+    pub idle: Idle,
+}
+
+/// What every report says about the machine: kernel, CPU model, CPU count.
+pub fn machine() -> Value {
+    json!({
+        "kernel": command_output("uname", &["-r"]),
+        "cpu": cpu_model(),
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+    })
+}
+
+/// The time now, UTC, as the reports' `date` (2026-12-04T03:50:00Z).
+pub fn utc_date() -> String {
+    command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+}
+
+/// Writes `value` as pretty JSON and a newline to `path`, creating its directory.
+///
+/// # Errors
+/// The directory or the file cannot be written.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The first three fields of /proc/loadavg ("1.20 0.80 0.50").

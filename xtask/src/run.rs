@@ -1,7 +1,7 @@
 //! Launchers for the test suite, benchmarks, demo and lints; each runs setup first where the
 //! step needs the eBPF toolchain or the test machine's packages.
 
-use std::{ffi::OsString, process::Command};
+use std::{ffi::OsString, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
@@ -99,6 +99,7 @@ pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>, args: &[OsStrin
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let out = out_dir.join(format!("{name}.json"));
 
+    let agent = release_agent(1, 2)?;
     let mut run = cargo([
         "run",
         "--release",
@@ -108,6 +109,7 @@ pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>, args: &[OsStrin
         &format!("bench-{name}"),
         "--",
     ]);
+    run.env(AGENT_BIN_ENV, &agent);
     // An `--out` among the bench's own arguments wins: the bench takes the last one given.
     let own_out = args.iter().any(|a| a == "--out");
     if !own_out {
@@ -120,7 +122,7 @@ pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>, args: &[OsStrin
         run.args(["--runs", &n.to_string()]);
     }
     run.args(args);
-    banner(1, 1, &format!("bench {name}"), &run);
+    banner(2, 2, &format!("bench {name}"), &run);
     cmd::run(&mut run)?;
     if !own_out {
         println!("\nxtask bench: results in {}", out.display());
@@ -128,16 +130,46 @@ pub fn bench(name: &str, repeat: Option<u32>, runs: Option<u32>, args: &[OsStrin
     Ok(())
 }
 
-/// The crash harness of tests/src/crash.rs with `kills` SIGKILLs (debug agent, as in the
-/// test suite); fails if anything acknowledged was lost or any invariant broke.
+/// Where the benches find the agent they measure (tests/src/agent_proc.rs reads it).
+const AGENT_BIN_ENV: &str = "FLOWWARDEN_BIN";
+
+/// The agent as it ships, which the benches and the soak measure: `$FLOWWARDEN_BIN` when the
+/// caller names one, otherwise the release build, built now (step `step` of `total`) so the
+/// bench process never runs cargo itself.
+fn release_agent(step: usize, total: usize) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(AGENT_BIN_ENV) {
+        println!("xtask: measuring the agent ${AGENT_BIN_ENV} names: {bin:?}");
+        return Ok(bin.into());
+    }
+    let mut build = cargo([
+        "build",
+        "--release",
+        "-p",
+        "flowwarden",
+        "--bin",
+        "flowwarden",
+    ]);
+    banner(step, total, "release agent", &build);
+    cmd::run(&mut build)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || workspace_root().join("target"),
+        |d| workspace_root().join(d),
+    );
+    Ok(target.join("release/flowwarden"))
+}
+
+/// The crash harness of tests/src/crash.rs with `kills` SIGKILLs of the release agent; fails
+/// if anything acknowledged was lost or any invariant broke.
 pub fn soak(kills: u32) -> Result<()> {
     setup()?;
     let out = workspace_root().join("target/bench/soak.json");
+    let agent = release_agent(1, 2)?;
     let mut run = cargo(["run", "--release", "-p", TESTS_CRATE, "--bin", "soak", "--"]);
     run.args(["--kills", &kills.to_string()])
         .arg("--out")
-        .arg(&out);
-    banner(1, 1, "soak", &run);
+        .arg(&out)
+        .env(AGENT_BIN_ENV, &agent);
+    banner(2, 2, "soak", &run);
     cmd::run(&mut run)?;
     println!("\nxtask soak: results in {}", out.display());
     Ok(())

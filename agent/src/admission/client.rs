@@ -4,7 +4,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use rustls::{
-    ClientConfig, DigitallySignedStruct, SignatureScheme,
+    ClientConfig, ConfigBuilder, DigitallySignedStruct, SignatureScheme, WantsVerifier,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
     pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject as _},
@@ -31,6 +31,8 @@ pub enum ClientError {
     },
     #[error("the agent answered something unexpected ({status}): {detail}")]
     BadResponse { status: u16, detail: String },
+    #[error("cannot set up TLS for the admission client: {0}")]
+    Tls(String),
 }
 
 /// How the client decides the agent is the agent.
@@ -52,13 +54,6 @@ impl Client {
     /// # Errors
     /// The CA file is unusable or the fingerprint is malformed.
     pub fn new(agent_addr: &str, trust: &Trust) -> Result<Self, ClientError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Connect {
-                agent: agent_addr.to_owned(),
-                detail: e.to_string(),
-            })?;
         let config = match trust {
             Trust::CaFile(path) => {
                 let mut roots = rustls::RootCertStore::empty();
@@ -74,15 +69,11 @@ impl Client {
                         detail: e.to_string(),
                     })?;
                 }
-                builder.with_root_certificates(roots).with_no_client_auth()
-            }
-            Trust::Fingerprint(fp) => {
-                let pinned = normalize_fingerprint(fp)?;
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(Pinned { pinned, provider }))
+                builder(&provider())?
+                    .with_root_certificates(roots)
                     .with_no_client_auth()
             }
+            Trust::Fingerprint(fp) => pinned_config(fp)?,
         };
         let agent = ureq::AgentBuilder::new()
             .tls_config(Arc::new(config))
@@ -171,15 +162,54 @@ pub fn normalize_fingerprint(fp: &str) -> Result<String, ClientError> {
     }
 }
 
+/// The agent's TLS settings on the client side: aws-lc-rs, the safe default versions.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn builder(
+    provider: &Arc<CryptoProvider>,
+) -> Result<ConfigBuilder<ClientConfig, WantsVerifier>, ClientError> {
+    ClientConfig::builder_with_provider(Arc::clone(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))
+}
+
+/// A client TLS configuration that trusts exactly the agent certificate with this SHA-256
+/// fingerprint (any of the forms [`normalize_fingerprint`] accepts): what `flowwarden login
+/// --fingerprint` uses, and what the tests' raw HTTPS clients use so that both trust the same.
+///
+/// # Errors
+/// The fingerprint is malformed, or the TLS provider refuses the default versions.
+pub fn pinned_config(fingerprint: &str) -> Result<ClientConfig, ClientError> {
+    let provider = provider();
+    let verifier = PinnedCertificate::new(fingerprint, Arc::clone(&provider))?;
+    Ok(builder(&provider)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
 /// Accepts exactly one certificate: the pin replaces chain and name checks, signatures on
 /// the handshake are still verified.
 #[derive(Debug)]
-struct Pinned {
+pub struct PinnedCertificate {
     pinned: String,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for Pinned {
+impl PinnedCertificate {
+    /// # Errors
+    /// The fingerprint is not 64 hex digits (colons and a `sha256:` prefix allowed).
+    pub fn new(fingerprint: &str, provider: Arc<CryptoProvider>) -> Result<Self, ClientError> {
+        Ok(Self {
+            pinned: normalize_fingerprint(fingerprint)?,
+            provider,
+        })
+    }
+}
+
+impl ServerCertVerifier for PinnedCertificate {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -247,5 +277,29 @@ mod tests {
         );
         assert!(normalize_fingerprint("abc").is_err());
         assert!(normalize_fingerprint(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn a_pin_accepts_its_certificate_and_no_other() {
+        let cert = |name: &str| {
+            let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+            CertificateDer::from(c.cert.der().to_vec())
+        };
+        let (agent, impostor) = (cert("agent.test"), cert("impostor.test"));
+        let pin = PinnedCertificate::new(&fingerprint(&agent), provider()).unwrap();
+        let name = ServerName::try_from("agent.test").unwrap();
+        let check =
+            |c: &CertificateDer<'_>| pin.verify_server_cert(c, &[], &name, &[], UnixTime::now());
+        assert!(check(&agent).is_ok(), "the pinned certificate was refused");
+        let refused = check(&impostor).expect_err("another certificate was accepted");
+        assert!(
+            refused.to_string().contains("pinned fingerprint"),
+            "unexpected refusal: {refused}"
+        );
+        assert!(matches!(
+            PinnedCertificate::new("abc", provider()),
+            Err(ClientError::BadFingerprint(_))
+        ));
+        assert!(pinned_config(&fingerprint(&agent)).is_ok());
     }
 }

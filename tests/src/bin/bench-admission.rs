@@ -2,7 +2,6 @@
 //! tokens against a real agent process, latency under a paced open-loop load, and where the
 //! time goes (token verification and store commits measured alone in the same run), as JSON.
 
-use flowwarden_tests::bench::{Idle, command_output, cpu_model, loadavg};
 use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
@@ -10,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use clap::Parser;
 use flowwarden::{
     admission::client::{Client, Trust},
     audit::event::{AuditEvent, AuditKind},
@@ -20,6 +20,12 @@ use flowwarden::{
 };
 use flowwarden_tests::{
     agent_proc::{AgentProcess, Scratch},
+    bench::{
+        self, BenchArgs, HasBenchArgs, IdleArgs, Knob, Spec, Stats,
+        cpu::{machine_ticks, process_cpu, stat_ticks, ticks_per_sec},
+        loadavg,
+        stats::median_index,
+    },
     loaded::private_pin_dir,
     netns::NetnsPair,
     privileged::require_root,
@@ -40,46 +46,35 @@ const SECS: u32 = 10;
 /// Connections of the paced run: enough that a slow answer never holds back the next send.
 const PACED_CONNECTIONS: usize = 32;
 
+const SPEC: Spec = Spec {
+    name: "admission",
+    runs: Knob::Means {
+        help: "Throughput rounds; the median round is reported",
+        default: 3,
+    },
+    repeat: Knob::Means {
+        help: "Admissions per throughput round",
+        default: 20_000,
+    },
+};
+
+/// Durable admissions per second over TLS keep-alive against a real agent, and latency under
+/// a paced load.
+#[derive(Parser)]
 struct Args {
-    out: PathBuf,
-    /// Admissions per throughput round (`--repeat`).
-    per_round: usize,
-    /// Throughput rounds (`--runs`); the median is reported.
-    rounds: usize,
+    #[command(flatten)]
+    common: BenchArgs,
+    #[command(flatten)]
+    idle: IdleArgs,
     /// Client threads of the throughput rounds, one connection each.
-    clients: usize,
-    /// Idle vCPUs poll (the default) or halt: see [`Idle`].
-    idle: Idle,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    clients: u64,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        out: PathBuf::from("target/bench/admission.json"),
-        per_round: 20_000,
-        rounds: 3,
-        clients: 32,
-        idle: Idle::Poll,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
-        let n = || value.parse::<usize>().with_context(|| arg.clone());
-        match arg.as_str() {
-            "--out" => a.out = PathBuf::from(&value),
-            "--repeat" => a.per_round = n()?,
-            "--runs" => a.rounds = n()?,
-            "--clients" => a.clients = n()?,
-            "--idle" => a.idle = Idle::parse(&value)?,
-            other => bail!(
-                "unknown argument {other}: use --out FILE --repeat ADMISSIONS_PER_ROUND \
-                 --runs ROUNDS --clients N --idle poll|default"
-            ),
-        }
+impl HasBenchArgs for Args {
+    fn bench_args(&mut self) -> &mut BenchArgs {
+        &mut self.common
     }
-    if a.per_round == 0 || a.rounds == 0 || a.clients == 0 {
-        bail!("--repeat, --runs and --clients must be at least 1");
-    }
-    Ok(a)
 }
 
 /// The agent under test, its namespaces and pins; everything goes away on drop.
@@ -240,20 +235,6 @@ fn drive(clients: &[Client], tokens: &[String], pace: Option<Duration>) -> Outco
     all
 }
 
-/// Whitespace-separated numbers of a /proc file's line, after `skip` text fields.
-fn numbers(line: &str, skip: usize) -> Vec<u64> {
-    let fields = line.split_whitespace().skip(skip);
-    fields.map(|v| v.parse().unwrap_or(0)).collect()
-}
-
-/// utime + stime of a /proc/…/stat file, in clock ticks (fields 14 and 15; the command name
-/// before them may hold spaces, so counting starts after its ")").
-fn ticks(stat: PathBuf) -> u64 {
-    let text = std::fs::read_to_string(stat).unwrap_or_default();
-    let f = numbers(text.rsplit_once(')').map_or("", |(_, r)| r), 0);
-    f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0)
-}
-
 /// Clock ticks of the agent, its store writer thread, this process (the clients), and the
 /// machine's busy and total time.
 fn cpu(agent: u32) -> [u64; 5] {
@@ -263,22 +244,19 @@ fn cpu(agent: u32) -> [u64; 5] {
     let writer = tasks.flatten().find(|t| {
         std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c == "store-writer\n")
     });
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let m = numbers(stat.lines().next().unwrap_or_default(), 1);
-    let total: u64 = m.iter().take(8).sum();
+    let (busy, total) = machine_ticks();
     [
-        ticks(format!("/proc/{agent}/stat").into()),
-        writer.map_or(0, |t| ticks(t.path().join("stat"))),
-        ticks("/proc/self/stat".into()),
-        total - m.get(3).unwrap_or(&0) - m.get(4).unwrap_or(&0),
+        stat_ticks(&PathBuf::from(format!("/proc/{agent}/stat"))),
+        writer.map_or(0, |t| stat_ticks(&t.path().join("stat"))),
+        stat_ticks(Path::new("/proc/self/stat")),
+        busy,
         total,
     ]
 }
 
 /// CPU µs per admission between two samples, and how busy the machine was.
 fn cpu_share(before: [u64; 5], after: [u64; 5], admissions: usize) -> Value {
-    // SAFETY: sysconf only reads a constant of the system.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = ticks_per_sec();
     let d: Vec<f64> = (0..5).map(|i| (after[i] - before[i]) as f64).collect();
     let us = |t: f64| t * 1e6 / hz / admissions.max(1) as f64;
     json!({
@@ -289,36 +267,25 @@ fn cpu_share(before: [u64; 5], after: [u64; 5], admissions: usize) -> Value {
     })
 }
 
-/// Nearest-rank quantiles of sorted durations, in ms.
-fn quantiles(sorted: &[Duration]) -> [f64; 4] {
-    [0.5, 0.9, 0.99, 1.0].map(|p| {
-        let i = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
-        sorted.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
-    })
-}
-
-fn quantiles_json(sorted: &[Duration]) -> Value {
-    let [p50, p90, p99, max] = quantiles(sorted);
-    json!({"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max})
-}
-
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args: Args = bench::args::parse(SPEC);
+    let (per_round, rounds_n) = (args.common.repeat(), args.common.runs());
+    let clients_n = usize::try_from(args.clients)?;
     if !require_root("bench-admission") {
         bail!("the admission benchmark runs an agent in network namespaces: run it as root");
     }
-    flowwarden_tests::agent_proc::use_release_agent()?;
+    flowwarden_tests::agent_proc::release_agent()?;
     // Held until main returns: the whole run measures with the same idle policy.
-    let _idle = args.idle.hold()?;
+    let _idle = args.idle.idle.hold()?;
     let load_before = loadavg();
     let mut bench = Bench::start()?;
     let fingerprint = bench.status()?["admission"]["fingerprint"]
         .as_str()
         .context("no fingerprint in status")?
         .to_owned();
-    let warmup = args.clients + PACED_CONNECTIONS;
+    let warmup = clients_n + PACED_CONNECTIONS;
     let paced_count = (RATE * SECS) as usize;
-    let total = warmup + args.rounds * args.per_round + paced_count;
+    let total = warmup + rounds_n * per_round + paced_count;
     eprintln!("minting {total} ES256 tokens…");
     let tokens = mint(&bench.scratch.dir.join("keys"), total)?;
     let pid = bench.agent_pid()?;
@@ -330,20 +297,20 @@ fn main() -> anyhow::Result<()> {
         let connect = |n| -> anyhow::Result<Vec<Client>> {
             (0..n).map(|_| Ok(Client::new(&agent, &trust)?)).collect()
         };
-        let (clients, paced_clients) = (connect(args.clients)?, connect(PACED_CONNECTIONS)?);
+        let (clients, paced_clients) = (connect(clients_n)?, connect(PACED_CONNECTIONS)?);
         // One admission per connection first: TLS handshakes are not what is measured.
         let (warm, mut rest) = tokens.split_at(warmup);
         for (c, t) in clients.iter().chain(&paced_clients).zip(warm) {
             admit(c, t).map_err(|e| anyhow!("warm-up admission failed: {e}"))?;
         }
         let mut rounds = Vec::new();
-        for r in 0..args.rounds {
-            let (now, later) = rest.split_at(args.per_round);
+        for r in 0..rounds_n {
+            let (now, later) = rest.split_at(per_round);
             rest = later;
             let before = cpu(pid);
             let out = drive(&clients, now, None);
-            rounds.push((out, cpu_share(before, cpu(pid), args.per_round)));
-            eprintln!("throughput round {}/{} done", r + 1, args.rounds);
+            rounds.push((out, cpu_share(before, cpu(pid), per_round)));
+            eprintln!("throughput round {}/{} done", r + 1, rounds_n);
         }
         let before = cpu(pid);
         let out = drive(&paced_clients, rest, Some(Duration::from_secs(1) / RATE));
@@ -356,32 +323,33 @@ fn main() -> anyhow::Result<()> {
     }
     let stored = Store::open(&bench.scratch.dir.join("state/state.redb"))?.sessions()?;
     eprintln!("measuring token verification and store commits alone…");
-    let alone = reference(&bench, &tokens, &stored[0], args.clients)?;
+    let alone = reference(&bench, &tokens, &stored[0], clients_n)?;
 
     let per_sec: Vec<f64> = (rounds.iter())
         .map(|(o, _)| o.ok as f64 / o.elapsed.as_secs_f64())
         .collect();
     // The median round (the upper of two middle ones): its CPU and latency go with the median.
-    let mut order: Vec<usize> = (0..rounds.len()).collect();
-    order.sort_by(|&a, &b| per_sec[a].total_cmp(&per_sec[b]));
-    let mid = order[order.len() / 2];
+    let mid = median_index(&per_sec).context("no throughput round")?;
     let med = per_sec[mid];
     let errors = rounds.iter().map(|(o, _)| o.errors).sum::<usize>() + paced.errors;
     let first_error = (rounds.iter().map(|(o, _)| &o.first_error))
         .chain([&paced.first_error])
         .find_map(Option::clone);
     let admitted = warmup + rounds.iter().map(|(o, _)| o.ok).sum::<usize>() + paced.ok;
-    let [p50, p90, p99, max] = quantiles(&paced.latencies);
+    let paced_stats = Stats::of_ms(&paced.latencies);
+    let (p50, p90, p99, max) = (
+        paced_stats.p50,
+        paced_stats.p90,
+        paced_stats.p99,
+        paced_stats.max,
+    );
     let (throughput_met, latency_met) = (med >= TARGET_PER_SEC, p99 <= TARGET_P99_MS);
+    let mut machine = bench::machine();
+    machine["idle"] = args.idle.idle.describe();
     let report = json!({
         "benchmark": "admission",
-        "date": command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-        "machine": {
-            "kernel": command_output("uname", &["-r"]),
-            "cpu": cpu_model(),
-            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-            "idle": args.idle.describe(),
-        },
+        "date": bench::utc_date(),
+        "machine": machine,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "method": "release agent in a netns pair, state on the local disk; distinct pre-minted \
@@ -393,11 +361,11 @@ fn main() -> anyhow::Result<()> {
                    admitted session. Reference, in-process: Verifier::verify; Store::commit of a \
                    stored session under a new id + its audit event, from 1 and from N callers",
         "throughput": {
-            "clients": args.clients,
-            "admissions_per_round": args.per_round,
+            "clients": clients_n,
+            "admissions_per_round": per_round,
             "rounds_per_sec": per_sec,
             "median_per_sec": med,
-            "closed_loop_latency_median_round": quantiles_json(&rounds[mid].0.latencies),
+            "closed_loop_latency_median_round": Stats::of_ms(&rounds[mid].0.latencies).ms_json(),
             "cpu_median_round": rounds[mid].1,
         },
         "paced": {
@@ -406,7 +374,7 @@ fn main() -> anyhow::Result<()> {
             "connections": PACED_CONNECTIONS,
             "admitted": paced.ok,
             "achieved_per_sec": paced.ok as f64 / paced.elapsed.as_secs_f64(),
-            "latency_from_scheduled_send": quantiles_json(&paced.latencies),
+            "latency_from_scheduled_send": paced_stats.ms_json(),
             "cpu": paced_cpu,
         },
         "reference": alone,
@@ -439,7 +407,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "throughput: {med:.0} admissions/s median, {} clients (rounds {}; target ≥ \
          {TARGET_PER_SEC}/s: {})\n{}",
-        args.clients,
+        clients_n,
         rounds_text.join(", "),
         met(throughput_met),
         cpu(&rounds[mid].1)
@@ -468,12 +436,7 @@ fn main() -> anyhow::Result<()> {
         first_error.as_deref().unwrap_or("none"),
         stored.len()
     );
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
+    args.common.write_report(&report)?;
     if errors > 0 || stored.len() != admitted {
         bail!("admissions failed or were lost: see above");
     }
@@ -497,12 +460,7 @@ struct Alone {
 
 /// CPU time of this process so far (all threads), µs.
 fn process_cpu_us() -> f64 {
-    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes into the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
-    us(u.ru_utime) + us(u.ru_stime)
+    process_cpu().as_secs_f64() * 1e6
 }
 
 /// Token verification and the store commit, each alone, on the same machine and disk.
@@ -544,10 +502,9 @@ fn reference(
             .collect()
     };
     let (start, cpu) = (Instant::now(), process_cpu_us());
-    let mut one = commit(STORE_COMMITS)?;
+    let one = commit(STORE_COMMITS)?;
     let one_per_sec = STORE_COMMITS as f64 / start.elapsed().as_secs_f64();
     let one_cpu = (process_cpu_us() - cpu) / STORE_COMMITS as f64;
-    one.sort_unstable();
     let (start, cpu) = (Instant::now(), process_cpu_us());
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..callers)
@@ -558,8 +515,8 @@ fn reference(
     let n = (callers * STORE_COMMITS) as f64;
     Ok(Alone {
         verify_us_mean: verify_us,
-        one_caller_p50_ms: quantiles(&one)[0],
-        one_caller_p99_ms: quantiles(&one)[2],
+        one_caller_p50_ms: Stats::of_ms(&one).p50,
+        one_caller_p99_ms: Stats::of_ms(&one).p99,
         one_caller_commits_per_sec: one_per_sec,
         one_caller_cpu_us_per_commit: one_cpu,
         callers,

@@ -10,8 +10,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use clap::Parser;
 use flowwarden_tests::{
-    bench::{command_output, cpu_model, loadavg},
+    bench::{
+        self, BenchArgs, HasBenchArgs, Knob, Spec, Stats,
+        cpu::{machine_ticks, stat_ticks, ticks_per_sec},
+        loadavg,
+    },
     flood::{FloodStack, MAX_SOURCES, Tally, forged, hammer, mint, paced},
     privileged::require_root,
 };
@@ -28,85 +33,49 @@ const FLOOD_TOKENS: usize = 8;
 /// The flood starts this long before the legitimate clients are measured.
 const RAMP: Duration = Duration::from_secs(1);
 
+const SPEC: Spec = Spec {
+    name: "flood",
+    runs: Knob::Ignored("one run"),
+    repeat: Knob::Means {
+        help: "Seconds each phase (without, then with the flood) measures",
+        default: 15,
+    },
+};
+
+/// Legitimate admissions from a few sources while many other sources flood the agent.
+#[derive(Parser)]
 struct Args {
-    out: PathBuf,
+    #[command(flatten)]
+    common: BenchArgs,
     /// Flooding sources.
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     flooders: usize,
     /// Threads (connections at a time) of each flooding source.
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     threads: usize,
     /// Legitimate sources.
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     legit: usize,
-    /// Admissions per second of each legitimate source.
+    /// Admissions per second of each legitimate source (at most the per-source limit, 20).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
     rate: u32,
-    /// Seconds each phase (without, with the flood) measures.
-    secs: u32,
+    /// The same as --repeat: seconds each phase measures.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
+    secs: Option<u32>,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        out: PathBuf::from("target/bench/flood.json"),
-        flooders: 32,
-        threads: 2,
-        legit: 4,
-        rate: 5,
-        secs: 15,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
-        let n = || value.parse::<usize>().with_context(|| arg.clone());
-        match arg.as_str() {
-            "--out" => a.out = PathBuf::from(&value),
-            "--flooders" => a.flooders = n()?,
-            "--threads" => a.threads = n()?,
-            "--legit" => a.legit = n()?,
-            "--rate" => a.rate = u32::try_from(n()?)?,
-            "--repeat" | "--secs" => a.secs = u32::try_from(n()?)?,
-            "--runs" => eprintln!("--runs {value}: ignored, one run"),
-            other => bail!(
-                "unknown argument {other}: use --out FILE --flooders N --threads PER_FLOODER \
-                 --legit N --rate PER_SEC_PER_LEGIT_SOURCE --repeat SECS_PER_PHASE"
-            ),
-        }
+impl HasBenchArgs for Args {
+    fn bench_args(&mut self) -> &mut BenchArgs {
+        &mut self.common
     }
-    if a.flooders == 0 || a.threads == 0 || a.legit == 0 || a.rate == 0 || a.secs == 0 {
-        bail!("--flooders, --threads, --legit, --rate and --repeat must be at least 1");
-    }
-    if a.flooders + a.legit > MAX_SOURCES {
-        bail!("at most {MAX_SOURCES} sources in all");
-    }
-    if f64::from(a.rate) > LIMIT_PER_SEC {
-        bail!(
-            "--rate {} is over the per-source limit of {LIMIT_PER_SEC}/s",
-            a.rate
-        );
-    }
-    Ok(a)
 }
 
-/// utime + stime of a /proc/…/stat file in clock ticks (fields 14 and 15, counted after the
-/// command name's closing parenthesis).
-fn ticks(stat: &str) -> u64 {
-    let text = std::fs::read_to_string(stat).unwrap_or_default();
-    let f: Vec<u64> = (text.rsplit_once(')').map_or("", |(_, r)| r))
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0)
-}
-
-/// Busy and total ticks of the whole machine.
-fn machine() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let m: Vec<u64> = (stat.lines().next().unwrap_or_default().split_whitespace())
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    let total: u64 = m.iter().take(8).sum();
-    (
-        total - m.get(3).unwrap_or(&0) - m.get(4).unwrap_or(&0),
-        total,
-    )
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The agent's and the machine's CPU over a window.
@@ -119,9 +88,9 @@ struct Cpu {
 
 impl Cpu {
     fn sample(pid: u32) -> Self {
-        let (busy, total) = machine();
+        let (busy, total) = machine_ticks();
         Self {
-            agent: ticks(&format!("/proc/{pid}/stat")),
+            agent: stat_ticks(&PathBuf::from(format!("/proc/{pid}/stat"))),
             busy,
             total,
             at: Instant::now(),
@@ -130,8 +99,7 @@ impl Cpu {
 
     fn since(&self, pid: u32) -> Value {
         let now = Self::sample(pid);
-        // SAFETY: sysconf only reads a constant of the system.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let hz = ticks_per_sec();
         let secs = now.at.duration_since(self.at).as_secs_f64();
         json!({
             "agent_percent_of_one_core": 100.0 * (now.agent - self.agent) as f64 / hz / secs,
@@ -139,16 +107,6 @@ impl Cpu {
                 100.0 * (now.busy - self.busy) as f64 / (now.total - self.total).max(1) as f64,
         })
     }
-}
-
-/// Nearest-rank quantiles of durations, in ms.
-fn quantiles(mut v: Vec<Duration>) -> Value {
-    v.sort_unstable();
-    let q = |p: f64| {
-        let i = ((v.len().max(1) - 1) as f64 * p).round() as usize;
-        v.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
-    };
-    json!({"p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99), "max_ms": q(1.0)})
 }
 
 fn tally_json(t: &Tally, secs: f64) -> Value {
@@ -187,17 +145,25 @@ fn legit_phase(
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args: Args = bench::args::parse(SPEC);
+    // --secs is another name of --repeat, and wins when both are given.
+    let secs = args
+        .secs
+        .map_or_else(|| args.common.repeat(), |s| s as usize);
+    if args.flooders + args.legit > MAX_SOURCES {
+        bail!("at most {MAX_SOURCES} sources in all (--flooders + --legit)");
+    }
     if !require_root("bench-flood") {
         bail!("the flood benchmark runs an agent in network namespaces: run it as root");
     }
-    flowwarden_tests::agent_proc::use_release_agent()?;
+    flowwarden_tests::agent_proc::release_agent()?;
+    let secs = u32::try_from(secs)?;
     let load_before = loadavg();
     // The product's default rate limit: what a flood meets on a stock agent.
     let stack = FloodStack::start("bflood", POLICY, "", args.flooders + args.legit)?;
     let pid = stack.agent_pid()?;
     let (legit_sources, flood_sources) = stack.sources.split_at(args.legit);
-    let per_phase = (args.rate * args.secs) as usize;
+    let per_phase = (args.rate * secs) as usize;
     eprintln!("minting tokens…");
     let legit_tokens = mint(
         &stack,
@@ -231,7 +197,7 @@ fn main() -> anyhow::Result<()> {
         }
         eprintln!(
             "baseline: {} legitimate sources at {}/s each for {} s…",
-            args.legit, args.rate, args.secs
+            args.legit, args.rate, secs
         );
         let cpu = Cpu::sample(pid);
         let baseline = legit_phase(&stack, legit_sources, &baseline_tokens, args.rate)?;
@@ -311,18 +277,14 @@ fn main() -> anyhow::Result<()> {
             "rate_limited_429": t.rate_limited,
             "failed": t.failed + t.rejected,
             "first_failure": t.first_failure,
-            "latency_from_scheduled_send": quantiles(t.latencies.clone()),
+            "latency_from_scheduled_send": Stats::of_ms(&t.latencies).ms_json(),
             "cpu": cpu,
         })
     };
     let report = json!({
         "benchmark": "flood",
-        "date": command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-        "machine": {
-            "kernel": command_output("uname", &["-r"]),
-            "cpu": cpu_model(),
-            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        },
+        "date": bench::utc_date(),
+        "machine": bench::machine(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "method": "release agent in a netns pair with the default admission limit (20/s, burst \
@@ -342,7 +304,7 @@ fn main() -> anyhow::Result<()> {
         "legit": {
             "sources": args.legit,
             "rate_per_source_per_sec": args.rate,
-            "secs_per_phase": args.secs,
+            "secs_per_phase": secs,
             "without_flood": phase(&baseline, &baseline_cpu),
             "during_flood": phase(&during, &during_cpu),
         },
@@ -358,15 +320,14 @@ fn main() -> anyhow::Result<()> {
         },
     });
     let q = |t: &Tally| {
-        let v = quantiles(t.latencies.clone());
-        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let v = Stats::of_ms(&t.latencies);
         format!(
             "{}/{} admitted, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             t.admitted,
             args.legit * per_phase,
-            f("p50_ms"),
-            f("p99_ms"),
-            f("max_ms")
+            v.p50,
+            v.p99,
+            v.max
         )
     };
     let pct = |c: &Value, k: &str| c[k].as_f64().unwrap_or(f64::NAN);
@@ -400,12 +361,7 @@ fn main() -> anyhow::Result<()> {
         "flooding sources hold {flood_sessions} sessions for {flood_admitted} admissions \
          answered 201 (the limit allows at most {ceiling:.0}); load {load_before} → {load_after}"
     );
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
+    args.common.write_report(&report)?;
     if flood_sessions != flood_admitted || flood_admitted as f64 > ceiling {
         bail!("the flood got more admitted than the limit allows, or sessions without a 201");
     }

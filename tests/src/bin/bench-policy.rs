@@ -6,7 +6,6 @@ use std::{
     alloc::{GlobalAlloc, Layout, System},
     hint::black_box,
     net::IpAddr,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering::Relaxed},
@@ -15,30 +14,31 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use clap::Parser;
 use flowwarden::{
-    audit::{
-        Audit,
-        event::{AuditEvent, AuditKind},
-    },
-    config::SessionsConfig,
-    datapath::{Datapath, LoadOptions, maps_dir},
-    enforce::Enforcer,
-    policy::{PolicyHandle, Reload},
-    sessions::{Sessions, model::now_ms},
-    store::{Store, Write},
+    audit::event::{AuditEvent, AuditKind},
+    datapath::maps_dir,
+    policy::Reload,
+    store::Write,
 };
 use flowwarden_tests::{
-    agent_proc::Scratch,
-    bench::{Pins, bench_identity, bench_source, command_output, cpu_model, loadavg, memory},
-    loaded::private_pin_dir,
+    bench::{
+        self, BenchArgs, HasBenchArgs, Knob, Spec, bench_identity, cpu::process_cpu,
+        inproc::InProcessAgent, loadavg, memory, stats::ms,
+    },
     privileged,
 };
 use serde_json::json;
 
 const TARGET_MS: f64 = 200.0;
 const TARGET_RSS_MIB: f64 = 256.0;
-/// Concurrent admissions: enough for the store to commit large groups, as a busy agent does.
-const TASKS: usize = 512;
+/// One change per run: a policy change never widens live sessions, so the grants it removes
+/// cannot be given back without admitting everyone again.
+const SPEC: Spec = Spec {
+    name: "policy",
+    runs: Knob::Ignored("one change per run"),
+    repeat: Knob::Ignored("one change per run"),
+};
 
 /// Every session is granted both resources; the edit takes `web` from everyone's rule, so each
 /// session loses one grant and keeps one (none is terminated).
@@ -50,29 +50,21 @@ fn policy_text(granted: &str) -> String {
     )
 }
 
+/// Time from a policy change to every live session re-evaluated, in-process.
+#[derive(Parser)]
 struct Args {
-    out: PathBuf,
+    #[command(flatten)]
+    common: BenchArgs,
+    /// Live sessions when the policy changes (fewer if the kernel's grant map cannot hold two
+    /// grants for each).
+    #[arg(long, default_value_t = 100_000)]
     sessions: usize,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        out: PathBuf::from("target/bench/policy.json"),
-        sessions: 100_000,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--out" => a.out = PathBuf::from(value),
-            "--sessions" => a.sessions = value.parse().context("--sessions")?,
-            // One change per run: a policy change never widens live sessions, so the grants
-            // it removes cannot be given back without admitting everyone again.
-            "--repeat" | "--runs" => eprintln!("{arg} {value}: ignored, one change per run"),
-            other => bail!("unknown argument {other}: use --out FILE --sessions N"),
-        }
+impl HasBenchArgs for Args {
+    fn bench_args(&mut self) -> &mut BenchArgs {
+        &mut self.common
     }
-    Ok(a)
 }
 
 /// Counts live heap bytes, so that RSS can be split into the session records and the rest
@@ -125,40 +117,27 @@ fn heap_mib() -> f64 {
     HEAP.load(Relaxed) as f64 / (1024.0 * 1024.0)
 }
 
-/// CPU time of this process (user and system, every thread): the change runs on this thread
-/// and the threads it starts, while the rest of the process is idle; this is what the change
-/// costs whatever else the machine runs meanwhile.
-fn process_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args: Args = bench::args::parse(SPEC);
     if !privileged::require_root("bench-policy") {
         bail!("the policy benchmark loads BPF maps: run it as root");
     }
     let load_before = loadavg();
-    privileged::ensure_bpffs()?;
-    let scratch = Scratch::new("bpol");
-    let pins = Pins(private_pin_dir("bpol"));
-    let policy_file = scratch.dir.join("policies/bench.toml");
-    std::fs::write(&policy_file, policy_text("\"ssh\", \"web\""))?;
-    let policy = Arc::new(PolicyHandle::new(scratch.dir.join("policies"))?);
-    let datapath = Datapath::load(&LoadOptions {
-        pin_dir: pins.0.clone(),
-        flow_table_size: agent_common::map_sizes::FLOWS,
-        ..LoadOptions::default()
-    })?;
+    let agent = InProcessAgent::start(
+        "bpol",
+        &policy_text("\"ssh\", \"web\""),
+        agent_common::map_sizes::FLOWS,
+    )?;
+    let InProcessAgent {
+        rt,
+        sessions,
+        store,
+        enforcer,
+        policy,
+        pins,
+        scratch,
+    } = &agent;
+    let policy_file = agent.policy_file();
     let grant_capacity =
         aya::maps::MapData::from_pin(maps_dir(&pins.0).join(agent_common::map_names::GRANTS))?
             .info()?
@@ -172,49 +151,13 @@ fn main() -> anyhow::Result<()> {
             args.sessions
         );
     }
-    let mut maps = datapath.maps;
-    maps.install_resources(&policy.current().resources)?;
-    let enforcer = Arc::new(Enforcer::new(maps));
-    let store = Store::open(&scratch.dir.join("state/state.redb"))?;
-    let sessions = Arc::new(Sessions::new(
-        Arc::clone(&enforcer),
-        store.clone(),
-        Audit::new(store.clone()),
-        Arc::clone(&policy),
-        SessionsConfig::default(),
-        Vec::new(),
-    ));
-    // As the agent runs: two async workers.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_time()
-        .build()?;
     let (rss_empty, _) = memory();
     let heap_empty = heap_mib();
 
     eprintln!("admitting {n} sessions…");
-    let now = now_ms() / 1000;
-    let started = Instant::now();
-    rt.block_on(async {
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|task| {
-                let sessions = Arc::clone(&sessions);
-                tokio::spawn(async move {
-                    for i in (task..n).step_by(TASKS) {
-                        sessions
-                            .admit(bench_identity(i, now, &[]), bench_source(i))
-                            .await?;
-                    }
-                    anyhow::Ok(())
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await??;
-        }
-        anyhow::Ok(())
-    })?;
-    let admit_secs = started.elapsed().as_secs_f64();
+    let admit_secs = agent
+        .admit_many(n, |i, now| bench_identity(i, now, &[]))?
+        .as_secs_f64();
     // The store writer frees each group's writes after answering: let it finish first.
     std::thread::sleep(Duration::from_millis(200));
     let (rss_sessions, hwm_sessions) = memory();
@@ -350,12 +293,8 @@ fn main() -> anyhow::Result<()> {
     let rest = enforce.saturating_sub(evaluate + withdraw);
     let report = json!({
         "benchmark": "policy",
-        "date": command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-        "machine": {
-            "kernel": command_output("uname", &["-r"]),
-            "cpu": cpu_model(),
-            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        },
+        "date": bench::utc_date(),
+        "machine": bench::machine(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "method": "in-process, the agent's library as the agent wires it: a private datapath \
@@ -463,11 +402,5 @@ fn main() -> anyhow::Result<()> {
          {load_after}",
         records_mib * 1024.0 / n as f64
     );
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
-    Ok(())
+    args.common.write_report(&report)
 }

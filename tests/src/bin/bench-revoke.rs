@@ -1,7 +1,6 @@
 //! `cargo xtask bench revoke`: how fast `sessions terminate` severs a live stream and a live
 //! `ssh`, and where the time goes (RPC, map write, socket destroy, store commit), as JSON.
 
-use flowwarden_tests::bench::{Idle, command_output, loadavg};
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
@@ -17,6 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
 use flowwarden::{
     api::client::{ClientError, RpcClient},
     audit::event::{AuditEvent, AuditKind},
@@ -26,6 +26,8 @@ use flowwarden::{
     store::{RevocationRecord, Store, Write},
 };
 use flowwarden_tests::{
+    agent_proc::release_agent,
+    bench::{self, BenchArgs, HasBenchArgs, Idle, IdleArgs, Knob, Spec, Stats, loadavg},
     privileged::require_root,
     ssh::Sshd,
     stack::{ISSUER, Stack, TokenSpec},
@@ -67,8 +69,34 @@ const TICKER: &str = "while date +%s%N; do sleep 0.01; done";
 /// Published figures, for context only: not measured here.
 const PEERS: [(&str, f64); 2] = [("Border0", 2000.0), ("OpenZiti (polling)", 5000.0)];
 
+const SPEC: Spec = Spec {
+    name: "revoke",
+    runs: Knob::Means {
+        help: "Terminate runs against a stream (ssh runs are a quarter of them, at least 50 or \
+               all when fewer)",
+        default: 200,
+    },
+    repeat: Knob::Ignored("one terminate has nothing to repeat"),
+};
+
+/// How fast `sessions terminate` severs a live stream and a live ssh, and where the time goes.
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    common: BenchArgs,
+    #[command(flatten)]
+    idle: IdleArgs,
+}
+
+impl HasBenchArgs for Args {
+    fn bench_args(&mut self) -> &mut BenchArgs {
+        &mut self.common
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let (out, runs, idle) = parse_args()?;
+    let args: Args = bench::args::parse(SPEC);
+    let (runs, idle) = (args.common.runs(), args.idle.idle);
     if !require_root("bench-revoke") {
         bail!("the revoke benchmark runs an agent in network namespaces: run it as root");
     }
@@ -119,64 +147,7 @@ fn main() -> anyhow::Result<()> {
     }
     let report = report(&a, &b, failures, load_before, idle);
     print_summary(&report);
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!("wrote {}", out.display());
-    Ok(())
-}
-
-fn parse_args() -> anyhow::Result<(PathBuf, usize, Idle)> {
-    let (mut out, mut runs) = (PathBuf::from("target/bench/revoke.json"), 200);
-    let mut idle = Idle::Poll;
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--out" => out = PathBuf::from(value()?),
-            "--runs" => runs = value()?.parse().context("--runs")?,
-            "--idle" => idle = Idle::parse(&value()?)?,
-            // xtask may forward it to any bench; one terminate has nothing to repeat.
-            "--repeat" => drop(value()?),
-            other => bail!("unknown argument {other}: use --out FILE --runs N --idle poll|default"),
-        }
-    }
-    ensure!(runs > 0, "--runs must be at least 1");
-    Ok((out, runs, idle))
-}
-
-/// The agent and CLI as shipped (release), unless `$FLOWWARDEN_BIN` names one: the tests'
-/// debug build would make every figure here one about the debug build.
-fn release_agent() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("FLOWWARDEN_BIN") {
-        return Ok(bin.into());
-    }
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "flowwarden",
-            "--bin",
-            "flowwarden",
-        ])
-        .current_dir(&workspace)
-        .status()
-        .context("running cargo build --release for the agent")?;
-    ensure!(
-        status.success(),
-        "cargo build --release -p flowwarden failed"
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    let bin = target.join("release/flowwarden");
-    // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
-    unsafe { std::env::set_var("FLOWWARDEN_BIN", &bin) };
-    Ok(bin)
+    args.common.write_report(&report)
 }
 
 struct Ctx<'a> {
@@ -635,30 +606,6 @@ fn ms_since(t: u64) -> f64 {
     ms((monotonic_ns() - t) as i64)
 }
 
-/// Nearest-rank percentiles of one figure over the runs.
-#[derive(Serialize)]
-struct Stats {
-    n: usize,
-    min: f64,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-}
-
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).max(1) - 1];
-    Stats {
-        n: v.len(),
-        min: v[0],
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
-        max: v[v.len() - 1],
-    }
-}
-
 #[derive(Serialize)]
 struct Report {
     benchmark: &'static str,
@@ -691,8 +638,10 @@ fn report(
             flatten(group, run, &mut columns);
         }
     }
-    let figures: BTreeMap<String, Stats> =
-        columns.into_iter().map(|(k, v)| (k, stats(v))).collect();
+    let figures: BTreeMap<String, Stats> = columns
+        .into_iter()
+        .map(|(k, v)| (k, Stats::of(v)))
+        .collect();
     let p99 = |k: &str| figures.get(k).map_or(f64::NAN, |s| s.p99);
     let (a_p99, b_p99) = (p99("a.stream.last_received_ms"), p99("b.to_ssh_exit_ms"));
     let streams = a
@@ -702,9 +651,9 @@ fn report(
     let sum = |f: fn(&StreamOutcome) -> usize| streams.clone().map(f).sum::<usize>();
     Report {
         benchmark: "revoke",
-        date: command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        date: bench::utc_date(),
         machine: json!({
-            "kernel": command_output("uname", &["-r"]),
+            "kernel": bench::command_output("uname", &["-r"]),
             "cpus": thread::available_parallelism().map_or(0, |n| n.get()),
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),

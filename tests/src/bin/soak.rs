@@ -7,66 +7,61 @@
 //! 1,000 kills spent most of its time re-checking (8 s a kill by kill 300, growing linearly).
 //! The JSON is rewritten after every generation, so an interrupted soak keeps its figures.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
+use clap::Parser;
 use flowwarden_tests::{
-    bench::{cpu_model, loadavg},
+    bench::{self, BenchArgs, HasBenchArgs, Knob, Spec, cpu_model, loadavg},
     crash::{self, Options},
     privileged::require_root,
 };
 use serde_json::json;
 
+const SPEC: Spec = Spec {
+    name: "soak",
+    runs: Knob::Ignored("the soak's size is --kills"),
+    repeat: Knob::Ignored("the soak's size is --kills"),
+};
+
+/// The crash-consistency soak: SIGKILLs of a real agent at random moments of admissions,
+/// terminations and reloads, in generations on fresh stacks.
+#[derive(Parser)]
 struct Args {
-    kills: usize,
+    #[command(flatten)]
+    common: BenchArgs,
+    /// Kills in the middle of operations (kills during restarts come on top).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    kills: u64,
     /// Kills per fresh stack.
-    generation: usize,
-    out: PathBuf,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    generation: u64,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        kills: 1000,
-        generation: 100,
-        out: PathBuf::from("target/bench/soak.json"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--kills" => a.kills = value.parse().with_context(|| format!("--kills {value}"))?,
-            "--generation" => {
-                a.generation = value
-                    .parse()
-                    .with_context(|| format!("--generation {value}"))?;
-            }
-            "--out" => a.out = PathBuf::from(value),
-            other => bail!("unknown argument {other}: use --kills N --generation N --out FILE"),
-        }
+impl HasBenchArgs for Args {
+    fn bench_args(&mut self) -> &mut BenchArgs {
+        &mut self.common
     }
-    if a.kills == 0 || a.generation == 0 {
-        bail!("--kills and --generation must be at least 1");
-    }
-    Ok(a)
 }
 
 fn main() -> anyhow::Result<ExitCode> {
-    let args = parse_args()?;
+    let args: Args = bench::args::parse(SPEC);
+    let (kills, generation) = (args.kills as usize, args.generation as usize);
     // The agent as it ships: a debug agent's start is several times slower, and `status`
     // within 1 s of the start is one of the figures.
-    flowwarden_tests::agent_proc::use_release_agent()?;
+    flowwarden_tests::agent_proc::release_agent()?;
     if !require_root("soak") {
         bail!("the soak needs root (network namespaces, bpffs)");
     }
     let loadavg_before = loadavg();
-    let base = Options::new("soak", args.kills);
+    let base = Options::new("soak", kills);
     let started = std::time::Instant::now();
     let mut reports: Vec<crash::Report> = Vec::new();
-    while reports.iter().map(|r| r.kills).sum::<usize>() < args.kills {
+    while reports.iter().map(|r| r.kills).sum::<usize>() < kills {
         let done: usize = reports.iter().map(|r| r.kills).sum();
         let g = reports.len() as u64;
         let opts = Options {
-            kills: args.generation.min(args.kills - done),
+            kills: generation.min(kills - done),
             // Each generation its own sequence, all reproducible from the one seed.
             seed: base.seed ^ g.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             tag: base.tag.clone(),
@@ -79,16 +74,12 @@ fn main() -> anyhow::Result<ExitCode> {
         );
         reports.push(crash::run(&opts));
         let out = summary(&reports, &loadavg_before, started.elapsed().as_secs_f64());
-        if let Some(dir) = args.out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&args.out, serde_json::to_string_pretty(&out)? + "\n")
-            .with_context(|| format!("writing {}", args.out.display()))?;
+        bench::write_json(args.common.out(), &out)?;
         println!("soak: after generation {}: {}", g + 1, out["totals"]);
     }
     let out = summary(&reports, &loadavg_before, started.elapsed().as_secs_f64());
     println!("{}", serde_json::to_string_pretty(&out)?);
-    println!("soak: results in {}", args.out.display());
+    println!("soak: results in {}", args.common.out().display());
     if reports.iter().all(crash::Report::is_clean) {
         Ok(ExitCode::SUCCESS)
     } else {
