@@ -7,7 +7,8 @@
 
 use flowwarden::api::{
     jsonrpc::{self, INVALID_PARAMS, INVALID_REQUEST, Incoming, METHOD_NOT_FOUND, PARSE_ERROR},
-    request::{METHODS, Request},
+    methods::{AccessRule, METHODS, Request},
+    peer::Access,
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -26,18 +27,18 @@ fuzz_target!(|line: &[u8]| {
             assert_eq!(jsonrpc::parse_line(line).as_ref(), Ok(&call));
             match Request::parse(&call) {
                 Ok(request) => {
-                    let (_, admin) = METHODS
+                    let info = METHODS
                         .iter()
-                        .find(|(m, _)| *m == call.method)
+                        .find(|m| m.name == call.method)
                         .unwrap_or_else(|| panic!("parsed unknown method {:?}", call.method));
-                    // A method listed as mutating must always need admin access.
-                    if *admin {
-                        assert!(request.mutates(), "{} does not mutate", call.method);
+                    // A method listed as admin-only must always need admin access.
+                    if info.access == AccessRule::Admin {
+                        assert_eq!(request.access(), Access::Admin, "{}", call.method);
                     }
                     answer_is_a_line(&jsonrpc::response_ok(&call.id, Value::Null), &call.id);
                 }
                 Err(e) => {
-                    let listed = METHODS.iter().any(|(m, _)| *m == call.method);
+                    let listed = METHODS.iter().any(|m| m.name == call.method);
                     let want = if listed {
                         INVALID_PARAMS
                     } else {

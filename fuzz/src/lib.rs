@@ -95,6 +95,8 @@ impl Fixture {
             hs256_secret_file: None,
             refresh_secs: 3600,
             claims: ClaimMapping::default(),
+            ca_file: None,
+            token_types: vec!["JWT".into(), "at+jwt".into(), String::new()],
         };
         let cfg = AuthConfig {
             leeway_secs: LEEWAY_SECS,

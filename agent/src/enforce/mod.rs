@@ -21,8 +21,7 @@ use crate::{
     config::Mode,
     datapath::{
         Counters, DatapathError, FLOW_CHUNK, Flow, FlowKey, FlowTable, Maps, ResourceEntries,
-        Revocation,
-        SessionStats, Walk,
+        Revocation, SessionStats, Walk,
     },
     policy::ResourceTable,
     sessions::model::{SessionGrant, SessionId},

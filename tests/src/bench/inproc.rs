@@ -60,7 +60,9 @@ impl InProcessAgent {
         })
         .with_context(|| format!("loading the datapath with a flow table of {flow_table_size}"))?;
         let mut maps = datapath.maps;
-        maps.install_resources(flowwarden::datapath::ResourceEntries::from(&policy.current().resources))?;
+        maps.install_resources(flowwarden::datapath::ResourceEntries::from(
+            &policy.current().resources,
+        ))?;
         let enforcer = Arc::new(Enforcer::new(maps));
         let store = Store::open(&scratch.dir.join("state/state.redb"))?;
         let sessions = Arc::new(Sessions::new(

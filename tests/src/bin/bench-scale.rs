@@ -629,7 +629,9 @@ fn main() -> anyhow::Result<()> {
             });
             polling.wait();
             let t = Instant::now();
-            let answer = rt.block_on(core.handle(call, admin)).and_then(Reply::into_value);
+            let answer = rt
+                .block_on(core.handle(call, admin))
+                .and_then(Reply::into_value);
             let took = t.elapsed();
             let seen = poller.join().expect("revocation poller");
             answer
