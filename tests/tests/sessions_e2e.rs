@@ -300,9 +300,10 @@ fn expiry_ends_a_session_and_reconnect_tokens_are_single_use() {
     let echo: SocketAddr = (stack.pair.server_addr, 7000).into();
     let listener = listen(&stack.pair.server, echo);
 
-    // A token that lives 3 s makes a session that expires with it.
+    // A token that lives 8 s makes a session that expires with it (the agent refuses tokens
+    // with less than 5 s left, so it cannot be shorter).
     let mut spec = TokenSpec::user("carol@corp.example", &["ops"]);
-    spec.lifetime_secs = 3;
+    spec.lifetime_secs = 8;
     let short = stack.token(&spec);
     let carol = stack.scratch.dir.join("carol");
     let (ok, out) = stack.login(&short, &carol);
@@ -311,7 +312,7 @@ fn expiry_ends_a_session_and_reconnect_tokens_are_single_use() {
     let mut c = connect(&stack.pair.client, echo, LONG).unwrap();
     let mut s = accept(&listener, LONG).unwrap();
     assert!(carries(&mut c, &mut s, b"before expiry"));
-    stack.wait_until(Duration::from_secs(10), "the session expires", || {
+    stack.wait_until(Duration::from_secs(15), "the session expires", || {
         session(&stack, &short_id)["state"] == "expired"
     });
     read_timeout(&s, SHORT);
@@ -398,7 +399,8 @@ fn sessions_and_audit_survive_a_restart_and_expired_ones_are_revoked_at_start() 
     let mut c = connect(&stack.pair.client, echo, LONG).expect("erin connects");
     let mut s = accept(&listener, LONG).unwrap();
     let mut spec = TokenSpec::user("frank@corp.example", &["ops"]);
-    spec.lifetime_secs = 4;
+    // Above the agent's 5 s minimum remaining lifetime, and over before the restart below.
+    spec.lifetime_secs = 8;
     let frank = stack.scratch.dir.join("frank");
     let (ok, out) = stack.login(&stack.token(&spec), &frank);
     assert!(ok, "{out}");
@@ -408,7 +410,7 @@ fn sessions_and_audit_survive_a_restart_and_expired_ones_are_revoked_at_start() 
     stack.agent_mut().kill9();
     // While the agent is down, the kernel keeps enforcing: erin's flow still passes.
     assert!(carries(&mut c, &mut s, b"agent down"));
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(9));
     stack.start_agent();
 
     assert_eq!(session(&stack, &long_id)["state"], "active");

@@ -33,7 +33,9 @@ pub const USERS: &[User] = &[
     User {
         email: "dave@corp.example",
         groups: &["ops"],
-        lifetime_secs: 3,
+        // Short, so that its sessions expire during a run; above the agent's minimum remaining
+        // lifetime (5 s, `auth::claims::MIN_REMAINING_SECS`) with room for a slow admission.
+        lifetime_secs: 10,
     },
     User {
         email: "erin@corp.example",
