@@ -139,15 +139,20 @@ fn revocation_severs_a_live_connection_and_detach_removes_everything() {
     assert!(carries(&mut c, &mut s, b"still plain"));
     assert!(maps.flows().iter().all(|(k, _)| k.dport == PROTECTED));
 
-    // Attached exactly once each: XDP ingress and TCX egress.
+    // Attached exactly once each: the default (`ingress = "auto"`) picks TC ingress on veth,
+    // whose native XDP path costs throughput, and TCX egress.
     let attached = attached_programs(&pair.server, &pair.server_if);
     assert_eq!(
         attached
             .iter()
-            .filter(|p| p.contains("fw_xdp_ingress"))
+            .filter(|p| p.contains("fw_tc_ingress"))
             .count(),
         1,
         "{attached:?}"
+    );
+    assert!(
+        !attached.iter().any(|p| p.contains("fw_xdp_ingress")),
+        "auto attached XDP on veth: {attached:?}"
     );
     assert_eq!(
         attached

@@ -135,7 +135,10 @@ fn batched_flow_walk_matches_the_key_by_key_walk() {
                 .maps
                 .insert_flow(k, f)
                 .unwrap_or_else(|e| panic!("inserting flow {}: {e}", inserted.len()));
-            inserted.insert(k, f);
+            // As written: the agent fills in the session's slot.
+            let written = dp.datapath.maps.flow(&k).expect("the flow just written");
+            assert_eq!(written.session_id, f.session_id);
+            inserted.insert(k, written);
         }
         check(&dp, &inserted, FLOW_CHUNK);
         let all = dp.datapath.maps.flows();
@@ -255,6 +258,12 @@ fn the_flow_index_gives_each_session_what_a_full_walk_gives() {
         .maps
         .insert_flow(new_key, new)
         .expect("inserting a flow");
+    // As written: the agent fills in the session's slot.
+    let new = dp
+        .datapath
+        .maps
+        .flow(&new_key)
+        .expect("the flow just written");
     enforcer.flow_opened(SessionId(new.session_id), &new_key);
     assert!(
         enforcer
