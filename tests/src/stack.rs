@@ -19,6 +19,19 @@ use crate::{
 pub const ISSUER: &str = "https://idp.flowwarden.dev";
 pub const AUDIENCE: &str = "flowwarden";
 pub const ADMISSION_PORT: u16 = 7443;
+/// The smallest policy the stack tests use: one resource, `echo` on tcp/7000, for the `ops`
+/// group (rule `ops-echo`).
+pub const ECHO_POLICY: &str = r#"
+[[resource]]
+name = "echo"
+protocol = "tcp"
+ports = [7000]
+
+[[rule]]
+name = "ops-echo"
+groups = ["ops"]
+resources = ["echo"]
+"#;
 
 /// Claims of a development token.
 #[derive(Debug, Clone)]

@@ -10,17 +10,7 @@ use flowwarden_tests::{
 };
 use serde_json::Value;
 
-const POLICY: &str = r#"
-[[resource]]
-name = "echo"
-protocol = "tcp"
-ports = [7000]
-
-[[rule]]
-name = "ops-echo"
-groups = ["ops"]
-resources = ["echo"]
-"#;
+const POLICY: &str = flowwarden_tests::stack::ECHO_POLICY;
 
 #[test]
 fn a_one_mib_token_gets_a_json_431_and_an_audit_record() {

@@ -13,17 +13,7 @@ use flowwarden_tests::{
 };
 use serde_json::Value;
 
-const POLICY: &str = r#"
-[[resource]]
-name = "echo"
-protocol = "tcp"
-ports = [7000]
-
-[[rule]]
-name = "ops-echo"
-groups = ["ops"]
-resources = ["echo"]
-"#;
+const POLICY: &str = flowwarden_tests::stack::ECHO_POLICY;
 
 const SHORT: Duration = Duration::from_millis(700);
 const LONG: Duration = Duration::from_secs(5);

@@ -17,17 +17,7 @@ use flowwarden_tests::{
 };
 use serde_json::{Value, json};
 
-const POLICY: &str = r#"
-[[resource]]
-name = "echo"
-protocol = "tcp"
-ports = [7000]
-
-[[rule]]
-name = "ops"
-groups = ["ops"]
-resources = ["echo"]
-"#;
+const POLICY: &str = flowwarden_tests::stack::ECHO_POLICY;
 
 /// What the agent allows one uid without admin access (`DEFAULT_MAX_PER_UID`).
 const PER_UID: usize = 32;
