@@ -289,6 +289,9 @@ impl Admission {
         let outcome = match &result {
             Ok(_) => AdmissionResult::Admitted,
             Err(SessionError::Denied { .. }) => AdmissionResult::Denied,
+            Err(SessionError::SessionTableFull { .. }) => {
+                AdmissionResult::Rejected(crate::sessions::SESSION_TABLE_FULL)
+            }
             Err(_) => AdmissionResult::Rejected("internal"),
         };
         self.metrics.admission(outcome, started.elapsed());
@@ -350,6 +353,12 @@ fn session_error(e: SessionError) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             "unknown_session",
             format!("no session {id}"),
+        ),
+        // The agent is at capacity, not broken: try again once sessions have ended.
+        SessionError::SessionTableFull { .. } => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            crate::sessions::SESSION_TABLE_FULL,
+            "the agent holds as many sessions as it can; try again later",
         ),
         other => {
             tracing::error!(error = %other, "admission failed");

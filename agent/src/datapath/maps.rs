@@ -111,8 +111,9 @@ pub struct Maps {
     /// The resource entries this handle last installed: later installs write only the
     /// difference instead of scanning all 131,072 port slots.
     installed: Option<ResourceEntries>,
-    /// The session table, mapped: slots, revocations and per-session counters.
-    slots: SlotTable,
+    /// The session table, mapped: slots, revocations and per-session counters. Shared with
+    /// the enforcer's revocation path, which must not wait for this handle's lock.
+    slots: Arc<SlotTable>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
 }
@@ -183,7 +184,7 @@ impl Maps {
             .map_err(map_err(names::FLOWS, "open"))?;
         let flow_table = Arc::new(FlowTable::new(&flows)?);
         let slots = match get(names::SESSIONS)? {
-            Map::Array(data) => SlotTable::new(data, names::SESSIONS)?,
+            Map::Array(data) => Arc::new(SlotTable::new(data, names::SESSIONS)?),
             _ => {
                 return Err(DatapathError::SlotTable {
                     name: names::SESSIONS,
@@ -440,6 +441,12 @@ impl Maps {
     /// table take a good part of a second, and must not hold up grant and revocation writes.
     pub fn flow_table(&self) -> Arc<FlowTable> {
         Arc::clone(&self.flow_table)
+    }
+
+    /// The session table (slots, revocations, counters), for callers that must reach it
+    /// without this handle: revoking a session waits for no other map write.
+    pub fn slot_table(&self) -> Arc<SlotTable> {
+        Arc::clone(&self.slots)
     }
 
     /// The flow table's capacity (`flow_table_size` when the maps were created).

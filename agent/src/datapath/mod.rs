@@ -19,7 +19,7 @@ pub use attach::{Attachment, IngressChoice, choose_ingress, detach_all};
 pub use events::{DatapathEvent, EventKind, EventReader};
 pub use logs::KernelLog;
 pub use maps::{Counters, DropReason, Maps};
-pub use slots::{Revocation, SessionStats};
+pub use slots::{Revocation, SessionStats, SlotTable};
 pub use test_run::TestRunOutcome;
 pub use walk::{FLOW_CHUNK, FlowTable, Walk};
 

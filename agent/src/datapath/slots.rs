@@ -10,7 +10,10 @@ use std::{
     collections::HashMap,
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use agent_common::SessionSlot;
@@ -56,26 +59,36 @@ mod word {
 
 const _: () = assert!(std::mem::size_of::<SessionSlot>() == word::COUNT * 8);
 
+/// This handle's index of the table: which slot each session holds, as far as it knows
+/// (checked against the table on every use), and the slots it believes free.
+#[derive(Debug, Default)]
+struct Index {
+    held: HashMap<u64, u32>,
+    /// Lowest last (taken from the end).
+    free: Vec<u32>,
+}
+
 /// The session table mapped into memory, and this handle's index of it.
+///
+/// Every method takes `&self`: the table is shared (an `Arc`) by the map writers and by the
+/// revocation path, so that revoking a session is one store that waits for no map writer,
+/// walk or scan, only for the index's read lock (held for a hash lookup).
 pub struct SlotTable {
     base: NonNull<AtomicU64>,
     /// Slots in the table (the map's `max_entries`).
     capacity: u32,
     /// Bytes mapped, for `munmap`.
     mapped: usize,
-    /// Which slot each session holds, as far as this handle knows (checked on every use).
-    held: HashMap<u64, u32>,
-    /// Slots this handle believes free, lowest last (taken from the end).
-    free: Vec<u32>,
+    index: RwLock<Index>,
     /// The map itself: its fd must stay open while programs that were loaded (or will be)
     /// with it run. `None` for the anonymous memory of unit tests.
     _map: Option<MapData>,
 }
 
 // SAFETY: the mapping is shared memory that every access reaches through atomics; the index
-// (`held`, `free`) is only changed through `&mut self`.
+// (`held`, `free`) is behind its own lock.
 unsafe impl Send for SlotTable {}
-// SAFETY: as above: `&self` methods only load from the mapping.
+// SAFETY: as above: the mapping is only reached through atomics, the index through its lock.
 unsafe impl Sync for SlotTable {}
 
 impl Drop for SlotTable {
@@ -137,28 +150,74 @@ impl SlotTable {
             name,
             message: "mmap returned a null mapping".into(),
         })?;
-        let mut table = Self {
+        let table = Self {
             base,
             capacity,
             mapped,
-            held: HashMap::new(),
-            free: Vec::new(),
+            index: RwLock::default(),
             _map: Some(map),
         };
-        table.rescan();
+        table.rescan(&mut table.write());
         Ok(table)
     }
 
+    /// A table over anonymous memory instead of the kernel's map: the same code, without root,
+    /// for unit tests and the in-memory datapath.
+    ///
+    /// # Errors
+    /// mmap fails.
+    pub(crate) fn in_memory(capacity: u32) -> Result<Self, DatapathError> {
+        let mapped = (capacity.max(1) as usize) * std::mem::size_of::<SessionSlot>();
+        // SAFETY: a fresh private anonymous mapping, zeroed by the kernel; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let base = NonNull::new(ptr.cast::<AtomicU64>())
+            .filter(|_| ptr != libc::MAP_FAILED)
+            .ok_or_else(|| DatapathError::SlotTable {
+                name: agent_common::map_names::SESSIONS,
+                message: format!(
+                    "cannot map {mapped} bytes of memory: {}",
+                    std::io::Error::last_os_error()
+                ),
+            })?;
+        let table = Self {
+            base,
+            capacity: capacity.max(1),
+            mapped,
+            index: RwLock::default(),
+            _map: None,
+        };
+        table.rescan(&mut table.write());
+        Ok(table)
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Index> {
+        // Every change leaves the index usable (it is checked against the table on each use).
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Rebuilds this handle's index from the table itself.
-    fn rescan(&mut self) {
-        self.held.clear();
-        self.free.clear();
+    fn rescan(&self, index: &mut Index) {
+        index.held.clear();
+        index.free.clear();
         // Slot 0 is never handed out: a zeroed grant or flow names no session.
         for slot in (1..self.capacity).rev() {
             match self.word(slot, word::SESSION_ID).load(Ordering::Acquire) {
-                0 => self.free.push(slot),
+                0 => index.free.push(slot),
                 id => {
-                    self.held.insert(id, slot);
+                    index.held.insert(id, slot);
                 }
             }
         }
@@ -179,12 +238,16 @@ impl SlotTable {
 
     /// Slots held by sessions.
     pub fn held(&self) -> usize {
-        self.held.len()
+        self.read().held.len()
     }
 
     /// The slot `session_id` holds, if it holds one.
     pub fn slot_of(&self, session_id: u64) -> Option<u32> {
-        let slot = *self.held.get(&session_id)?;
+        self.slot_in(&self.read(), session_id)
+    }
+
+    fn slot_in(&self, index: &Index, session_id: u64) -> Option<u32> {
+        let slot = *index.held.get(&session_id)?;
         (self.word(slot, word::SESSION_ID).load(Ordering::Acquire) == session_id).then_some(slot)
     }
 
@@ -192,12 +255,33 @@ impl SlotTable {
     ///
     /// # Errors
     /// Every slot is held: [`DatapathError::SessionTableFull`]. Nothing is overwritten.
-    pub fn claim(&mut self, session_id: u64) -> Result<u32, DatapathError> {
+    pub fn claim(&self, session_id: u64) -> Result<u32, DatapathError> {
         if let Some(slot) = self.slot_of(session_id) {
             return Ok(slot);
         }
-        self.held.remove(&session_id);
-        while let Some(slot) = self.free.pop() {
+        let mut index = self.write();
+        // Claimed by another caller between the two locks.
+        if let Some(slot) = self.slot_in(&index, session_id) {
+            return Ok(slot);
+        }
+        index.held.remove(&session_id);
+        if let Some(slot) = self.take_free(&mut index, session_id) {
+            return Ok(slot);
+        }
+        // Another handle may have released slots since this one looked.
+        self.rescan(&mut index);
+        if let Some(slot) = self.slot_in(&index, session_id) {
+            return Ok(slot);
+        }
+        self.take_free(&mut index, session_id)
+            .ok_or(DatapathError::SessionTableFull {
+                capacity: self.capacity.saturating_sub(1),
+            })
+    }
+
+    /// Takes the first slot of the free list that is still free in the table.
+    fn take_free(&self, index: &mut Index, session_id: u64) -> Option<u32> {
+        while let Some(slot) = index.free.pop() {
             // Released slots were zeroed before their session id was: a claimed slot starts
             // live, with no counts.
             if self
@@ -205,37 +289,20 @@ impl SlotTable {
                 .compare_exchange(0, session_id, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                self.held.insert(session_id, slot);
-                return Ok(slot);
+                index.held.insert(session_id, slot);
+                return Some(slot);
             }
         }
-        // Another handle may have released slots since this one looked.
-        self.rescan();
-        if let Some(slot) = self.slot_of(session_id) {
-            return Ok(slot);
-        }
-        match self.free.pop() {
-            Some(slot)
-                if self
-                    .word(slot, word::SESSION_ID)
-                    .compare_exchange(0, session_id, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok() =>
-            {
-                self.held.insert(session_id, slot);
-                Ok(slot)
-            }
-            _ => Err(DatapathError::SessionTableFull {
-                capacity: self.capacity.saturating_sub(1),
-            }),
-        }
+        None
     }
 
     /// Gives the slot of `session_id` back (counters and revocation with it). Only for
     /// sessions that ended and whose grants and flows are gone: a flow that still named the
     /// slot would be dropped (its generation no longer matches), never admitted.
-    pub fn release(&mut self, session_id: u64) {
-        let Some(slot) = self.slot_of(session_id) else {
-            self.held.remove(&session_id);
+    pub fn release(&self, session_id: u64) {
+        let mut index = self.write();
+        let Some(slot) = self.slot_in(&index, session_id) else {
+            index.held.remove(&session_id);
             return;
         };
         for field in 1..word::COUNT {
@@ -243,15 +310,25 @@ impl SlotTable {
         }
         self.word(slot, word::SESSION_ID)
             .store(0, Ordering::Release);
-        self.held.remove(&session_id);
-        self.free.push(slot);
+        index.held.remove(&session_id);
+        index.free.push(slot);
+    }
+
+    /// Every session id that holds a slot in the table (read from the table, not this
+    /// handle's index): for reconciliation, which releases the slots of sessions the agent no
+    /// longer knows.
+    pub fn holders(&self) -> Vec<u64> {
+        (1..self.capacity)
+            .map(|slot| self.word(slot, word::SESSION_ID).load(Ordering::Acquire))
+            .filter(|&id| id != 0)
+            .collect()
     }
 
     /// Revokes `session_id`: one store into its slot, seen by the kernel's next packet.
     /// Revoking twice keeps the first revocation's time. A session without a slot has
     /// nothing in the kernel to stop; it gets one (marked revoked) when one is free, so that
     /// the revocation can be read back.
-    pub fn revoke(&mut self, session_id: u64, now_ns: u64) {
+    pub fn revoke(&self, session_id: u64, now_ns: u64) {
         let slot = match self.claim(session_id) {
             Ok(slot) => slot,
             Err(_) => return,
@@ -349,36 +426,13 @@ impl SlotTable {
 mod tests {
     use super::*;
 
-    /// A table over anonymous memory: the same code as over the kernel's map, without root.
     fn table(capacity: u32) -> SlotTable {
-        let mapped = capacity as usize * std::mem::size_of::<SessionSlot>();
-        // SAFETY: a fresh private anonymous mapping, zeroed by the kernel, checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        let mut t = SlotTable {
-            base: NonNull::new(ptr.cast()).unwrap(),
-            capacity,
-            mapped,
-            held: HashMap::new(),
-            free: Vec::new(),
-            _map: None,
-        };
-        t.rescan();
-        t
+        SlotTable::in_memory(capacity).unwrap()
     }
 
     #[test]
     fn slot_zero_is_never_handed_out_and_a_full_table_refuses() {
-        let mut t = table(4);
+        let t = table(4);
         let slots: Vec<u32> = (1..=3).map(|id| t.claim(id).unwrap()).collect();
         assert_eq!(slots, [1, 2, 3]);
         assert_eq!(t.claim(2).unwrap(), 2, "a session keeps its slot");
@@ -396,7 +450,7 @@ mod tests {
 
     #[test]
     fn a_released_slot_comes_back_clean_for_the_next_session() {
-        let mut t = table(2);
+        let t = table(2);
         let slot = t.claim(7).unwrap();
         t.revoke(7, 100);
         t.flow_added(slot, 7);
@@ -416,20 +470,19 @@ mod tests {
 
     #[test]
     fn a_second_handle_learns_the_held_slots_from_the_table() {
-        let mut first = table(8);
+        let first = table(8);
         first.claim(1).unwrap();
         first.claim(2).unwrap();
         first.revoke(2, 5);
         // A second handle over the same memory, as a restarted agent over the pinned map.
-        let mut second = SlotTable {
+        let second = SlotTable {
             base: first.base,
             capacity: first.capacity,
             mapped: 0,
-            held: HashMap::new(),
-            free: Vec::new(),
+            index: RwLock::default(),
             _map: None,
         };
-        second.rescan();
+        second.rescan(&mut second.write());
         assert_eq!(second.slot_of(1), first.slot_of(1));
         assert!(second.revocation(2).is_some());
         let fresh = second.claim(3).unwrap();
@@ -442,7 +495,7 @@ mod tests {
 
     #[test]
     fn the_flow_budget_count_never_wraps_below_zero() {
-        let mut t = table(2);
+        let t = table(2);
         let slot = t.claim(5).unwrap();
         t.flow_removed(slot, 5);
         assert_eq!(t.stats(5).unwrap().live_flows, 0);

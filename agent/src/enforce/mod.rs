@@ -11,17 +11,22 @@ use std::{
 mod census;
 mod diag_codec;
 pub mod flow_index;
+mod in_memory;
+pub mod kernel;
 pub mod pressure;
 pub mod sockets;
 
 pub use census::{CENSUS_MAX_AGE, FlowCensus, LARGE_TABLE, Traffic, TrafficMap, WALK_DUTY};
 
-use self::flow_index::{FlowIndex, WALK_BATCH};
+use self::{
+    flow_index::{FlowIndex, WALK_BATCH},
+    kernel::{FlowWalker, KernelMaps},
+};
 use crate::{
     config::Mode,
     datapath::{
-        Counters, DatapathError, FLOW_CHUNK, Flow, FlowKey, FlowTable, Maps, ResourceEntries,
-        Revocation, SessionStats, Walk,
+        Counters, DatapathError, FLOW_CHUNK, Flow, FlowKey, Maps, ResourceEntries, Revocation,
+        SessionStats, SlotTable, Walk, monotonic_ns,
     },
     policy::ResourceTable,
     sessions::model::{SessionGrant, SessionId},
@@ -56,28 +61,49 @@ impl From<&ResourceTable> for ResourceEntries {
 }
 
 pub struct Enforcer {
-    maps: Mutex<Maps>,
+    /// The kernel's maps (or the in-memory fake of unit tests), behind the writers' lock.
+    maps: Mutex<Box<dyn KernelMaps>>,
     /// Walks go through their own handle, outside the lock that map writers share.
-    flow_table: Arc<FlowTable>,
+    flow_table: Arc<dyn FlowWalker>,
+    /// The session table (revocations, counters), reached without the writers' lock: a
+    /// revocation is one store that waits for no grant write, flow removal or scan.
+    slots: Arc<SlotTable>,
     flows_capacity: u32,
     /// The newest census of the flow table, for reads of a large table to reuse.
     census: Mutex<Option<Arc<FlowCensus>>>,
     /// Each session's flows, so that one session's are found without walking the table.
     index: FlowIndex,
+    /// Whether ended sessions' local sockets are torn down (not by the in-memory fake, which
+    /// must never reach the host's sockets).
+    sockets: bool,
 }
 
 impl Enforcer {
     pub fn new(maps: Maps) -> Self {
+        let (flow_table, slots, capacity) =
+            (maps.flow_table(), maps.slot_table(), maps.flows_capacity());
+        Self::with_parts(Box::new(maps), flow_table, slots, capacity, true)
+    }
+
+    fn with_parts(
+        maps: Box<dyn KernelMaps>,
+        flow_table: Arc<dyn FlowWalker>,
+        slots: Arc<SlotTable>,
+        flows_capacity: u32,
+        sockets: bool,
+    ) -> Self {
         Self {
-            flow_table: maps.flow_table(),
-            flows_capacity: maps.flows_capacity(),
             maps: Mutex::new(maps),
+            flow_table,
+            slots,
+            flows_capacity,
             census: Mutex::new(None),
             index: FlowIndex::new(),
+            sockets,
         }
     }
 
-    fn maps(&self) -> MutexGuard<'_, Maps> {
+    fn maps(&self) -> MutexGuard<'_, Box<dyn KernelMaps>> {
         // A panic while holding the lock cannot leave the kernel maps half-written in a way
         // that matters more than stopping enforcement updates: keep going.
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
@@ -97,14 +123,14 @@ impl Enforcer {
         let mut maps = self.maps();
         // A slot claimed by this call goes back with the grants: an admission refused here
         // must not keep a place in the session table.
-        let had_slot = maps.slot_of(session.0).is_some();
+        let had_slot = self.slots.slot_of(session.0).is_some();
         for (i, g) in grants.iter().enumerate() {
             if let Err(source_err) = maps.grant(source, g.resource_id, session.0) {
                 for done in &grants[..i] {
                     let _ = maps.remove_grant(source, done.resource_id);
                 }
                 if !had_slot {
-                    maps.release_session(session.0);
+                    self.slots.release(session.0);
                 }
                 return Err(EnforceError::Kernel {
                     session,
@@ -156,27 +182,23 @@ impl Enforcer {
             })
     }
 
-    /// Severs every flow of the session on its next packet: one map write.
+    /// Severs every flow of the session on its next packet: one store into its slot of the
+    /// session table, without the writers' lock (nothing else in the agent can delay it).
     ///
     /// # Errors
-    /// The revoked set is full or the kernel refuses the write.
+    /// None today (kept for a datapath whose revocation can fail).
     pub fn revoke(&self, session: SessionId) -> Result<(), EnforceError> {
-        self.maps()
-            .revoke(session.0)
-            .map_err(|e| EnforceError::Kernel {
-                session,
-                action: "revoke",
-                source: e,
-            })
+        self.slots.revoke(session.0, monotonic_ns());
+        Ok(())
     }
 
     pub fn revocation(&self, session: SessionId) -> Option<Revocation> {
-        self.maps().revocation(session.0)
+        self.slots.revocation(session.0)
     }
 
     /// Every revoked session id in the kernel.
     pub fn revoked(&self) -> Vec<SessionId> {
-        self.maps()
+        self.slots
             .revoked_sessions()
             .into_iter()
             .map(|(id, _)| SessionId(id))
@@ -213,10 +235,15 @@ impl Enforcer {
         self.flows_where(|_| true)
     }
 
+    /// Hands every flow to `each`, without the writers' lock.
+    fn walk(&self, chunk: usize, mut each: impl FnMut(&FlowKey, &Flow)) -> Walk {
+        self.flow_table.walk(chunk, &mut each)
+    }
+
     /// The flows `pick` selects, from one pass that copies only those.
     pub fn flows_where(&self, pick: impl Fn(&Flow) -> bool) -> Vec<(FlowKey, Flow)> {
         let mut out = Vec::new();
-        self.flow_table.for_each(|k, f| {
+        self.walk(FLOW_CHUNK, |k, f| {
             if pick(f) {
                 out.push((*k, *f));
             }
@@ -227,7 +254,7 @@ impl Enforcer {
     /// Removes the flows for which `sever` says yes; returns them.
     pub fn remove_flows(&self, sever: impl Fn(&FlowKey, &Flow) -> bool) -> Vec<(FlowKey, Flow)> {
         let mut doomed = Vec::new();
-        self.flow_table.for_each(|k, f| {
+        self.walk(FLOW_CHUNK, |k, f| {
             if sever(k, f) {
                 doomed.push((*k, *f));
             }
@@ -265,7 +292,7 @@ impl Enforcer {
     fn walk_indexed(&self, mut each: impl FnMut(&FlowKey, &Flow)) {
         let mark = self.index.walk_started();
         let mut met = Vec::with_capacity(WALK_BATCH);
-        let walk = self.flow_table.for_each_in_chunks(FLOW_CHUNK, |k, f| {
+        let walk = self.walk(FLOW_CHUNK, |k, f| {
             met.push((*k, f.session_id));
             if met.len() == WALK_BATCH {
                 self.index.walked(mark, &met);
@@ -379,13 +406,13 @@ impl Enforcer {
     }
 
     pub fn session_stats(&self, session: SessionId) -> Option<SessionStats> {
-        self.maps().session_stats(session.0)
+        self.slots.stats(session.0)
     }
 
-    /// Every session's kernel counters, in one batched read.
+    /// Every session's kernel counters, read from the mapped session table.
     pub fn all_session_stats(&self) -> HashMap<SessionId, SessionStats> {
-        self.maps()
-            .all_session_stats()
+        self.slots
+            .all_stats()
             .into_iter()
             .map(|(id, s)| (SessionId(id), s))
             .collect()
@@ -411,6 +438,9 @@ impl Enforcer {
         &self,
         sessions: &HashSet<u64>,
     ) -> Result<sockets::Destroyed, sockets::SocketError> {
+        if !self.sockets {
+            return Ok(sockets::Destroyed::default());
+        }
         let flows: Vec<sockets::FlowSockets> = self
             .flows_of(sessions)
             .iter()
@@ -425,8 +455,11 @@ impl Enforcer {
         &self,
         pick: impl Fn(&Flow) -> bool,
     ) -> Result<sockets::Destroyed, sockets::SocketError> {
+        if !self.sockets {
+            return Ok(sockets::Destroyed::default());
+        }
         let mut flows: Vec<sockets::FlowSockets> = Vec::new();
-        self.flow_table.for_each(|k, f| {
+        self.walk(FLOW_CHUNK, |k, f| {
             if k.proto == agent_common::IPPROTO_TCP && pick(f) {
                 flows.push(flow_sockets(k));
             }
@@ -488,18 +521,24 @@ impl Enforcer {
 
     /// Hands every flow to `each` in chunks of `chunk`, without the writers' lock.
     pub fn for_each_flow_in_chunks(&self, chunk: usize, each: impl FnMut(&FlowKey, &Flow)) -> Walk {
-        self.flow_table.for_each_in_chunks(chunk, each)
+        self.walk(chunk, each)
     }
 
     /// Gives an ended session's slot in the kernel's session table back, with its revocation
     /// and counters. Only once its grants and flows are gone.
     pub fn release_session(&self, session: SessionId) {
-        self.maps().release_session(session.0);
+        self.slots.release(session.0);
     }
 
     /// Slots held by sessions and the session table's capacity.
     pub fn session_slots_fill(&self) -> (usize, u32) {
-        self.maps().session_slots_fill()
+        (self.slots.held(), self.slots.capacity().saturating_sub(1))
+    }
+
+    /// Every session id that holds a slot in the kernel's session table (read from the
+    /// table itself): reconciliation releases the ones no stored session explains.
+    pub fn slot_holders(&self) -> Vec<SessionId> {
+        self.slots.holders().into_iter().map(SessionId).collect()
     }
 }
 

@@ -46,6 +46,9 @@ pub struct Reconciled {
     pub orphan_grants_removed: usize,
     pub orphan_flows_removed: usize,
     pub revocations_restored: usize,
+    /// Session slots held in the kernel by sessions the store does not know (an admission
+    /// never acknowledged, a crash), with no flow left: given back.
+    pub orphan_slots_released: usize,
 }
 
 impl Sessions {
@@ -174,8 +177,12 @@ impl Sessions {
             writes.extend(end_writes);
         }
 
-        // Revocations whose job is done: session ended long ago and no flow left.
-        // The kernel walk first: the table lock is not held across it.
+        // Revocations whose job is done: the session ended and no flow of it is left (the
+        // census has none, and the kernel's own count of its live flows is zero), or it
+        // ended long ago. Its grants went when it ended, so nothing can open a flow for it;
+        // a flow that still named the slot would be dropped (the slot's session id no longer
+        // matches), never admitted. The slot then serves the next admission instead of
+        // lingering for an hour. The kernel reads first: the table lock is not held across it.
         let revoked = self.enforcer.revoked();
         let stale: Vec<SessionId> = {
             let table = self.table();
@@ -183,10 +190,13 @@ impl Sessions {
                 .into_iter()
                 .filter(|id| !traffic.contains_key(id))
                 .filter(|id| match table.get(id) {
-                    Some(s) => s
-                        .ended
-                        .as_ref()
-                        .is_some_and(|e| now.saturating_sub(e.at_ms) > REVOCATION_LINGER_MS),
+                    Some(s) => s.ended.as_ref().is_some_and(|e| {
+                        now.saturating_sub(e.at_ms) > REVOCATION_LINGER_MS
+                            || self
+                                .enforcer
+                                .session_stats(*id)
+                                .is_some_and(|st| st.live_flows == 0)
+                    }),
                     None => false,
                 })
                 .collect()
@@ -334,6 +344,19 @@ impl Sessions {
                     && !revoked_in_kernel.contains(&SessionId(f.session_id))
             })
             .len();
+        // Slots of sessions the store does not know: their grants and flows went above (a
+        // revoked one's flows stay until they idle out; its slot goes once they have).
+        for id in self.enforcer.slot_holders() {
+            if !known.contains(&id.0)
+                && self
+                    .enforcer
+                    .session_stats(id)
+                    .is_some_and(|st| st.live_flows == 0)
+            {
+                self.enforcer.release_session(id);
+                r.orphan_slots_released += 1;
+            }
+        }
         if !writes.is_empty() {
             self.persist(writes).await?;
         }

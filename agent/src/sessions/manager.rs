@@ -15,6 +15,7 @@ use crate::{
     },
     auth::reconnect,
     config::SessionsConfig,
+    datapath::DatapathError,
     enforce::{EnforceError, Enforcer},
     identity::Identity,
     policy::PolicyHandle,
@@ -33,6 +34,13 @@ pub enum SessionError {
     ReconnectRefused { code: &'static str, reason: String },
     #[error("no session {0}")]
     NotFound(SessionId),
+    /// Every slot of the kernel's session table is held by a session: the admission is
+    /// refused (fail closed), no other session's slot is taken.
+    #[error(
+        "the session table is full: all {capacity} session slots are held; end sessions or \
+         raise [datapath] session_slots"
+    )]
+    SessionTableFull { capacity: u32 },
     #[error(transparent)]
     Enforce(#[from] EnforceError),
     #[error("the state store failed; nothing was changed: {0}")]
@@ -72,12 +80,20 @@ pub struct Sessions {
     /// Sessions are shared, not copied, with the store's pending writes and with readers;
     /// a change copies one only if someone still holds the old version (`Arc::make_mut`).
     table: Mutex<HashMap<SessionId, Arc<Session>>>,
+    /// Every session in the table by its current source address, so that the heirs of an
+    /// ended session's grants are looked for among the sessions from its source, not in the
+    /// whole table. Changed only while the table lock is held (table first, then this), so
+    /// the two agree for anyone holding the table lock.
+    by_source: Mutex<foldhash::HashMap<IpAddr, Vec<SessionId>>>,
     pub(super) enforcer: Arc<Enforcer>,
     pub(super) store: Store,
     pub(super) audit: Audit,
     pub(super) policy: Arc<PolicyHandle>,
     pub(super) config: SessionsConfig,
 }
+
+/// The reason code of an admission refused because every session slot is held.
+pub const SESSION_TABLE_FULL: &str = "session_table_full";
 
 pub(super) fn event(kind: AuditKind, s: &Session, detail: impl Into<String>) -> AuditEvent {
     let mut e = AuditEvent::new(kind);
@@ -97,8 +113,13 @@ impl Sessions {
         config: SessionsConfig,
         sessions: Vec<Session>,
     ) -> Self {
+        let mut by_source: foldhash::HashMap<IpAddr, Vec<SessionId>> = Default::default();
+        for s in &sessions {
+            by_source.entry(s.source).or_default().push(s.id);
+        }
         Self {
             table: Mutex::new(sessions.into_iter().map(|s| (s.id, Arc::new(s))).collect()),
+            by_source: Mutex::new(by_source),
             enforcer,
             store,
             audit,
@@ -109,6 +130,26 @@ impl Sessions {
 
     pub(super) fn table(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<Session>>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn by_source(&self) -> MutexGuard<'_, foldhash::HashMap<IpAddr, Vec<SessionId>>> {
+        self.by_source.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Files `id` under `source` (call with the table lock held).
+    fn file_source(&self, id: SessionId, source: IpAddr) {
+        self.by_source().entry(source).or_default().push(id);
+    }
+
+    /// Takes `id` off `source`'s list (call with the table lock held).
+    fn unfile_source(&self, id: SessionId, source: IpAddr) {
+        let mut by_source = self.by_source();
+        if let Some(ids) = by_source.get_mut(&source) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                by_source.remove(&source);
+            }
+        }
     }
 
     pub fn enforcer(&self) -> &Arc<Enforcer> {
@@ -150,7 +191,26 @@ impl Sessions {
         identity: Identity,
         source: IpAddr,
     ) -> Result<Admitted, SessionError> {
-        let (session, reconnect_seed) = match self.decide(identity, source)? {
+        let user = identity.user().to_owned();
+        let decided = match self.decide(identity, source) {
+            Err(SessionError::Enforce(EnforceError::Kernel {
+                source: DatapathError::SessionTableFull { capacity },
+                ..
+            })) => {
+                let refused = SessionError::SessionTableFull { capacity };
+                let mut e = AuditEvent::new(AuditKind::AdmissionRejected {
+                    reason: SESSION_TABLE_FULL.into(),
+                });
+                e.user = Some(user);
+                e.source = Some(source);
+                e.detail = refused.to_string();
+                tracing::warn!(%source, capacity, "admission refused: the session table is full");
+                self.record(vec![e]).await?;
+                return Err(refused);
+            }
+            other => other?,
+        };
+        let (session, reconnect_seed) = match decided {
             Ok(admitted) => admitted,
             Err((identity, reason)) => {
                 let mut e = AuditEvent::new(AuditKind::AdmissionDenied {
@@ -175,7 +235,10 @@ impl Sessions {
             ])
             .await
         {
-            self.table().remove(&session.id);
+            let mut table = self.table();
+            table.remove(&session.id);
+            self.unfile_source(session.id, source);
+            drop(table);
             for g in &session.grants {
                 let _ = self.enforcer.withdraw(session.id, source, g.resource_id);
             }
@@ -231,6 +294,7 @@ impl Sessions {
         self.enforcer.grant(session.id, source, &session.grants)?;
         let session = Arc::new(session);
         table.insert(session.id, Arc::clone(&session));
+        self.file_source(session.id, source);
         Ok(Ok((session, reconnect_seed)))
     }
 
@@ -293,6 +357,8 @@ impl Sessions {
                 }
                 s.previous_sources.push(old_source);
                 s.source = source;
+                self.unfile_source(id, old_source);
+                self.file_source(id, source);
             }
             s.state = SessionState::Active;
             s.dormant_since_ms = None;
@@ -338,7 +404,7 @@ impl Sessions {
         };
         let ids: Vec<SessionId> = {
             let table = self.table();
-            match target {
+            let ids = match target {
                 Target::Sessions(ids) => {
                     if let Some(missing) = ids.iter().find(|id| !table.contains_key(id)) {
                         return Err(SessionError::NotFound(*missing));
@@ -350,25 +416,61 @@ impl Sessions {
                     .filter(|s| s.is_live() && s.identity.is(user))
                     .map(|s| s.id)
                     .collect(),
+            };
+            // The revocation before anything else: one store per session into the kernel's
+            // session table, which waits for no map writer. `end` below finds it done.
+            for id in &ids {
+                if table.get(id).is_some_and(|s| s.is_live()) {
+                    self.enforcer.revoke(*id)?;
+                }
             }
+            ids
         };
-        // Kernel writes, the heirs of freed grants and socket teardown: off the async workers.
-        let this = Arc::clone(self);
-        let (by, reason) = (by.to_owned(), reason.to_owned());
-        let (ended, writes) = tokio::task::spawn_blocking(move || {
-            this.end(&ids, SessionState::Terminated, cause, kind, &by, &reason)
-        })
-        .await
-        .map_err(|_| SessionError::Interrupted {
-            what: "terminating sessions",
-        })??;
-        self.persist(writes).await?;
+        // The rest of the kernel work costs what these sessions hold (their grants, found
+        // through the source index), a few map writes: done here. The socket teardown (one
+        // sock_diag request per flow) runs on a blocking thread while the store commits.
+        let (ended, writes) =
+            self.end_sessions(&ids, SessionState::Terminated, cause, kind, by, reason)?;
+        let teardown = (!ended.is_empty()).then(|| {
+            let enforcer = Arc::clone(&self.enforcer);
+            let ids: HashSet<u64> = ended.iter().map(|e| e.id.0).collect();
+            tokio::task::spawn_blocking(move || tear_down_ended(&enforcer, ids))
+        });
+        let persisted = self.persist(writes).await;
+        if let Some(teardown) = teardown {
+            // The kernel already drops every packet; a teardown that died lost only the
+            // prompt notice to both ends.
+            let _ = teardown.await;
+        }
+        persisted?;
         Ok(ended)
     }
 
-    /// Moves live sessions to a final state in memory and the kernel; returns them and the
-    /// writes that make it durable. Sessions already ended are left alone.
+    /// Moves live sessions to a final state in memory and the kernel, and tears down their
+    /// local sockets; returns them and the writes that make it durable. Sessions already
+    /// ended are left alone.
     pub(super) fn end(
+        &self,
+        ids: &[SessionId],
+        state: SessionState,
+        cause: EndCause,
+        kind: AuditKind,
+        by: &str,
+        reason: &str,
+    ) -> Result<(Vec<Ended>, Vec<Write>), SessionError> {
+        let (ended, writes) = self.end_sessions(ids, state, cause, kind, by, reason)?;
+        if !ended.is_empty() {
+            tear_down_ended(
+                &self.enforcer,
+                ended.iter().map(|e| e.id.0).collect::<HashSet<u64>>(),
+            );
+        }
+        Ok((ended, writes))
+    }
+
+    /// [`Sessions::end`] without the socket teardown: the table and the kernel's session
+    /// table and grants. Costs what these sessions hold, not what the table holds.
+    fn end_sessions(
         &self,
         ids: &[SessionId],
         state: SessionState,
@@ -418,30 +520,14 @@ impl Sessions {
         // live session from the same source) so that no new flow opens.
         self.reassign(&table, &freed)?;
         drop(table);
-        if !ended.is_empty() {
-            let ids: HashSet<u64> = ended.iter().map(|e| e.id.0).collect();
-            tear_down_sockets(&self.enforcer, &ids);
-            // A flow the kernel opened just before the revocation may still have its event on
-            // the way to the flow index. A revoked session opens no new flow, so one more
-            // look once those events are in finds every socket left.
-            let enforcer = Arc::clone(&self.enforcer);
-            let late = std::thread::Builder::new()
-                .name("late-sockets".into())
-                .spawn(move || {
-                    std::thread::sleep(LATE_EVENTS);
-                    tear_down_sockets(&enforcer, &ids);
-                });
-            if let Err(e) = late {
-                tracing::warn!(error = %e, "cannot start the second look for sockets of ended sessions");
-            }
-        }
         Ok((ended, writes))
     }
 
     /// Makes the kernel's grants for `freed` (source, resource) pairs follow the table: a
     /// grant is one kernel entry per pair, so when the session holding it loses it, the newest
     /// live session from the same source that still holds the resource gets the entry, and
-    /// pairs nobody holds any more are deleted (in one batch). One pass over the table.
+    /// pairs nobody holds any more are deleted (in one batch). Only the sessions from the
+    /// freed sources are looked at (the source index), not the whole table.
     fn reassign(
         &self,
         table: &HashMap<SessionId, Arc<Session>>,
@@ -450,7 +536,24 @@ impl Sessions {
         if freed.is_empty() {
             return Ok(());
         }
-        let heirs = heirs_among(table.values().map(|s| &**s), freed);
+        let sources: foldhash::HashSet<IpAddr> = freed.iter().map(|(src, _)| *src).collect();
+        let candidates: Vec<SessionId> = {
+            let by_source = self.by_source();
+            sources
+                .iter()
+                .filter_map(|src| by_source.get(src))
+                .flatten()
+                .copied()
+                .collect()
+        };
+        let heirs = heirs_among(
+            candidates
+                .iter()
+                .filter_map(|id| table.get(id))
+                .map(|s| &**s)
+                .filter(|s| sources.contains(&s.source)),
+            freed,
+        );
         self.hand_over(freed, heirs)
     }
 
@@ -495,6 +598,24 @@ impl Sessions {
 /// How long after a termination the sockets of its flows are looked for once more: the
 /// kernel's flow-opened events are read within milliseconds of being written.
 const LATE_EVENTS: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Tears down the local sockets of ended sessions now, and once more a little later: a flow
+/// the kernel opened just before the revocation may still have its event on the way to the
+/// flow index. A revoked session opens no new flow, so one more look once those events are in
+/// finds every socket left.
+fn tear_down_ended(enforcer: &Arc<Enforcer>, ids: HashSet<u64>) {
+    tear_down_sockets(enforcer, &ids);
+    let enforcer = Arc::clone(enforcer);
+    let late = std::thread::Builder::new()
+        .name("late-sockets".into())
+        .spawn(move || {
+            std::thread::sleep(LATE_EVENTS);
+            tear_down_sockets(&enforcer, &ids);
+        });
+    if let Err(e) = late {
+        tracing::warn!(error = %e, "cannot start the second look for sockets of ended sessions");
+    }
+}
 
 /// Destroys the local sockets of these sessions' flows (see [`Enforcer::destroy_sockets`]).
 fn tear_down_sockets(enforcer: &Enforcer, ids: &HashSet<u64>) {

@@ -8,5 +8,7 @@ pub mod model;
 mod reevaluation;
 
 pub use lifecycle::{Reconciled, SweepOutcome};
-pub use manager::{Admitted, Ended, SessionError, Sessions, Target};
+pub use manager::{Admitted, Ended, SESSION_TABLE_FULL, SessionError, Sessions, Target};
 pub use reevaluation::{PolicyApplyError, PolicyChange, PolicyOutcome};
+#[cfg(test)]
+mod tests;

@@ -7,12 +7,13 @@ use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use clap::Parser;
 use flowwarden::{
     api::{
         core::{AgentInfo, Core},
@@ -20,34 +21,28 @@ use flowwarden::{
         peer::{Access, AccessPolicy, Peer},
         transport::{Caller, Handler as _, Reply, SocketOptions, serve},
     },
-    audit::Audit,
+    audit::event::{AuditEvent, AuditKind},
     config::SessionsConfig,
-    datapath::{Datapath, FLOW_CHUNK, Flow, FlowKey, LoadOptions, Walk, addr_bytes, maps_dir},
-    enforce::Enforcer,
+    datapath::{FLOW_CHUNK, Flow, FlowKey, Walk, addr_bytes, maps_dir},
     identity::Identity,
-    policy::PolicyHandle,
-    sessions::{
-        Sessions, Target,
-        model::{SessionId, now_ms},
-    },
-    store::Store,
+    sessions::{Target, model::SessionId},
 };
 use flowwarden_tests::{
-    agent_proc::Scratch,
     bench::{
-        Pins, bench_identity, bench_source, bench_user, command_output, cpu_model, loadavg, memory,
+        self, BenchArgs, HasBenchArgs, IdleArgs, Knob, Spec, Stats, bench_identity, bench_source,
+        bench_user, command_output, cpu_model, inproc::InProcessAgent, loadavg, memory,
     },
-    loaded::private_pin_dir,
     privileged,
 };
 use serde_json::{Value, json};
 
 /// "Well under a second" for a filtered list; the issue gives no sharper figure.
 const TARGET_FILTERED_P99_MS: f64 = 500.0;
+/// Issue 13: an unfiltered `sessions.list` of 100,000 sessions.
+const TARGET_UNFILTERED_MS: f64 = 500.0;
+const TARGET_UNFILTERED_PEAK_MIB: f64 = 64.0;
 /// The sessions issue's memory target with 100,000 sessions.
 const TARGET_RSS_MIB: f64 = 256.0;
-/// Concurrent admissions, as in the policy benchmark.
-const TASKS: usize = 512;
 /// Every this many sessions is in the `ops` group too (granted `admin`), and every this many
 /// (offset by half) is terminated: the selective filters pick 1 % of the table each.
 const EVERY: usize = 100;
@@ -72,41 +67,34 @@ const POLICY: &str = "[[resource]]\nname = \"ssh\"\nprotocol = \"tcp\"\nports = 
                       resources = [\"ssh\", \"web\"]\n\n\
                       [[rule]]\nname = \"ops\"\ngroups = [\"ops\"]\nresources = [\"admin\"]\n";
 
+const SPEC: Spec = Spec {
+    name: "scale",
+    runs: Knob::Ignored("one run (use --repeat for calls per filter)"),
+    repeat: Knob::Means {
+        help: "Timed calls per filter (at most 5 for answers of more than 10,000 rows)",
+        default: 20,
+    },
+};
+
+/// `sessions.list`, one session's flows and termination with a large table, in-process.
+#[derive(Parser)]
 struct Args {
-    out: PathBuf,
+    #[command(flatten)]
+    common: BenchArgs,
+    #[command(flatten)]
+    idle: IdleArgs,
+    /// Sessions in the table (fewer if the kernel's grant map cannot hold their grants).
+    #[arg(long, default_value_t = 100_000)]
     sessions: usize,
+    /// Flows written into the kernel's flow table, spread over the sessions.
+    #[arg(long, default_value_t = 1_000_000)]
     flows: usize,
-    /// Timed calls per filter.
-    calls: usize,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        out: PathBuf::from("target/bench/scale.json"),
-        sessions: 100_000,
-        flows: 1_000_000,
-        calls: 20,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
-        let n = || value.parse::<usize>().with_context(|| arg.clone());
-        match arg.as_str() {
-            "--out" => a.out = PathBuf::from(&value),
-            "--sessions" => a.sessions = n()?,
-            "--flows" => a.flows = n()?,
-            "--repeat" => a.calls = n()?,
-            "--runs" => eprintln!("--runs {value}: ignored, one run (use --repeat for calls)"),
-            other => bail!(
-                "unknown argument {other}: use --out FILE --sessions N --flows N \
-                 --repeat CALLS_PER_FILTER"
-            ),
-        }
+impl HasBenchArgs for Args {
+    fn bench_args(&mut self) -> &mut BenchArgs {
+        &mut self.common
     }
-    if a.sessions == 0 || a.calls == 0 {
-        bail!("--sessions and --repeat must be at least 1");
-    }
-    Ok(a)
 }
 
 /// Synthetic user `i`, in `ops` for every hundredth.
@@ -139,14 +127,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Nearest-rank quantiles of durations, in ms.
-fn quantiles(mut v: Vec<Duration>) -> Value {
-    v.sort_unstable();
-    let q = |p: f64| {
-        let i = ((v.len().max(1) - 1) as f64 * p).round() as usize;
-        v.get(i).map_or(f64::NAN, |d| ms(*d))
-    };
-    json!({"p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0), "calls": v.len()})
+/// Nearest-rank quantiles of durations, in ms (the shared [`Stats`]).
+fn quantiles(v: Vec<Duration>) -> Value {
+    Stats::of_ms(&v).ms_json()
 }
 
 /// CLOCK_MONOTONIC_COARSE, the kernel programs' clock for flow stamps.
@@ -213,23 +196,25 @@ fn call_socket(
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args: Args = bench::args::parse(SPEC);
+    if args.sessions == 0 {
+        bail!("--sessions must be at least 1");
+    }
     if !privileged::require_root("bench-scale") {
         bail!("the scale benchmark loads BPF maps: run it as root");
     }
+    let _idle = args.idle.idle.hold()?;
     let load_before = loadavg();
-    privileged::ensure_bpffs()?;
-    let scratch = Scratch::new("bscale");
-    let pins = Pins(private_pin_dir("bscale"));
-    std::fs::write(scratch.dir.join("policies/bench.toml"), POLICY)?;
-    let policy = Arc::new(PolicyHandle::new(scratch.dir.join("policies"))?);
     let flow_table = table_size(args.flows);
-    let datapath = Datapath::load(&LoadOptions {
-        pin_dir: pins.0.clone(),
-        flow_table_size: flow_table,
-        ..LoadOptions::default()
-    })
-    .with_context(|| format!("loading the datapath with a flow table of {flow_table}"))?;
+    let agent = InProcessAgent::start("bscale", POLICY, flow_table)?;
+    let InProcessAgent {
+        rt,
+        sessions,
+        enforcer,
+        policy,
+        pins,
+        ..
+    } = &agent;
     let flow_table_mib = map_memlock_mib(&pins.0, agent_common::map_names::FLOWS);
     let grant_capacity = agent_common::map_sizes::GRANTS as usize;
     // Up to three grants per session (every hundredth has admin) must fit the grant map.
@@ -240,46 +225,11 @@ fn main() -> anyhow::Result<()> {
             args.sessions
         );
     }
-    let mut maps = datapath.maps;
-    maps.install_resources(&policy.current().resources)?;
     let ssh = policy.current().resources.by_name("ssh").context("ssh")?.id;
-    let enforcer = Arc::new(Enforcer::new(maps));
-    let store = Store::open(&scratch.dir.join("state/state.redb"))?;
-    let sessions = Arc::new(Sessions::new(
-        Arc::clone(&enforcer),
-        store.clone(),
-        Audit::new(store.clone()),
-        Arc::clone(&policy),
-        SessionsConfig::default(),
-        Vec::new(),
-    ));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     let (rss_empty, _) = memory();
 
     eprintln!("admitting {n} sessions…");
-    let now = now_ms() / 1000;
-    let started = Instant::now();
-    rt.block_on(async {
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|task| {
-                let sessions = Arc::clone(&sessions);
-                tokio::spawn(async move {
-                    for i in (task..n).step_by(TASKS) {
-                        sessions.admit(identity(i, now), bench_source(i)).await?;
-                    }
-                    anyhow::Ok(())
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await??;
-        }
-        anyhow::Ok(())
-    })?;
-    let admit_secs = started.elapsed().as_secs_f64();
+    let admit_secs = agent.admit_many(n, identity)?.as_secs_f64();
     // One session in a hundred terminated, so `state = terminated` has something to find.
     let by_source: std::collections::HashMap<IpAddr, SessionId> =
         sessions.all().iter().map(|s| (s.source, s.id)).collect();
@@ -398,7 +348,7 @@ fn main() -> anyhow::Result<()> {
     let sweep_every = Duration::from_millis(SessionsConfig::default().sweep_interval_ms);
     let sweeps = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sweeper = {
-        let (sessions, sweeps) = (Arc::clone(&sessions), Arc::clone(&sweeps));
+        let (sessions, sweeps) = (Arc::clone(sessions), Arc::clone(&sweeps));
         rt.spawn(async move {
             let mut tick = tokio::time::interval(sweep_every);
             loop {
@@ -419,9 +369,9 @@ fn main() -> anyhow::Result<()> {
     // The status socket's core, called as the transport calls it, with the line it would
     // write (the JSON-RPC response) encoded too.
     let core = Core {
-        sessions: Arc::clone(&sessions),
-        enforcer: Arc::clone(&enforcer),
-        policy: Arc::clone(&policy),
+        sessions: Arc::clone(sessions),
+        enforcer: Arc::clone(enforcer),
+        policy: Arc::clone(policy),
         info: AgentInfo {
             interfaces: Vec::new(),
             ingress: Vec::new(),
@@ -482,7 +432,7 @@ fn main() -> anyhow::Result<()> {
         ("status", "flow table fill", json!({})),
     ];
     // The same core, served on a socket as the agent serves it.
-    let socket = scratch.dir.join("bench.sock");
+    let socket = agent.scratch.dir.join("bench.sock");
     let server = rt.spawn(serve(
         SocketOptions::new(&socket),
         AccessPolicy::from_names("", "")?,
@@ -520,9 +470,9 @@ fn main() -> anyhow::Result<()> {
         drop((line, answer));
         // Whole-table answers take seconds each: fewer calls of those.
         let calls = if warm_rows > HEAVY_ROWS {
-            args.calls.min(HEAVY_CALLS)
+            args.common.repeat().min(HEAVY_CALLS)
         } else {
-            args.calls
+            args.common.repeat()
         };
         // SAFETY: malloc_trim only hands free memory back to the system.
         unsafe { libc::malloc_trim(0) };
@@ -650,6 +600,20 @@ fn main() -> anyhow::Result<()> {
         terminations.push(took);
         revoked_after.push(seen);
     }
+    // What the termination's answer waits for besides its own work: one durable commit of
+    // the store (its fsync), alone, in the same conditions (sweep running, flows resident).
+    eprintln!("durable commits alone, {TERMINATIONS} times…");
+    let mut commits = Vec::new();
+    for i in 0..TERMINATIONS {
+        let mut e = AuditEvent::new(AuditKind::AdmissionDenied {
+            reason: "bench: one durable commit".into(),
+        });
+        e.detail = format!("commit {i}");
+        let t = Instant::now();
+        rt.block_on(sessions.record(vec![e]))?;
+        commits.push(t.elapsed());
+    }
+    let commits = quantiles(commits);
     let terminations = quantiles(terminations);
     let revoked_after = quantiles(revoked_after);
     let terminate_p99 = terminations["p99_ms"].as_f64().unwrap_or(f64::NAN);
@@ -676,9 +640,41 @@ fn main() -> anyhow::Result<()> {
         .filter(|r| r["rows"].as_u64().unwrap_or(0) <= (n / 50) as u64)
         .map(|r| r["wall"]["p99_ms"].as_f64().unwrap_or(f64::NAN))
         .fold(0.0_f64, f64::max);
+    let unfiltered = results
+        .iter()
+        .find(|r| r["method"] == "sessions.list" && r["params"] == json!({}))
+        .cloned()
+        .unwrap_or(Value::Null);
     let complete = n == args.sessions && inserted == args.flows;
+    let unfiltered_met = complete
+        && unfiltered["wall"]["p50_ms"]
+            .as_f64()
+            .is_some_and(|v| v <= TARGET_UNFILTERED_MS)
+        && unfiltered["peak_rss_above_resting_mib"]
+            .as_f64()
+            .is_some_and(|v| v <= TARGET_UNFILTERED_PEAK_MIB);
     let batched_q = quantiles(batched);
     let aggregate_q = quantiles(aggregate);
+    let targets = json!({
+        "max_filtered_list_p99_ms": TARGET_FILTERED_P99_MS,
+        "filtered_list_p99_ms": filtered_p99,
+        "filtered_list_met": filtered_p99 <= TARGET_FILTERED_P99_MS && complete,
+        "max_rss_mib": TARGET_RSS_MIB,
+        "rss_mib": rss_flows,
+        "rss_met": rss_flows <= TARGET_RSS_MIB && complete,
+        "rss_with_flow_index_mib": rss_indexed,
+        "max_unfiltered_list_ms": TARGET_UNFILTERED_MS,
+        "unfiltered_list_p50_ms": unfiltered["wall"]["p50_ms"],
+        "max_unfiltered_list_peak_above_resting_mib": TARGET_UNFILTERED_PEAK_MIB,
+        "unfiltered_list_peak_above_resting_mib": unfiltered["peak_rss_above_resting_mib"],
+        "unfiltered_list_met": unfiltered_met,
+        "max_terminate_p99_ms": TARGET_TERMINATE_P99_MS,
+        "terminate_p99_ms": terminate_p99,
+        "terminate_met": terminate_p99 <= TARGET_TERMINATE_P99_MS && complete,
+        "max_revoked_p99_ms": TARGET_REVOKED_P99_MS,
+        "revoked_p99_ms": revoked_p99,
+        "revoked_met": revoked_p99 <= TARGET_REVOKED_P99_MS && complete,
+    });
     let report = json!({
         "benchmark": "scale",
         "date": command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
@@ -686,6 +682,7 @@ fn main() -> anyhow::Result<()> {
             "kernel": command_output("uname", &["-r"]),
             "cpu": cpu_model(),
             "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "idle": args.idle.idle.describe(),
         },
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -739,6 +736,7 @@ fn main() -> anyhow::Result<()> {
         "queries": results,
         "terminate_one_session": terminations,
         "terminate_revocation_in_kernel": revoked_after,
+        "durable_commit_alone": commits,
         "one_session_flows": {
             "flow_index": by_index,
             "full_walk": by_walk,
@@ -754,21 +752,7 @@ fn main() -> anyhow::Result<()> {
             "rss_with_flow_index": rss_indexed,
             "rss_after_queries": rss_end,
         },
-        "targets": {
-            "max_filtered_list_p99_ms": TARGET_FILTERED_P99_MS,
-            "filtered_list_p99_ms": filtered_p99,
-            "filtered_list_met": filtered_p99 <= TARGET_FILTERED_P99_MS && complete,
-            "max_rss_mib": TARGET_RSS_MIB,
-            "rss_mib": rss_flows,
-            "rss_met": rss_flows <= TARGET_RSS_MIB && complete,
-            "rss_with_flow_index_mib": rss_indexed,
-            "max_terminate_p99_ms": TARGET_TERMINATE_P99_MS,
-            "terminate_p99_ms": terminate_p99,
-            "terminate_met": terminate_p99 <= TARGET_TERMINATE_P99_MS && complete,
-            "max_revoked_p99_ms": TARGET_REVOKED_P99_MS,
-            "revoked_p99_ms": revoked_p99,
-            "revoked_met": revoked_p99 <= TARGET_REVOKED_P99_MS && complete,
-        },
+        "targets": targets,
     });
     let met = |m: bool| if m { "met" } else { "NOT met" };
     println!(
@@ -788,6 +772,20 @@ fn main() -> anyhow::Result<()> {
         sweep_cpu["p50_ms"].as_f64().unwrap_or(f64::NAN),
     );
     println!(
+        "durable commit alone: p50 {:.2} ms, p99 {:.2} ms",
+        commits["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        commits["p99_ms"].as_f64().unwrap_or(f64::NAN),
+    );
+    println!(
+        "unfiltered sessions.list: p50 {:.0} ms, peak +{:.0} MiB above resting (target ≤ \
+         {TARGET_UNFILTERED_MS} ms, ≤ +{TARGET_UNFILTERED_PEAK_MIB} MiB: {})",
+        unfiltered["wall"]["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        unfiltered["peak_rss_above_resting_mib"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        met(report["targets"]["unfiltered_list_met"] == true)
+    );
+    println!(
         "filtered sessions.list p99 {filtered_p99:.1} ms (target ≤ {TARGET_FILTERED_P99_MS} ms: \
          {})",
         met(report["targets"]["filtered_list_met"] == true)
@@ -799,11 +797,6 @@ fn main() -> anyhow::Result<()> {
          load {load_before} → {load_after}",
         met(report["targets"]["rss_met"] == true)
     );
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
+    args.common.write_report(&report)?;
     Ok(())
 }
