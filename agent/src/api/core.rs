@@ -525,3 +525,7 @@ fn matches(f: &AuditFilter, e: &AuditEvent) -> bool {
         })
         && f.kind.as_deref().is_none_or(|k| e.kind.name() == k)
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -15,6 +15,8 @@ mod in_memory;
 pub mod kernel;
 pub mod pressure;
 pub mod sockets;
+#[cfg(test)]
+mod tests;
 
 pub use census::{CENSUS_MAX_AGE, FlowCensus, LARGE_TABLE, Traffic, TrafficMap, WALK_DUTY};
 

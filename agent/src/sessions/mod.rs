@@ -11,4 +11,4 @@ pub use lifecycle::{Reconciled, SweepOutcome};
 pub use manager::{Admitted, Ended, SESSION_TABLE_FULL, SessionError, Sessions, Target};
 pub use reevaluation::{PolicyApplyError, PolicyChange, PolicyOutcome};
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -19,15 +19,18 @@ use crate::{
 const POLICY: &str = "[[resource]]\nname = \"ssh\"\nprotocol = \"tcp\"\nports = [22]\n\n\
                       [[rule]]\nname = \"staff\"\ngroups = [\"staff\"]\nresources = [\"ssh\"]\n";
 
-/// Sessions wired as the agent wires them, over in-memory maps with `slots` session slots.
-struct Harness {
-    sessions: Arc<Sessions>,
-    enforcer: Arc<Enforcer>,
-    ssh: u32,
+/// Sessions wired as the agent wires them, over in-memory maps with `slots` session slots:
+/// for unit tests here and of the rooms above (the control API).
+pub(crate) struct Harness {
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) enforcer: Arc<Enforcer>,
+    pub(crate) policy: Arc<PolicyHandle>,
+    pub(crate) ssh: u32,
     _dir: TempDir,
 }
 
-fn harness(slots: u32) -> Harness {
+/// A [`Harness`] with one resource (`ssh`, tcp/22) granted to the group `staff`.
+pub(crate) fn harness(slots: u32) -> Harness {
     let dir = TempDir::new("sessions");
     let policies = dir.path().join("policies");
     std::fs::create_dir_all(&policies).unwrap();
@@ -43,13 +46,14 @@ fn harness(slots: u32) -> Harness {
         Arc::clone(&enforcer),
         store.clone(),
         Audit::new(store),
-        policy,
+        Arc::clone(&policy),
         SessionsConfig::default(),
         Vec::new(),
     ));
     Harness {
         sessions,
         enforcer,
+        policy,
         ssh,
         _dir: dir,
     }
@@ -60,7 +64,7 @@ fn addr(s: &str) -> IpAddr {
 }
 
 impl Harness {
-    async fn admit(&self, email: &str, source: &str) -> SessionId {
+    pub(crate) async fn admit(&self, email: &str, source: &str) -> SessionId {
         self.sessions
             .admit(test_identity(email, &["staff"]), addr(source))
             .await
