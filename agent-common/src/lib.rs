@@ -396,13 +396,21 @@ mod user {
     // SAFETY: all of these are #[repr(C)], Copy, made of integers and byte arrays only, with
     // padding spelled out as fields, so every bit pattern is a valid value.
     unsafe impl aya::Pod for ResourcePort {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ResourceDst {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for GrantKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Grant {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Flow {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SessionSlot {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for RateWindow {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Event {}
 }
 

@@ -207,6 +207,14 @@ async fn serve(
     socket.read_group = access.read_gid;
     socket.max_connections = config.api.max_connections;
     socket.idle_timeout = Duration::from_secs(config.api.idle_timeout_secs);
+    socket.max_per_uid = config.api.max_connections_per_uid;
+    socket.admin_reserve = config.api.admin_reserve;
+    socket.pressure_idle_timeout = Duration::from_secs(
+        config
+            .api
+            .pressure_idle_timeout_secs
+            .min(config.api.idle_timeout_secs),
+    );
     // Bound here, and served on as it is: a taken or unusable socket path stops the start
     // with its reason.
     let status_socket = crate::api::transport::bind(&socket)?;

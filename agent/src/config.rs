@@ -90,6 +90,16 @@ pub struct ApiConfig {
     /// A connection that sends no complete request for this long is closed.
     #[serde(default = "default_idle_timeout_secs")]
     pub idle_timeout_secs: u64,
+    /// Connections one uid without admin access may hold at once.
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Connections beyond `max_connections` that only administrators may open.
+    #[serde(default = "default_admin_reserve")]
+    pub admin_reserve: usize,
+    /// The idle timeout while three quarters of `max_connections` are taken (never longer
+    /// than `idle_timeout_secs`).
+    #[serde(default = "default_pressure_idle_timeout_secs")]
+    pub pressure_idle_timeout_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -100,6 +110,9 @@ impl Default for ApiConfig {
             read_group: default_read_group(),
             max_connections: default_max_connections(),
             idle_timeout_secs: default_idle_timeout_secs(),
+            max_connections_per_uid: default_max_connections_per_uid(),
+            admin_reserve: default_admin_reserve(),
+            pressure_idle_timeout_secs: default_pressure_idle_timeout_secs(),
         }
     }
 }
@@ -327,6 +340,18 @@ fn default_idle_timeout_secs() -> u64 {
     300
 }
 
+fn default_max_connections_per_uid() -> usize {
+    crate::api::transport::DEFAULT_MAX_PER_UID
+}
+
+fn default_admin_reserve() -> usize {
+    crate::api::transport::DEFAULT_ADMIN_RESERVE
+}
+
+fn default_pressure_idle_timeout_secs() -> u64 {
+    crate::api::transport::DEFAULT_PRESSURE_IDLE_TIMEOUT.as_secs()
+}
+
 fn default_state_dir() -> PathBuf {
     PathBuf::from(DEFAULT_STATE_DIR)
 }
@@ -517,6 +542,29 @@ impl Config {
                 ),
             ));
         }
+        let per_uid = self.api.max_connections_per_uid;
+        if !(1..=self.api.max_connections).contains(&per_uid) {
+            return Err(invalid(
+                "api.max_connections_per_uid",
+                format!("{per_uid} is out of range: use 1 to max_connections"),
+            ));
+        }
+        if self.api.admin_reserve > 100_000 {
+            return Err(invalid(
+                "api.admin_reserve",
+                format!(
+                    "{} is out of range: use 0 to 100000",
+                    self.api.admin_reserve
+                ),
+            ));
+        }
+        let pressure = self.api.pressure_idle_timeout_secs;
+        if !(1..=86_400).contains(&pressure) {
+            return Err(invalid(
+                "api.pressure_idle_timeout_secs",
+                format!("{pressure} is out of range: use 1 to 86400"),
+            ));
+        }
         if !(50..=60_000).contains(&self.sessions.sweep_interval_ms) {
             return Err(invalid(
                 "sessions.sweep_interval_ms",
@@ -588,5 +636,35 @@ mod tests {
         let c = Config::load(&path).unwrap();
         assert_eq!(c.policy.dir, dir.join("policies"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn status_socket_limits_are_config_keys_with_checked_ranges() {
+        let c = Config::parse("", Path::new("a.toml")).unwrap();
+        assert_eq!(c.api.max_connections_per_uid, 32);
+        assert_eq!(c.api.admin_reserve, 32);
+        assert_eq!(c.api.pressure_idle_timeout_secs, 10);
+        let c = Config::parse(
+            "[api]\nmax_connections_per_uid = 4\nadmin_reserve = 0\npressure_idle_timeout_secs = 2\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!((c.api.max_connections_per_uid, c.api.admin_reserve), (4, 0));
+        for (text, field) in [
+            ("max_connections_per_uid = 0", "api.max_connections_per_uid"),
+            (
+                "max_connections_per_uid = 257",
+                "api.max_connections_per_uid",
+            ),
+            (
+                "pressure_idle_timeout_secs = 0",
+                "api.pressure_idle_timeout_secs",
+            ),
+        ] {
+            let err = Config::parse(&format!("[api]\n{text}\n"), Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 }

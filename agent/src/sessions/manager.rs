@@ -76,6 +76,54 @@ pub struct Ended {
     pub source: IpAddr,
 }
 
+/// The sessions from one source address: nearly always one, held without an allocation of
+/// its own (100,000 single-session sources cost a vector each otherwise).
+#[derive(Debug)]
+enum FromSource {
+    One(SessionId),
+    Many(Vec<SessionId>),
+}
+
+impl FromSource {
+    fn ids(&self) -> &[SessionId] {
+        match self {
+            Self::One(id) => std::slice::from_ref(id),
+            Self::Many(ids) => ids,
+        }
+    }
+
+    /// Takes `id` off; true when none is left.
+    fn remove(&mut self, id: SessionId) -> bool {
+        match self {
+            Self::One(only) => *only == id,
+            Self::Many(ids) => {
+                ids.retain(|i| *i != id);
+                match ids[..] {
+                    [] => true,
+                    [last] => {
+                        *self = Self::One(last);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+fn file(by_source: &mut foldhash::HashMap<IpAddr, FromSource>, id: SessionId, source: IpAddr) {
+    match by_source.get_mut(&source) {
+        None => {
+            by_source.insert(source, FromSource::One(id));
+        }
+        Some(FromSource::One(first)) => {
+            let first = *first;
+            by_source.insert(source, FromSource::Many(vec![first, id]));
+        }
+        Some(FromSource::Many(ids)) => ids.push(id),
+    }
+}
+
 pub struct Sessions {
     /// Sessions are shared, not copied, with the store's pending writes and with readers;
     /// a change copies one only if someone still holds the old version (`Arc::make_mut`).
@@ -84,7 +132,7 @@ pub struct Sessions {
     /// ended session's grants are looked for among the sessions from its source, not in the
     /// whole table. Changed only while the table lock is held (table first, then this), so
     /// the two agree for anyone holding the table lock.
-    by_source: Mutex<foldhash::HashMap<IpAddr, Vec<SessionId>>>,
+    by_source: Mutex<foldhash::HashMap<IpAddr, FromSource>>,
     pub(super) enforcer: Arc<Enforcer>,
     pub(super) store: Store,
     pub(super) audit: Audit,
@@ -113,9 +161,9 @@ impl Sessions {
         config: SessionsConfig,
         sessions: Vec<Session>,
     ) -> Self {
-        let mut by_source: foldhash::HashMap<IpAddr, Vec<SessionId>> = Default::default();
+        let mut by_source: foldhash::HashMap<IpAddr, FromSource> = Default::default();
         for s in &sessions {
-            by_source.entry(s.source).or_default().push(s.id);
+            file(&mut by_source, s.id, s.source);
         }
         Self {
             table: Mutex::new(sessions.into_iter().map(|s| (s.id, Arc::new(s))).collect()),
@@ -132,23 +180,20 @@ impl Sessions {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn by_source(&self) -> MutexGuard<'_, foldhash::HashMap<IpAddr, Vec<SessionId>>> {
+    fn by_source(&self) -> MutexGuard<'_, foldhash::HashMap<IpAddr, FromSource>> {
         self.by_source.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Files `id` under `source` (call with the table lock held).
     fn file_source(&self, id: SessionId, source: IpAddr) {
-        self.by_source().entry(source).or_default().push(id);
+        file(&mut self.by_source(), id, source);
     }
 
     /// Takes `id` off `source`'s list (call with the table lock held).
     fn unfile_source(&self, id: SessionId, source: IpAddr) {
         let mut by_source = self.by_source();
-        if let Some(ids) = by_source.get_mut(&source) {
-            ids.retain(|i| *i != id);
-            if ids.is_empty() {
-                by_source.remove(&source);
-            }
+        if by_source.get_mut(&source).is_some_and(|ids| ids.remove(id)) {
+            by_source.remove(&source);
         }
     }
 
@@ -542,7 +587,7 @@ impl Sessions {
             sources
                 .iter()
                 .filter_map(|src| by_source.get(src))
-                .flatten()
+                .flat_map(FromSource::ids)
                 .copied()
                 .collect()
         };
