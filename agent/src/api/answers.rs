@@ -205,6 +205,10 @@ pub enum ExplainView {
         session: SessionId,
         source: IpAddr,
         explanations: Vec<ExplanationView>,
+        /// Locks and cut-offs that would refuse this identity's next login (see
+        /// `docs/locks.md`), whatever the policy allows.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused_by: Vec<String>,
     },
     /// For a candidate policy directory.
     Candidate {

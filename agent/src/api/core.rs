@@ -476,6 +476,7 @@ impl Core {
                 .collect(),
         };
         Ok(ExplainView::Identity {
+            refused_by: self.sessions.locks().would_refuse(&s.identity, s.source),
             user: s.identity.user().to_owned(),
             session: s.id,
             source: s.source,

@@ -133,6 +133,21 @@ impl Locks {
         }
     }
 
+    /// Adds records to the index as they are (no session is ended, nothing is written): for
+    /// records already durable, such as a bulk restore, and for benches.
+    pub fn restore(&self, records: LockRecords) {
+        let mut index = self.write();
+        for l in records.locks {
+            index.insert_lock(l);
+        }
+        for d in records.denials {
+            index.insert_denial(d);
+        }
+        for c in records.cutoffs {
+            index.insert_cutoff(c);
+        }
+    }
+
     /// # Errors
     /// [`LocksError::Unavailable`] when the stored locks could not be read.
     pub fn health(&self) -> Result<(), LocksError> {
@@ -188,6 +203,44 @@ impl Locks {
                 now_ms(),
             )
             .cloned()
+    }
+
+    /// The lock in force that refuses `identity` logging in from `source`.
+    pub fn lock_matching(&self, identity: &Identity, source: IpAddr) -> Option<Lock> {
+        self.read()
+            .matching_lock(
+                &Subject {
+                    identity,
+                    source,
+                    session: None,
+                },
+                now_ms(),
+            )
+            .cloned()
+    }
+
+    /// What would refuse a new login of `identity` from `source` (a new token, so a denial of
+    /// an old one does not count), in words: for `policy explain`.
+    pub fn would_refuse(&self, identity: &Identity, source: IpAddr) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.broken {
+            out.push(format!("the lock state could not be read at start: {e}"));
+        }
+        if let Some(l) = self.lock_matching(identity, source) {
+            out.push(format!(
+                "locked by {} ({}){}: refused `locked`",
+                l.id,
+                l.target,
+                l.reason.map(|r| format!(", {r}")).unwrap_or_default()
+            ));
+        }
+        if let Some(c) = self.cutoff(&identity.issuer, &identity.subject) {
+            out.push(format!(
+                "cut-off at {} (set by {}: {}): tokens issued at or before it, or without iat,                  are refused `issued_before_cutoff`",
+                c.cutoff_secs, c.by, c.reason
+            ));
+        }
+        out
     }
 
     /// Every lock, oldest first, the expired ones included.
