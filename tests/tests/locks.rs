@@ -406,6 +406,18 @@ fn a_group_and_a_source_lock_hold_and_a_ttl_lets_the_user_back_in_listed_as_expi
     stack.ctl_json(&["lock", "add", "--group", "ops"]);
     refused_with(&stack, &fresh(&stack, ALICE, None), "alice-2", "locked");
     refused_with(&stack, &token(&stack, BOB, Some("g")), "bob-2", "locked");
+    // policy explain says so, whatever the policy allows.
+    let explained = stack.ctl_json(&["policy", "explain", "--user", ALICE]);
+    let refused = explained["refused_by"].to_string();
+    assert!(
+        refused.contains("locked by") && refused.contains("group ops"),
+        "{explained}"
+    );
+    let (ok, out) = stack.ctl(&["policy", "explain", "--user", ALICE]);
+    assert!(
+        ok && out.contains("refused before policy: locked by"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -415,35 +415,50 @@ impl Sessions {
                 }
             }
         }
-        let chosen_ids: HashSet<SessionId> = chosen.iter().map(|s| s.id).collect();
         let why = match (opts.deny_tokens, cutoffs.is_empty()) {
             (_, false) => format!("{reason} (cut-off: older tokens refused)"),
             (true, true) => format!("{reason} (token revoked)"),
             (false, true) => reason.to_owned(),
         };
-        let cutoff_keys: Vec<(String, String, u64)> = cutoffs
+        // The chosen sessions first, straight to the one termination path: nothing is
+        // scanned before their revocations are in the kernel.
+        let live: Vec<SessionId> = chosen
             .iter()
-            .map(|c| (c.iss.clone(), c.sub.clone(), c.cutoff_secs))
+            .filter(|s| s.is_live())
+            .map(|s| s.id)
             .collect();
-        // The chosen sessions, and any other live one the new denials or cut-offs now refuse
-        // (an admission with the same token that raced this call).
-        let ended = self
-            .end_where(
-                |s| {
-                    chosen_ids.contains(&s.id)
-                        || (opts.deny_tokens
-                            && !denied_keys.is_empty()
-                            && denied_keys.contains(&s.identity.denial_key()))
-                        || cutoff_keys.iter().any(|(iss, sub, at)| {
-                            s.identity.issuer == *iss
-                                && s.identity.subject == *sub
-                                && s.identity.token_issued_at.is_none_or(|iat| iat <= *at)
-                        })
-                },
-                by,
-                &why,
-            )
-            .await?;
+        let mut ended = if live.is_empty() {
+            Vec::new()
+        } else {
+            self.terminate(&Target::Sessions(live), by, &why).await?
+        };
+        // Then any other live session the new denials or cut-offs refuse (an admission with
+        // the same token, or an older one, that raced this call). Only sessions of the same
+        // subjects can hold such a token, so the denial key is computed for those alone.
+        if !denied_keys.is_empty() || !cutoffs.is_empty() {
+            let subjects: HashSet<(&str, &str)> = chosen
+                .iter()
+                .map(|s| (s.identity.issuer.as_str(), s.identity.subject.as_str()))
+                .collect();
+            let extra = self
+                .end_where(
+                    |s| {
+                        let id = &s.identity;
+                        if !subjects.contains(&(id.issuer.as_str(), id.subject.as_str())) {
+                            return false;
+                        }
+                        cutoffs.iter().any(|c| {
+                            id.issuer == c.iss
+                                && id.subject == c.sub
+                                && id.token_issued_at.is_none_or(|iat| iat <= c.cutoff_secs)
+                        }) || denied_keys.contains(&id.denial_key())
+                    },
+                    by,
+                    &why,
+                )
+                .await?;
+            ended.extend(extra);
+        }
         let flows = self.flows_cut(&ended);
         let denied = denied_keys.len();
         if !writes.is_empty() {
