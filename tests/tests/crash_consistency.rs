@@ -27,7 +27,8 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         c.admissions_acked >= KILLS as u64 / 2
             && c.terminations_acked > 0
             && c.reloads_acked > 0
-            && c.audit_records_seen > 0,
+            && c.audit_records_seen > 0
+            && c.locks_acked > 0,
         "the driver got too little acknowledged to prove anything: {c:?}"
     );
     assert!(

@@ -292,6 +292,7 @@ impl Admission {
             Err(SessionError::SessionTableFull { .. }) => {
                 AdmissionResult::Rejected(crate::sessions::SESSION_TABLE_FULL)
             }
+            Err(SessionError::Refused { refusal, .. }) => AdmissionResult::Rejected(refusal.code),
             Err(_) => AdmissionResult::Rejected("internal"),
         };
         self.metrics.admission(outcome, started.elapsed());
@@ -348,6 +349,16 @@ fn session_error(e: SessionError) -> Response<Full<Bytes>> {
         SessionError::Denied { reason } => error(StatusCode::FORBIDDEN, "denied", reason),
         SessionError::ReconnectRefused { code, reason } => {
             error(StatusCode::UNAUTHORIZED, code, reason)
+        }
+        // A revoked or cut-off token needs a new one (401); a lock holds whatever the token
+        // (403); unreadable lock state is the agent's fault (503).
+        SessionError::Refused { refusal, .. } => {
+            let status = match refusal.code {
+                "locked" => StatusCode::FORBIDDEN,
+                "locks_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            error(status, refusal.code, refusal.client_message)
         }
         SessionError::NotFound(id) => error(
             StatusCode::NOT_FOUND,

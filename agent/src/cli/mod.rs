@@ -6,6 +6,7 @@ mod config;
 mod datapath;
 mod dev;
 mod flows;
+mod lock;
 mod login;
 mod output;
 mod policy;
@@ -84,6 +85,11 @@ enum Command {
         #[command(subcommand)]
         command: dev::DevCommand,
     },
+    /// Locks that keep a user, group, device, source, session or token out.
+    Lock {
+        #[command(subcommand)]
+        command: lock::LockCommand,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), for packaging.
@@ -103,6 +109,7 @@ impl Command {
             Self::Policy { command } => command.json(),
             Self::Datapath { command } => command.json(),
             Self::Login(a) => a.json,
+            Self::Lock { command } => command.json(),
             Self::Agent { .. }
             | Self::Config { .. }
             | Self::Dev { .. }
@@ -188,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config { command } => config::run(command),
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
+        Command::Lock { command } => lock::run(socket, command),
         Command::Man => {
             let mut roff = Vec::new();
             clap_mangen::Man::new(command()).render(&mut roff)?;

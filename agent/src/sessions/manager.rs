@@ -41,6 +41,12 @@ pub enum SessionError {
          raise [datapath] session_slots"
     )]
     SessionTableFull { capacity: u32 },
+    /// A denied token, a cut-off or a lock refuses the identity (see `crate::locks`).
+    #[error("admission refused ({}): {}", refusal.code, refusal.detail)]
+    Refused {
+        user: String,
+        refusal: crate::locks::Refusal,
+    },
     #[error(transparent)]
     Enforce(#[from] EnforceError),
     #[error("the state store failed; nothing was changed: {0}")]
@@ -138,6 +144,8 @@ pub struct Sessions {
     pub(super) audit: Audit,
     pub(super) policy: Arc<PolicyHandle>,
     pub(super) config: SessionsConfig,
+    /// Locks, denied tokens and cut-offs, checked under the table lock at every admission.
+    locks: Arc<crate::locks::Locks>,
 }
 
 /// The reason code of an admission refused because every session slot is held.
@@ -165,7 +173,9 @@ impl Sessions {
         for s in &sessions {
             file(&mut by_source, s.id, s.source);
         }
+        let locks = Arc::new(crate::locks::Locks::load(&store));
         Self {
+            locks,
             table: Mutex::new(sessions.into_iter().map(|s| (s.id, Arc::new(s))).collect()),
             by_source: Mutex::new(by_source),
             enforcer,
@@ -207,6 +217,20 @@ impl Sessions {
 
     pub fn policy(&self) -> &Arc<PolicyHandle> {
         &self.policy
+    }
+
+    /// The locks, denied tokens and cut-offs in force (see `crate::locks`).
+    pub fn locks(&self) -> &Arc<crate::locks::Locks> {
+        &self.locks
+    }
+
+    /// Commits writes durably (for the rooms that keep their records in the store beside the
+    /// sessions, such as locks).
+    ///
+    /// # Errors
+    /// The store fails; nothing was written.
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.persist(writes).await
     }
 
     /// Commits writes durably; the store announces their audit events to subscribers.
@@ -252,6 +276,16 @@ impl Sessions {
                 tracing::warn!(%source, capacity, "admission refused: the session table is full");
                 self.record(vec![e]).await?;
                 return Err(refused);
+            }
+            Err(SessionError::Refused { user, refusal }) => {
+                let mut e = AuditEvent::new(AuditKind::AdmissionRejected {
+                    reason: refusal.code.to_owned(),
+                });
+                e.user = Some(user.clone());
+                e.source = Some(source);
+                e.detail = refusal.detail.clone();
+                self.record(vec![e]).await?;
+                return Err(SessionError::Refused { user, refusal });
             }
             other => other?,
         };
@@ -306,6 +340,12 @@ impl Sessions {
         source: IpAddr,
     ) -> Result<Result<(Arc<Session>, Option<String>), (Identity, String)>, SessionError> {
         let mut table = self.table();
+        if let Some(refusal) = self.locks.check(&identity, source, None) {
+            return Err(SessionError::Refused {
+                user: identity.user().to_owned(),
+                refusal,
+            });
+        }
         let decision = self.policy.current().evaluate(&identity, source);
         if decision.grants.is_empty() {
             let reason = decision
@@ -363,6 +403,9 @@ impl Sessions {
                     "session_ended",
                     format!("session {id} is {}: log in again", entry.state),
                 ));
+            }
+            if let Some(r) = self.locks.check(&entry.identity, source, Some(id)) {
+                return Err(refuse(r.code, r.client_message));
             }
             let Some(seen) = entry.reconnect.as_ref() else {
                 return Err(refuse(

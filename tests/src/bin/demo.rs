@@ -567,10 +567,69 @@ impl Demo<'_> {
         drop(counter);
         self.check()?;
 
-        say("6. A policy change severs a live connection too, within a second");
-        tell("alice logs in again (her token is still valid) and opens ssh:");
+        say("6. Termination sticks: her old token is refused, a device lock keeps her out");
+        tell("alice tries again with the token she still holds:");
+        self.login_refused(&fingerprint, &token_file, &alice_dir, "token_revoked")?;
+        tell("\nTerminating denied that token until it expires: she needs a new one from the");
+        tell("identity provider, which has her log in there again:");
+        // A later second than the denied token's: another token, not a copy of it.
+        self.pause(Duration::from_millis(1100))?;
+        self.mint(&token_args, &token_file)?;
+        let fresh = self.login(&fingerprint, &token_file, &alice_dir)?;
+        ensure!(fresh != alice, "login reused the terminated session");
+        client_cmd(&ssh_line(COUNTER));
+        let mut counter = SshSession::spawn(sshd.ssh(&pair.client, server, COUNTER));
+        self.wait_until(Duration::from_secs(15), "counter lines over ssh", || {
+            counter.line_count() >= 3 || matches!(counter.child.try_wait(), Ok(Some(_)))
+        })?;
+        ensure!(
+            counter.line_count() >= 3,
+            "ssh ended early: {}",
+            counter.stderr.lock().unwrap()
+        );
+        note("…");
+        tell("\nThen her laptop is reported stolen. One lock on its device id cuts her off:");
+        let added = self.fw_show(&[
+            "lock",
+            "add",
+            "--device",
+            "laptop-0042",
+            "--reason",
+            "laptop reported stolen",
+            "--show-reason",
+        ])?;
+        ensure!(
+            added.contains("ended 1 live session"),
+            "the lock did not end her session: {added}"
+        );
+        let exit = self.wait_exit(&mut counter, Duration::from_secs(5))?;
+        ensure!(
+            exit.is_some_and(|(s, _)| !s.success()),
+            "ssh survived the device lock ({exit:?})"
+        );
+        note(&format!(
+            "ssh exited: {}",
+            counter.stderr.lock().unwrap().trim()
+        ));
+        drop(counter);
+        tell("\nand keeps her out, whatever token that laptop brings:");
+        self.login_refused(&fingerprint, &token_file, &alice_dir, "locked")?;
+        self.fw_show(&["lock", "list"])?;
+        let lock = self.fw_json(&["lock", "list"])?[0]["id"]
+            .as_str()
+            .context("lock list shows no lock")?
+            .to_owned();
+        tell("\nThe laptop turns up again: the lock is removed (locks may also carry a --ttl).");
+        self.fw_show(&["lock", "remove", &lock])?;
+        self.check()?;
+
+        say("7. A policy change severs a live connection too, within a second");
+        tell("alice logs in again and opens ssh:");
         let alice2 = self.login(&fingerprint, &token_file, &alice_dir)?;
-        ensure!(alice2 != alice, "login reused the terminated session");
+        ensure!(
+            alice2 != alice && alice2 != fresh,
+            "login reused an ended session"
+        );
         client_cmd(&ssh_line(COUNTER));
         let mut counter = SshSession::spawn(sshd.ssh(&pair.client, server, COUNTER));
         self.wait_until(Duration::from_secs(15), "counter lines over ssh", || {
@@ -843,6 +902,62 @@ impl Demo<'_> {
             "the agent does not list session {id} as live: {live}"
         );
         Ok(id)
+    }
+
+    /// Mints a development token with `args` (as in act 3) into `token_file`, shown.
+    fn mint(&self, args: &[&str], token_file: &Path) -> anyhow::Result<()> {
+        cmd(&format!(
+            "flowwarden {} > {}",
+            args.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "),
+            token_file.display()
+        ));
+        let mut c = Command::new(&self.bin);
+        c.args(args);
+        let minted = self.run_polled(c, Duration::from_secs(10))?;
+        ensure!(
+            minted.status.success(),
+            "dev token failed: {}",
+            minted.stderr
+        );
+        std::fs::write(token_file, minted.stdout.trim())?;
+        Ok(())
+    }
+
+    /// `flowwarden login` that the agent must refuse with `code`, shown with its error.
+    fn login_refused(
+        &self,
+        fingerprint: &str,
+        token_file: &Path,
+        cache: &Path,
+        code: &str,
+    ) -> anyhow::Result<()> {
+        let agent = format!("{}:{ADMISSION_PORT}", self.stack.pair.server_addr);
+        let token = token_file.display().to_string();
+        let args = [
+            "login",
+            "--agent",
+            &agent,
+            "--fingerprint",
+            fingerprint,
+            "--token-file",
+            &token,
+        ];
+        client_cmd(&format!("flowwarden {}", args.map(quote).join(" ")));
+        let mut login = self
+            .stack
+            .pair
+            .client
+            .command(&self.bin.display().to_string());
+        login.args(args).env("XDG_CACHE_HOME", cache);
+        let ran = self.run_polled(login, Duration::from_secs(20))?;
+        ensure!(
+            !ran.status.success() && ran.stderr.contains(code),
+            "login was not refused {code}: {}{}",
+            ran.stdout,
+            ran.stderr
+        );
+        note(ran.stderr.trim());
+        Ok(())
     }
 
     /// Shows an `ssh` that must time out: its SYNs are dropped.
