@@ -48,6 +48,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    #[serde(default)]
+    pub signals: crate::signals::SignalsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -404,6 +406,7 @@ impl Config {
                 }
             }
         }
+        config.signals.resolve_paths(base);
         for p in [
             Some(&mut config.policy.dir),
             Some(&mut config.state.dir),

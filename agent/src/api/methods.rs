@@ -127,6 +127,10 @@ method!(
     /// Why an identity reaches a resource or not; what a candidate policy would cut.
     PolicyExplain, "policy.explain", Read, p::Explain => ExplainView);
 
+method!(
+    /// Each Shared Signals stream: transmitter, delivery, last event, counts, errors.
+    SignalsStatus, "signals.status", Read, p::Empty => crate::signals::SignalsStatus);
+
 /// Report the datapath mode, or switch it (which needs admin).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatapathMode;
@@ -199,6 +203,7 @@ requests!(
     PolicyCheck,
     PolicyExplain,
     DatapathMode,
+    SignalsStatus,
 );
 
 /// The method named so, if there is one.

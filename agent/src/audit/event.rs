@@ -57,6 +57,18 @@ pub enum AuditKind {
     DatapathModeChanged {
         mode: String,
     },
+    /// A Shared Signals SET was accepted (acted on, or acknowledged and ignored).
+    SignalReceived {
+        jti: String,
+        iss: String,
+        event: String,
+        subject: String,
+        outcome: String,
+    },
+    /// A SET was refused with an RFC 8935 error; nothing was changed.
+    SignalRefused {
+        err: String,
+    },
 }
 
 impl AuditKind {
@@ -81,6 +93,8 @@ impl AuditKind {
             Self::PolicyReloaded { .. } => "policy_reloaded",
             Self::PolicyRejected { .. } => "policy_rejected",
             Self::DatapathModeChanged { .. } => "datapath_mode_changed",
+            Self::SignalReceived { .. } => "signal_received",
+            Self::SignalRefused { .. } => "signal_refused",
         }
     }
 }

@@ -5,11 +5,13 @@ mod audit;
 mod config;
 mod datapath;
 mod dev;
+mod dev_ssf;
 mod flows;
 mod login;
 mod output;
 mod policy;
 mod sessions;
+mod signals;
 mod socket;
 mod status;
 mod table;
@@ -84,6 +86,11 @@ enum Command {
         #[command(subcommand)]
         command: dev::DevCommand,
     },
+    /// Shared Signals (SSF) streams from identity providers.
+    Signals {
+        #[command(subcommand)]
+        command: signals::SignalsCommand,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), for packaging.
@@ -103,6 +110,7 @@ impl Command {
             Self::Policy { command } => command.json(),
             Self::Datapath { command } => command.json(),
             Self::Login(a) => a.json,
+            Self::Signals { command } => command.json(),
             Self::Agent { .. }
             | Self::Config { .. }
             | Self::Dev { .. }
@@ -188,6 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config { command } => config::run(command),
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
+        Command::Signals { command } => signals::run(socket, command),
         Command::Man => {
             let mut roff = Vec::new();
             clap_mangen::Man::new(command()).render(&mut roff)?;

@@ -77,6 +77,8 @@ pub struct Sessions {
     pub(super) audit: Audit,
     pub(super) policy: Arc<PolicyHandle>,
     pub(super) config: SessionsConfig,
+    /// Device id → compliance, as identity providers reported it by signal (see `signals`).
+    pub(super) device_posture: std::sync::RwLock<HashMap<String, bool>>,
 }
 
 pub(super) fn event(kind: AuditKind, s: &Session, detail: impl Into<String>) -> AuditEvent {
@@ -104,6 +106,7 @@ impl Sessions {
             audit,
             policy,
             config,
+            device_posture: Default::default(),
         }
     }
 
@@ -197,6 +200,7 @@ impl Sessions {
         identity: Identity,
         source: IpAddr,
     ) -> Result<Result<(Arc<Session>, Option<String>), (Identity, String)>, SessionError> {
+        let identity = self.with_signal_posture(identity);
         let mut table = self.table();
         let decision = self.policy.current().evaluate(&identity, source);
         if decision.grants.is_empty() {

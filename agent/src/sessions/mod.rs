@@ -6,7 +6,9 @@ mod lifecycle;
 mod manager;
 pub mod model;
 mod reevaluation;
+mod signals;
 
 pub use lifecycle::{Reconciled, SweepOutcome};
 pub use manager::{Admitted, Ended, SessionError, Sessions, Target};
 pub use reevaluation::{PolicyApplyError, PolicyChange, PolicyOutcome};
+pub use signals::IdentityChange;

@@ -11,6 +11,7 @@ mod integrity;
 mod open;
 mod overlay;
 mod schema;
+mod signals;
 mod writer;
 
 #[cfg(test)]
@@ -35,6 +36,7 @@ use redb::{Database, ReadTransaction, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 
+pub use self::signals::{AppliedSignal, DevicePosture, PollState, SeenSet, SignalWrite};
 pub use self::{integrity::IntegrityReport, schema::SCHEMA_VERSION};
 use self::{
     schema::{AUDIT, REVOCATIONS, SESSIONS, decode},
@@ -74,6 +76,9 @@ pub enum Write {
     DeleteRevocation(SessionId),
     /// Append to the audit log. The event's `seq` is ignored: the store assigns the next one.
     Audit(AuditEvent),
+    /// The signals receiver's state (seen SETs, applied signals, device posture, poll
+    /// positions): committed with the session writes a SET caused.
+    Signal(SignalWrite),
 }
 
 #[derive(Debug, thiserror::Error)]

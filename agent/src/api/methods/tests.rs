@@ -103,6 +103,7 @@ fn access_is_exact_per_method_and_per_call() {
         ("datapath.mode", json!({}), Access::Read),
         ("datapath.mode", json!({"mode": "monitor"}), Access::Admin),
         ("datapath.mode", json!({"mode": "enforce"}), Access::Admin),
+        ("signals.status", json!({}), Access::Read),
     ];
     for (method, params, access) in want.clone() {
         let r = Request::parse(&call(method, params.clone())).unwrap();
@@ -232,6 +233,7 @@ fn check_answer(method: &str, result: &Value) {
         "policy.check" => same_shape::<PolicyCheck>(result),
         "policy.explain" => same_shape::<PolicyExplain>(result),
         "datapath.mode" => same_shape::<DatapathMode>(result),
+        "signals.status" => same_shape::<SignalsStatus>(result),
         other => panic!("no answer check for {other}"),
     }
 }
