@@ -6,7 +6,6 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
@@ -17,7 +16,7 @@ use super::output::outln;
 use crate::{
     sessions::model::now_ms,
     signals::{
-        PUSH_PATH, SET_MEDIA_TYPE,
+        SET_MEDIA_TYPE,
         dev::{self, DEV_TRANSMITTER, DevSet, SigningKey},
         poll::{PollRequest, PollResponse},
     },
@@ -249,7 +248,7 @@ pub fn run(command: SsfCommand) -> anyhow::Result<()> {
             let set = event.signed()?;
             let authorization = std::fs::read_to_string(&authorization_file)
                 .with_context(|| format!("reading {}", authorization_file.display()))?;
-            let (status, body) = push(
+            let (status, body) = dev::push(
                 &agent,
                 &fingerprint,
                 authorization.trim(),
@@ -268,35 +267,6 @@ pub fn run(command: SsfCommand) -> anyhow::Result<()> {
             queue,
             issuer,
         } => serve(&listen, &dir, &queue, &issuer),
-    }
-}
-
-/// POSTs a body to the agent's push endpoint; answers the status and body.
-///
-/// # Errors
-/// The agent cannot be reached.
-pub fn push(
-    agent: &str,
-    fingerprint: &str,
-    authorization: &str,
-    content_type: &str,
-    body: &[u8],
-) -> anyhow::Result<(u16, String)> {
-    let tls = crate::admission::client::pinned_config(fingerprint)?;
-    let http = ureq::AgentBuilder::new()
-        .tls_config(Arc::new(tls))
-        .timeout(Duration::from_secs(15))
-        .build();
-    let mut call = http
-        .post(&format!("https://{agent}{PUSH_PATH}"))
-        .set("Content-Type", content_type);
-    if !authorization.is_empty() {
-        call = call.set("Authorization", authorization);
-    }
-    match call.send_bytes(body) {
-        Ok(r) => Ok((r.status(), r.into_string().unwrap_or_default())),
-        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
-        Err(e) => Err(anyhow::anyhow!("cannot reach the agent at {agent}: {e}")),
     }
 }
 

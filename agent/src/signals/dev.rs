@@ -273,6 +273,45 @@ impl DevSet {
     }
 }
 
+/// POSTs `body` to an agent's push endpoint (`host:port`, certificate pinned by
+/// `fingerprint`) with this `Authorization` value (none when empty) and `Content-Type`;
+/// answers the HTTP status and body.
+///
+/// # Errors
+/// The agent cannot be reached, or the fingerprint is malformed.
+pub fn push(
+    agent: &str,
+    fingerprint: &str,
+    authorization: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Result<(u16, String), DevSsfError> {
+    let tls = crate::admission::client::pinned_config(fingerprint)
+        .map_err(|e| DevSsfError::Event(e.to_string()))?;
+    let http = ureq::AgentBuilder::new()
+        .tls_config(std::sync::Arc::new(tls))
+        .timeout(std::time::Duration::from_secs(15))
+        .build();
+    let mut call = http
+        .post(&format!("https://{agent}{}", super::PUSH_PATH))
+        .set("Content-Type", content_type);
+    if !authorization.is_empty() {
+        call = call.set("Authorization", authorization);
+    }
+    match call.send_bytes(body) {
+        Ok(r) => Ok((r.status(), r.into_string().unwrap_or_default())),
+        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
+        Err(e) => Err(DevSsfError::Event(format!(
+            "cannot reach the agent at {agent}: {e}"
+        ))),
+    }
+}
+
+/// SHA-256 of `bytes` (for tests that build hostile SETs by hand).
+pub fn sha256(bytes: &[u8]) -> Vec<u8> {
+    Sha256::digest(bytes).to_vec()
+}
+
 /// 16 random bytes, hex.
 pub fn random_jti() -> String {
     let mut b = [0u8; 16];

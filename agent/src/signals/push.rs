@@ -19,6 +19,28 @@ use super::{
     set::{MAX_SET_BYTES, Refused},
 };
 
+/// A refused body larger than this is not read to its end: the connection is closed instead.
+const MAX_DRAIN_BYTES: u64 = 2 * 1024 * 1024;
+
+/// Reads a body to its end without keeping it; `false` when it breaks off or runs past
+/// [`MAX_DRAIN_BYTES`].
+async fn drain(mut body: Incoming) -> bool {
+    use http_body_util::BodyExt as _;
+    let mut seen = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > MAX_DRAIN_BYTES {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// The error body of RFC 8935 2.3.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushError {
@@ -131,11 +153,13 @@ pub async fn handle(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_SET_BYTES as u64) {
-        // Refused before a byte of it is read; the connection closes after the answer.
+    if let Some(n) = declared.filter(|n| *n > MAX_SET_BYTES as u64) {
         let r = too_large();
         receiver.refused(index, &r).await;
-        return refusal(&r, true);
+        // Read and dropped (within a bound) so that the transmitter, which sends its whole
+        // body before it reads, gets this answer instead of a reset connection.
+        let drained = n <= MAX_DRAIN_BYTES && drain(req.into_body()).await;
+        return refusal(&r, !drained);
     }
     let body = match Limited::new(req.into_body(), MAX_SET_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
