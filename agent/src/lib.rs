@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod enforce;
 pub mod identity;
+pub mod locks;
 pub mod metrics;
 pub mod policy;
 pub mod sessions;

@@ -401,7 +401,6 @@ struct Live {
     /// The operator's (server) and the user's (client) home directories.
     server_home: PathBuf,
     client_home: PathBuf,
-    token: String,
     /// `sha256:…` of the admission certificate.
     fingerprint: String,
 }
@@ -431,16 +430,18 @@ impl Live {
             etc,
             server_home,
             client_home,
-            token,
             fingerprint,
         }
     }
 
     /// A new session of alice through the agent, as a client would make it.
     fn login(&self) -> String {
+        // A token of its own: a terminate denies the token of the session it ends, and a
+        // terminate --user refuses every older token of alice's.
+        let token = self.stack.fresh_token(&TokenSpec::user(ALICE, &["ops"]));
         let (ok, out) = self
             .stack
-            .login(&self.token, &self.stack.scratch.dir.join("harness-cache"));
+            .login(&token, &self.stack.scratch.dir.join("harness-cache"));
         assert!(ok, "login failed: {out}");
         let json = &out[out.find('{').unwrap_or(0)..=out.rfind('}').unwrap_or(0)];
         let v: Value =
@@ -460,6 +461,22 @@ impl Live {
             Some(id) => id.to_owned(),
             None => self.login(),
         }
+    }
+
+    /// The newest lock, made (on a device nobody here uses) if there is none.
+    fn a_lock(&self) -> String {
+        let locks = self.stack.ctl_json(&["lock", "list"]);
+        if let Some(id) = locks
+            .as_array()
+            .and_then(|l| l.last())
+            .and_then(|l| l["id"].as_str())
+        {
+            return id.to_owned();
+        }
+        let added = self
+            .stack
+            .ctl_json(&["lock", "add", "--device", "laptop-17"]);
+        added["lock"]["id"].as_str().expect("a lock id").to_owned()
     }
 
     /// `SOURCE DESTINATION` of a flow the kernel holds.
@@ -504,6 +521,9 @@ impl Live {
         if out.contains("<id>") || out.contains("bc5aef237a937e96") {
             let id = self.live_session();
             out = out.replace("<id>", &id).replace("bc5aef237a937e96", &id);
+        }
+        if out.contains("lk-5e551000000000a1") {
+            out = out.replace("lk-5e551000000000a1", &self.a_lock());
         }
         if out.contains("10.0.0.7:51514 10.0.0.2:22") {
             out = out.replace("10.0.0.7:51514 10.0.0.2:22", &self.a_flow());

@@ -7,6 +7,7 @@ mod datapath;
 mod dev;
 mod dev_ssf;
 mod flows;
+mod lock;
 mod login;
 mod output;
 mod policy;
@@ -86,6 +87,11 @@ enum Command {
         #[command(subcommand)]
         command: dev::DevCommand,
     },
+    /// Locks that keep a user, group, device, source, session or token out.
+    Lock {
+        #[command(subcommand)]
+        command: lock::LockCommand,
+    },
     /// Shared Signals (SSF) streams from identity providers.
     Signals {
         #[command(subcommand)]
@@ -110,6 +116,7 @@ impl Command {
             Self::Policy { command } => command.json(),
             Self::Datapath { command } => command.json(),
             Self::Login(a) => a.json,
+            Self::Lock { command } => command.json(),
             Self::Signals { command } => command.json(),
             Self::Agent { .. }
             | Self::Config { .. }
@@ -196,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config { command } => config::run(command),
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
+        Command::Lock { command } => lock::run(socket, command),
         Command::Signals { command } => signals::run(socket, command),
         Command::Man => {
             let mut roff = Vec::new();

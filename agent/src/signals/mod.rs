@@ -83,6 +83,8 @@ pub enum SignalError {
     Store(#[from] crate::store::StoreError),
     #[error("acting on the SET failed; it was not acknowledged: {0}")]
     Session(#[from] crate::sessions::SessionError),
+    #[error("making the SET's ending stick failed; it was not acknowledged: {0}")]
+    Locks(#[from] crate::locks::LocksError),
     #[error("{what}: {detail}")]
     Transmitter { what: String, detail: String },
     #[error("the signals receiver stopped part way: its worker thread did not finish")]

@@ -3,7 +3,7 @@
 //! type, subject and outcome; each session it touched lists it (`sessions show`).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
@@ -21,6 +21,7 @@ use crate::{
     audit::event::{AuditEvent, AuditKind},
     auth::{Alg, AuthConfig, ClaimMapping, IssuerKeys},
     identity::{Claims, Identity},
+    locks::{CutoffRequest, LockTarget, NewLock},
     sessions::{
         Sessions,
         model::{Session, SessionId, now_ms},
@@ -30,6 +31,17 @@ use crate::{
 
 /// Seen SETs are pruned from the store at most this often.
 const PRUNE_EVERY_MS: u64 = 60_000;
+
+/// How an ending made by a SET sticks (see the table of actions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sticky {
+    /// The ended sessions' tokens are denied; with a user subject, a per-user cut-off too.
+    DenyTokens,
+    /// A per-user cut-off at the event's time.
+    Cutoff,
+    /// A user lock, until an administrator removes it.
+    Lock,
+}
 
 /// One configured transmitter, ready to receive.
 pub struct Transmitter {
@@ -404,13 +416,22 @@ impl Receiver {
                 )
                 .await
             }
-            Event::SessionRevoked
-            | Event::AccountDisabled
-            | Event::AccountPurged
-            | Event::CredentialCompromise => self.end_matching(index, set, event, &matching).await,
+            Event::SessionRevoked => {
+                self.end_matching(index, set, event, &matching, Sticky::DenyTokens)
+                    .await
+            }
+            Event::AccountDisabled | Event::AccountPurged => {
+                self.end_matching(index, set, event, &matching, Sticky::Lock)
+                    .await
+            }
+            Event::CredentialCompromise => {
+                self.end_matching(index, set, event, &matching, Sticky::Cutoff)
+                    .await
+            }
             Event::CredentialChange { change_type } => {
                 if matches!(change_type.as_str(), "revoke" | "delete" | "update") {
-                    self.end_matching(index, set, event, &matching).await
+                    self.end_matching(index, set, event, &matching, Sticky::Cutoff)
+                        .await
                 } else {
                     let why = format!("credential-change {change_type:?} does not end sessions");
                     self.ignore(index, set, event, why).await
@@ -516,21 +537,105 @@ impl Receiver {
         Ok(outcome)
     }
 
-    /// Terminates every live session the subject names, durable with the SET's record.
+    /// Terminates every live session the subject names, after making the ending stick
+    /// (`sticky`: their tokens denied, a per-user cut-off, or a user lock), durable with the
+    /// SET's record.
     async fn end_matching(
         &self,
         index: usize,
         set: &Set,
         event: &str,
         matching: &(dyn Fn(&Session) -> bool + Sync),
+        sticky: Sticky,
     ) -> Result<Outcome, SignalError> {
-        let ids: Vec<SessionId> = self
-            .sessions
-            .live_matching(matching)
+        let matched = self.sessions.live_matching(matching);
+        let user = set.subject.as_ref().and_then(|s| s.user(Role::User));
+        // The identities the subject names: those of the sessions it matched, and the one an
+        // iss_sub subject spells out even when it has no live session.
+        let mut identities: BTreeSet<(String, String)> = matched
             .iter()
-            .map(|s| s.id)
+            .map(|s| (s.identity.issuer.clone(), s.identity.subject.clone()))
             .collect();
-        if ids.is_empty() {
+        if let Some(Subject::IssSub { iss, sub }) = user {
+            identities.insert((iss.clone(), sub.clone()));
+        }
+        let by = format!("signal {}", set.iss);
+        let reason = format!("{event} (SET {})", set.jti);
+        let ids: Vec<SessionId> = matched.iter().map(|s| s.id).collect();
+        // The sessions end first (revocation in the kernel, then the record), so that they
+        // end as an identity event; what makes the ending stick follows, and it ends any
+        // session a racing login opened meanwhile with what it now refuses. The SET is
+        // recorded as seen last: a crash before that makes the transmitter deliver it again,
+        // and applying it again changes nothing more.
+        let record_ids = ids.clone();
+        self.sessions
+            .end_for_signal(ids, by.clone(), reason.clone(), |_| {
+                record_ids
+                    .iter()
+                    .map(|id| Self::applied(set, event, *id, "terminated"))
+                    .collect()
+            })
+            .await?;
+        let mut what = vec!["terminated".to_owned()];
+        match sticky {
+            Sticky::DenyTokens => {
+                for s in &matched {
+                    self.sessions.deny_session_token(s.id, &by, &reason).await?;
+                }
+                if !matched.is_empty() {
+                    what.push("token denied".into());
+                    let locks = Arc::clone(self.sessions.locks());
+                    let racers: Vec<SessionId> = self
+                        .sessions
+                        .live_matching(|s| locks.is_denied(&s.identity.denial_key()))
+                        .iter()
+                        .map(|s| s.id)
+                        .collect();
+                    if !racers.is_empty() {
+                        self.sessions
+                            .end_for_signal(racers, by.clone(), reason.clone(), |_| Vec::new())
+                            .await?;
+                    }
+                }
+                if user.is_some() {
+                    self.cut_off(&identities, set, &by, &reason, &mut what)
+                        .await?;
+                }
+            }
+            Sticky::Cutoff => {
+                self.cut_off(&identities, set, &by, &reason, &mut what)
+                    .await?
+            }
+            Sticky::Lock => {
+                let targets: Vec<LockTarget> = match user {
+                    Some(Subject::Email(e)) => vec![LockTarget::User(e.clone())],
+                    Some(Subject::Opaque(id)) => vec![LockTarget::User(id.clone())],
+                    _ => identities
+                        .iter()
+                        .map(|(iss, sub)| LockTarget::Subject {
+                            iss: iss.clone(),
+                            sub: sub.clone(),
+                        })
+                        .collect(),
+                };
+                for target in targets {
+                    let added = self
+                        .sessions
+                        .add_lock(
+                            NewLock {
+                                target,
+                                ttl_secs: None,
+                                reason: Some(reason.clone()),
+                                show_reason: false,
+                            },
+                            &by,
+                        )
+                        .await?;
+                    what.push(format!("locked {}", added.lock.id));
+                }
+            }
+        }
+        if matched.is_empty() && what.len() == 1 {
             return self
                 .ignore(
                     index,
@@ -540,25 +645,42 @@ impl Receiver {
                 )
                 .await;
         }
-        let by = format!("signal {}", set.iss);
-        let reason = format!("{event} (SET {})", set.jti);
-        let outcome_for = |n| Outcome::Applied {
-            sessions: n,
-            what: "terminated".into(),
+        let outcome = Outcome::Applied {
+            sessions: matched.len(),
+            what: what.join("; "),
         };
-        let ended = self
-            .sessions
-            .end_for_signal(ids, by, reason, |ended| {
-                let mut record: Vec<Write> = ended
-                    .iter()
-                    .map(|e| Self::applied(set, event, e.id, "terminated"))
-                    .collect();
-                record.extend(self.set_writes(index, set, event, &outcome_for(ended.len())));
-                record
-            })
-            .await?;
-        tracing::info!(jti = %set.jti, iss = %set.iss, event, sessions = ended.len(), "signal ended sessions");
-        Ok(outcome_for(ended.len()))
+        tracing::info!(jti = %set.jti, iss = %set.iss, event, sessions = matched.len(), "signal ended sessions");
+        self.commit_outcome(index, set, event, outcome, Vec::new())
+            .await
+    }
+
+    /// A cut-off at the event's time for each identity: its tokens issued until then are
+    /// refused, and its sessions on them end.
+    async fn cut_off(
+        &self,
+        identities: &BTreeSet<(String, String)>,
+        set: &Set,
+        by: &str,
+        reason: &str,
+        what: &mut Vec<String>,
+    ) -> Result<(), SignalError> {
+        for (iss, sub) in identities {
+            self.sessions
+                .set_cutoff(
+                    CutoffRequest {
+                        iss: iss.clone(),
+                        sub: sub.clone(),
+                        at_secs: Some(set.event_time),
+                        reason: reason.to_owned(),
+                    },
+                    by,
+                )
+                .await?;
+        }
+        if !identities.is_empty() {
+            what.push("cut-off".into());
+        }
+        Ok(())
     }
 
     /// Changes what the identity provider said about the sessions the subject names, then
@@ -590,6 +712,10 @@ impl Receiver {
         let change = self
             .sessions
             .update_identities(ids, update, Vec::new())
+            .await?;
+        // New groups may be locked out.
+        self.sessions
+            .enforce_locks(&format!("signal {}", set.iss))
             .await?;
         let lost: HashMap<SessionId, &Vec<String>> =
             change.lost.iter().map(|(id, r)| (*id, r)).collect();
