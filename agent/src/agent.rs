@@ -43,6 +43,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         .auth
         .validate()
         .with_context(|| format!("{}: [auth]", config_path.display()))?;
+    config
+        .signals
+        .validate()
+        .with_context(|| format!("{}: [signals]", config_path.display()))?;
     let verifier = Arc::new(Verifier::new(&config.auth).context("loading issuer keys")?);
     verifier.report_status();
     if config.auth.issuers.is_empty() {
@@ -178,6 +182,27 @@ async fn serve(
         reserved = admission::RESERVED_DESCRIPTORS,
         "descriptor budget"
     );
+    // Shared Signals: identity-provider events end and narrow sessions (see docs/signals.md).
+    let signals = if config.signals.transmitters.is_empty() {
+        None
+    } else {
+        let receiver = Arc::new(
+            crate::signals::Receiver::new(
+                &config.signals,
+                &config.auth,
+                Arc::clone(&sessions),
+                store.clone(),
+            )
+            .context("starting the Shared Signals receiver")?,
+        );
+        receiver.report_status();
+        Some(receiver)
+    };
+    let _pollers = signals
+        .as_ref()
+        .map(|r| crate::signals::poll::start(r, store.clone(), tokio::runtime::Handle::current()))
+        .transpose()
+        .context("starting the Shared Signals poll loops")?;
     let admission = Arc::new(Admission {
         sessions: Arc::clone(&sessions),
         verifier,
@@ -188,6 +213,7 @@ async fn serve(
             config.admission.max_connections_per_source,
         ),
         request_timeout: Duration::from_millis(config.admission.request_timeout_ms),
+        signals,
     });
     let core = Arc::new(crate::api::core::Core {
         sessions: Arc::clone(&sessions),

@@ -51,6 +51,8 @@ pub struct Config {
     /// How long lock records that can no longer refuse anything are kept.
     #[serde(default)]
     pub locks: crate::locks::LocksConfig,
+    #[serde(default)]
+    pub signals: crate::signals::SignalsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -432,6 +434,7 @@ impl Config {
                 }
             }
         }
+        config.signals.resolve_paths(base);
         for p in [
             Some(&mut config.policy.dir),
             Some(&mut config.state.dir),

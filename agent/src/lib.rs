@@ -15,4 +15,5 @@ pub mod locks;
 pub mod metrics;
 pub mod policy;
 pub mod sessions;
+pub mod signals;
 pub mod store;

@@ -64,7 +64,11 @@ const DRAIN_BYTES: usize = 2 * 1024 * 1024;
 enum Phase {
     /// Passing bytes to hyper; `in_head` bytes of the current head so far, `tail` the last
     /// bytes seen (to find `\r\n\r\n` across reads).
-    Reading { in_head: usize, tail: [u8; 3] },
+    Reading {
+        in_head: usize,
+        tail: [u8; 3],
+        body: BodyScan,
+    },
     /// Writing the 431 answer from this offset, then flushing.
     Answering { response: Vec<u8>, at: usize },
     /// Closing the agent's side of the stream after the answer.
@@ -92,16 +96,62 @@ impl<T> HeadLimit<T> {
             phase: Phase::Reading {
                 in_head: 0,
                 tail: [0; 3],
+                body: BodyScan::default(),
             },
             oversized,
         }
     }
 }
 
-/// Counts head bytes in `bytes`; `true` once the head is over the limit. The count restarts
-/// after each `\r\n\r\n` (a request head's end): admission requests have no body.
+/// The body a request head announced (`Content-Length`), which is not head: pushed SETs
+/// (`/v1/ssf/events`) have one, and their own limit.
+#[derive(Debug, Default)]
+struct BodyScan {
+    /// Body bytes still to pass uncounted.
+    left: u64,
+    /// `Content-Length` of the head being read.
+    announced: u64,
+    /// The start of the current header line (enough to hold a `Content-Length` line).
+    line: Vec<u8>,
+}
+
+/// Like [`scan_bodies`], for requests without a body.
+#[cfg(test)]
 fn scan(in_head: &mut usize, tail: &mut [u8; 3], bytes: &[u8]) -> bool {
-    for &b in bytes {
+    scan_bodies(in_head, tail, &mut BodyScan::default(), bytes)
+}
+
+/// Counts head bytes in `bytes`; `true` once the head is over the limit. The count restarts
+/// after each `\r\n\r\n` (a request head's end); the body its `Content-Length` announces is
+/// passed uncounted.
+fn scan_bodies(in_head: &mut usize, tail: &mut [u8; 3], body: &mut BodyScan, bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if body.left > 0 {
+            // A body is skipped whole, not byte by byte.
+            let skip = usize::try_from(body.left)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len() - i);
+            body.left -= skip as u64;
+            i += skip;
+            continue;
+        }
+        let b = bytes[i];
+        i += 1;
+        if b == b'\n' {
+            let line = std::str::from_utf8(&body.line).unwrap_or_default();
+            if let Some((name, value)) = line.split_once(':')
+                && name.trim().eq_ignore_ascii_case("content-length")
+            {
+                body.announced = value.trim().parse().unwrap_or(0);
+            }
+            body.line.clear();
+        } else if body.line.len() < 48 {
+            body.line.push(b);
+        }
+        if *tail == *b"\r\n\r" && b == b'\n' {
+            body.left = std::mem::take(&mut body.announced);
+        }
         *in_head += 1;
         if *tail == *b"\r\n\r" && b == b'\n' {
             *in_head = 0;
@@ -152,10 +202,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadLimit<T> {
                         *left -= n;
                     }
                 }
-                Phase::Reading { in_head, tail } => {
+                Phase::Reading {
+                    in_head,
+                    tail,
+                    body,
+                } => {
                     let before = buf.filled().len();
                     ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-                    if !scan(in_head, tail, &buf.filled()[before..]) {
+                    if !scan_bodies(in_head, tail, body, &buf.filled()[before..]) {
                         return Poll::Ready(Ok(()));
                     }
                     // Hyper never sees the bytes past the limit.
@@ -229,6 +283,30 @@ mod tests {
         let big = vec![b'x'; MAX_HEAD_BYTES];
         assert!(!scan(&mut n, &mut tail, &big));
         assert!(scan(&mut n, &mut tail, b"x"));
+    }
+
+    #[test]
+    fn an_announced_body_is_not_head() {
+        let (mut n, mut tail, mut body) = (0, [0; 3], BodyScan::default());
+        let head = b"POST /v1/ssf/events HTTP/1.1\r\nContent-Length: 40000\r\n\r\n";
+        assert!(!scan_bodies(&mut n, &mut tail, &mut body, head));
+        assert!(!scan_bodies(
+            &mut n,
+            &mut tail,
+            &mut body,
+            &vec![b'x'; 40_000]
+        ));
+        assert_eq!(n, 0, "the body was not counted");
+        assert!(!scan_bodies(
+            &mut n,
+            &mut tail,
+            &mut body,
+            &vec![b'x'; MAX_HEAD_BYTES]
+        ));
+        assert!(
+            scan_bodies(&mut n, &mut tail, &mut body, b"x"),
+            "past the body, a head again"
+        );
     }
 
     #[tokio::test]

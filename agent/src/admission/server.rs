@@ -46,6 +46,8 @@ pub struct Admission {
     /// A connection that has finished TLS (or answered its last request) and has not sent a
     /// complete request within this is closed.
     pub request_timeout: Duration,
+    /// The Shared Signals receiver for pushed SETs (`POST /v1/ssf/events`), if configured.
+    pub signals: Option<Arc<crate::signals::Receiver>>,
 }
 
 /// Serves admissions on `listener` until the task is dropped.
@@ -228,6 +230,9 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 
 impl Admission {
     async fn handle(&self, req: Request<Incoming>, source: IpAddr) -> Response<Full<Bytes>> {
+        if req.uri().path() == crate::signals::PUSH_PATH {
+            return crate::signals::push::handle(self.signals.as_ref(), req).await;
+        }
         let ask = request::read(
             req.method(),
             req.uri().path(),

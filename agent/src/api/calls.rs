@@ -41,6 +41,14 @@ impl RpcClient {
         self.request::<m::Status>(&Empty {})
     }
 
+    /// `signals.status`.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub fn signals_status(&mut self) -> Result<crate::signals::SignalsStatus, ClientError> {
+        self.request::<m::SignalsStatus>(&Empty {})
+    }
+
     /// `sessions.list`.
     ///
     /// # Errors

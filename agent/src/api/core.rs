@@ -119,6 +119,9 @@ impl Core {
         use methods as m;
         match request {
             Request::Status(_) => answer::<m::Status>(self.status()?),
+            Request::SignalsStatus(_) => {
+                answer::<m::SignalsStatus>(crate::signals::signals_status())
+            }
             Request::SessionsList(filter) => self.list(filter).into_value(),
             Request::SessionsGet(r) => {
                 let s = self
@@ -315,6 +318,7 @@ impl Core {
             .session_stats(s.id)
             .map_or(0, |st| st.flow_limit_drops);
         v.flows = Some(self.flows(Some(s.id)));
+        v.signals = self.sessions.applied_signals(s.id);
         v
     }
 

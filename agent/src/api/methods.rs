@@ -140,6 +140,9 @@ method!(
 method!(
     /// Remove a lock: what it refused is admitted again.
     LockRemove, "lock.remove", Admin, lk::LockRef => lk::LockRemovedView);
+method!(
+    /// Each Shared Signals stream: transmitter, delivery, last event, counts, errors.
+    SignalsStatus, "signals.status", Read, p::Empty => crate::signals::SignalsStatus);
 
 /// Report the datapath mode, or switch it (which needs admin).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +220,7 @@ requests!(
     LockList,
     LockShow,
     LockRemove,
+    SignalsStatus,
 );
 
 /// The method named so, if there is one.

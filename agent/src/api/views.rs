@@ -73,6 +73,9 @@ pub struct SessionView {
     pub token_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<Vec<FlowView>>,
+    /// Full detail only: the identity-provider signals applied to the session, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<crate::store::AppliedSignal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +145,7 @@ pub fn session_view(
         claims: full.then(|| s.identity.claims.to_map()),
         token_sha256: full.then(|| s.identity.token_sha256.clone()),
         flows: None,
+        signals: Vec::new(),
     }
 }
 

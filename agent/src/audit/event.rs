@@ -69,6 +69,18 @@ pub enum AuditKind {
     LockExpired {
         lock: String,
     },
+    /// A Shared Signals SET was accepted (acted on, or acknowledged and ignored).
+    SignalReceived {
+        jti: String,
+        iss: String,
+        event: String,
+        subject: String,
+        outcome: String,
+    },
+    /// A SET was refused with an RFC 8935 error; nothing was changed.
+    SignalRefused {
+        err: String,
+    },
 }
 
 impl AuditKind {
@@ -96,6 +108,8 @@ impl AuditKind {
             Self::LockAdded { .. } => "lock_added",
             Self::LockRemoved { .. } => "lock_removed",
             Self::LockExpired { .. } => "lock_expired",
+            Self::SignalReceived { .. } => "signal_received",
+            Self::SignalRefused { .. } => "signal_refused",
         }
     }
 }

@@ -119,7 +119,9 @@ pub(crate) fn max_age(cache_control: &str) -> Option<Duration> {
     age
 }
 
-fn get(
+/// One GET of a JSON document or JWKS within the time left until `deadline` (shared by the
+/// requests of one fetch), https only unless loopback, redirects refused, body capped.
+pub(crate) fn get(
     agent: &ureq::Agent,
     url: &str,
     deadline: Instant,

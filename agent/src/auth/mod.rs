@@ -26,3 +26,12 @@ mod tests;
 pub use config::{AuthConfig, AuthConfigError, ClaimMapping, DEFAULT_TOKEN_TYPES, IssuerConfig};
 pub use source::IssuerKeyStatus;
 pub use verify::{MAX_TOKEN_BYTES, Rejection, Verifier, key_status};
+
+// A Shared Signals transmitter's keys are fetched, cached and checked as an issuer's are.
+pub(crate) use self::{
+    alg::Alg,
+    fetch::{Fetched, agent as http_agent, check_url, get as fetch_get},
+    json::object as strict_object,
+    jwks::KeyOutcome,
+    source::{IssuerKeys, JwksLocator, OnDemand, Tuning},
+};

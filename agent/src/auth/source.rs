@@ -56,7 +56,14 @@ enum KeySource {
     JwksFile(PathBuf),
     Discovery(ureq::Agent),
     Secret,
+    /// Keys found some other way (a Shared Signals transmitter's `jwks_uri`, or its
+    /// `ssf-configuration`): the locator fetches the JWKS document within the budget.
+    Located(ureq::Agent, Arc<JwksLocator>),
 }
+
+/// Fetches a JWKS document with `agent` within the budget (see [`IssuerKeys::located`]).
+pub(crate) type JwksLocator =
+    dyn Fn(&ureq::Agent, Duration) -> Result<fetch::Fetched, String> + Send + Sync;
 
 /// One issuer's keys: a read-mostly snapshot for verification, and refresh bookkeeping that
 /// only refreshes touch.
@@ -219,6 +226,31 @@ impl IssuerKeys {
         Ok(keys)
     }
 
+    /// Keys that `locate` fetches (and refetches, on rotation), over HTTPS trusting `ca_file`
+    /// alone when given: for sources other than an issuer's own discovery document.
+    ///
+    /// # Errors
+    /// `ca_file` cannot be used.
+    pub(crate) fn located(
+        issuer: &str,
+        ca_file: Option<&Path>,
+        algs: Vec<Alg>,
+        refresh_every: Duration,
+        tuning: Tuning,
+        locate: Arc<JwksLocator>,
+    ) -> Result<Self, trust::TrustError> {
+        let tls = trust::client_config(ca_file)?;
+        Ok(Self {
+            issuer: issuer.to_owned(),
+            source: KeySource::Located(fetch::agent(tuning.http_timeout, tls), locate),
+            algs,
+            refresh_every,
+            tuning,
+            current: RwLock::new(Arc::new(KeySet::empty())),
+            state: Mutex::new(RefreshState::default()),
+        })
+    }
+
     /// The current set; cheap (one read lock, one reference count).
     pub(crate) fn snapshot(&self) -> Arc<KeySet> {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
@@ -302,6 +334,7 @@ impl IssuerKeys {
                 KeySource::JwksFile(p) => format!("jwks_file {}", p.display()),
                 KeySource::Discovery(_) => "discovery".into(),
                 KeySource::Secret => "hs256_secret_file".into(),
+                KeySource::Located(..) => "located".into(),
             },
             loaded: set.loaded,
             keys: set.len(),
@@ -373,6 +406,12 @@ impl IssuerKeys {
                     .map_err(|e| format!("jwks_uri of {}: {e}", self.issuer))
             }
             KeySource::Secret => Err("an HS256 secret is read once, at start".into()),
+            KeySource::Located(agent, locate) => {
+                let fetched = locate(agent, self.tuning.http_timeout)?;
+                KeySet::from_jwks(&fetched.body, &self.algs)
+                    .map(|set| (set, fetched.max_age))
+                    .map_err(|e| format!("keys of {}: {e}", self.issuer))
+            }
         }
     }
 }

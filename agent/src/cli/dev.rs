@@ -21,6 +21,11 @@ pub enum DevCommand {
     },
     /// Mint a development token signed with the key from `dev keygen`.
     Token(TokenArgs),
+    /// A stand-in Shared Signals transmitter: signs, pushes and serves SETs.
+    Ssf {
+        #[command(subcommand)]
+        command: Box<super::dev_ssf::SsfCommand>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +59,7 @@ pub struct TokenArgs {
 
 pub fn run(command: DevCommand) -> anyhow::Result<()> {
     match command {
+        DevCommand::Ssf { command } => super::dev_ssf::run(*command),
         DevCommand::Keygen { dir } => {
             let keys = dev::keygen(&dir)?;
             outln!("development key (not for production):")?;

@@ -5,12 +5,14 @@ mod audit;
 mod config;
 mod datapath;
 mod dev;
+mod dev_ssf;
 mod flows;
 mod lock;
 mod login;
 mod output;
 mod policy;
 mod sessions;
+mod signals;
 mod socket;
 mod status;
 mod table;
@@ -90,6 +92,11 @@ enum Command {
         #[command(subcommand)]
         command: lock::LockCommand,
     },
+    /// Shared Signals (SSF) streams from identity providers.
+    Signals {
+        #[command(subcommand)]
+        command: signals::SignalsCommand,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), for packaging.
@@ -110,6 +117,7 @@ impl Command {
             Self::Datapath { command } => command.json(),
             Self::Login(a) => a.json,
             Self::Lock { command } => command.json(),
+            Self::Signals { command } => command.json(),
             Self::Agent { .. }
             | Self::Config { .. }
             | Self::Dev { .. }
@@ -196,6 +204,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
         Command::Lock { command } => lock::run(socket, command),
+        Command::Signals { command } => signals::run(socket, command),
         Command::Man => {
             let mut roff = Vec::new();
             clap_mangen::Man::new(command()).render(&mut roff)?;

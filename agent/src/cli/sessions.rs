@@ -307,6 +307,19 @@ fn render_session(s: &SessionView, now: u64) -> String {
             "token        sha256:{fp} (the token itself is never kept)"
         ));
     }
+    if !s.signals.is_empty() {
+        line("signals".into());
+        for sig in &s.signals {
+            line(format!(
+                "  {} {} from {} (SET {}): {}",
+                ago(sig.at_ms, now),
+                sig.event,
+                sig.iss,
+                sig.jti,
+                sig.outcome
+            ));
+        }
+    }
     if let Some(claims) = &s.claims {
         line("claims".into());
         for (k, v) in claims {

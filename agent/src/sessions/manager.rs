@@ -146,6 +146,8 @@ pub struct Sessions {
     pub(super) config: SessionsConfig,
     /// Locks, denied tokens and cut-offs, checked under the table lock at every admission.
     locks: Arc<crate::locks::Locks>,
+    /// Device id → compliance, as identity providers reported it by signal (see `signals`).
+    pub(super) device_posture: std::sync::RwLock<HashMap<String, bool>>,
 }
 
 /// The reason code of an admission refused because every session slot is held.
@@ -183,6 +185,7 @@ impl Sessions {
             audit,
             policy,
             config,
+            device_posture: Default::default(),
         }
     }
 
@@ -339,6 +342,7 @@ impl Sessions {
         identity: Identity,
         source: IpAddr,
     ) -> Result<Result<(Arc<Session>, Option<String>), (Identity, String)>, SessionError> {
+        let identity = self.with_signal_posture(identity);
         let mut table = self.table();
         if let Some(refusal) = self.locks.check(&identity, source, None) {
             return Err(SessionError::Refused {

@@ -12,6 +12,7 @@ mod locks;
 mod open;
 mod overlay;
 mod schema;
+mod signals;
 mod writer;
 
 #[cfg(test)]
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 
 pub use self::locks::{LockRecords, LockWrite};
+pub use self::signals::{AppliedSignal, DevicePosture, PollState, SeenSet, SignalWrite};
 pub use self::{integrity::IntegrityReport, schema::SCHEMA_VERSION};
 use self::{
     schema::{AUDIT, REVOCATIONS, SESSIONS, decode},
@@ -78,6 +80,9 @@ pub enum Write {
     Audit(AuditEvent),
     /// A lock, denied token or cut-off (the `locks` table).
     Locks(LockWrite),
+    /// The signals receiver's state (seen SETs, applied signals, device posture, poll
+    /// positions): committed with the session writes a SET caused.
+    Signal(SignalWrite),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -185,6 +185,10 @@ impl Writer {
         for pending in group {
             let mut committed = Vec::new();
             for write in &pending.writes {
+                if let Write::Signal(w) = write {
+                    super::signals::apply(path, txn, w)?;
+                    continue;
+                }
                 if let Some(event) = self.apply_one(&mut tables, write, next_seq)? {
                     committed.push(event);
                 }
@@ -253,6 +257,8 @@ impl Writer {
                     .remove(id.0)
                     .map_err(db_error(path, "delete a revocation"))?;
             }
+            // Applied by `apply_in`, which holds the transaction the signals tables need.
+            Write::Signal(_) => {}
             Write::Audit(event) => {
                 let mut event = event.clone();
                 event.seq = *next_seq;

@@ -112,6 +112,7 @@ fn access_is_exact_per_method_and_per_call() {
         ("lock.list", json!({}), Access::Read),
         ("lock.show", json!({"id": "lk-1"}), Access::Read),
         ("lock.remove", json!({"id": "lk-1"}), Access::Admin),
+        ("signals.status", json!({}), Access::Read),
     ];
     for (method, params, access) in want.clone() {
         let r = Request::parse(&call(method, params.clone())).unwrap();
@@ -245,6 +246,7 @@ fn check_answer(method: &str, result: &Value) {
         "lock.list" => same_shape::<super::LockList>(result),
         "lock.show" => same_shape::<super::LockShow>(result),
         "lock.remove" => same_shape::<super::LockRemove>(result),
+        "signals.status" => same_shape::<SignalsStatus>(result),
         other => panic!("no answer check for {other}"),
     }
 }

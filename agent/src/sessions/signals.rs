@@ -1,0 +1,201 @@
+//! Identity-provider signals applied to sessions: ending the sessions a security event
+//! names, and changing what an identity provider says about a live session (its claims, its
+//! device's posture) and then holding every live session to policy again through the same
+//! continuous evaluation a policy change uses: only what policy no longer allows is severed.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, PoisonError},
+};
+
+use super::{
+    Ended, PolicyOutcome, SessionError, Sessions,
+    manager::event,
+    model::{EndCause, Session, SessionId, SessionState, now_ms},
+};
+use crate::{
+    audit::event::AuditKind,
+    identity::Identity,
+    store::{AppliedSignal, Write},
+};
+
+/// What re-evaluating after an identity change did to each session it changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityChange {
+    /// Sessions whose identity changed (live when the change was made).
+    pub updated: Vec<SessionId>,
+    /// Of those, each one that lost grants, with the resources it lost.
+    pub lost: Vec<(SessionId, Vec<String>)>,
+    /// Of those, the ones the change left with nothing, now terminated.
+    pub terminated: Vec<SessionId>,
+    pub outcome: PolicyOutcome,
+}
+
+impl Sessions {
+    /// The live sessions `pick` selects, as they are now.
+    pub fn live_matching(&self, pick: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
+        self.table()
+            .values()
+            .filter(|s| s.is_live() && pick(s))
+            .cloned()
+            .collect()
+    }
+
+    /// Ends live sessions because an identity provider said so: the revocation in the kernel
+    /// first, then the grants, then one durable commit holding the ends and the `extra` writes
+    /// made from them (the SET's own record), so that the SET is acknowledged only with its
+    /// effect on disk.
+    ///
+    /// # Errors
+    /// The kernel or the store fails.
+    pub async fn end_for_signal(
+        self: &Arc<Self>,
+        ids: Vec<SessionId>,
+        by: String,
+        reason: String,
+        extra: impl FnOnce(&[Ended]) -> Vec<Write>,
+    ) -> Result<Vec<Ended>, SessionError> {
+        let this = Arc::clone(self);
+        let (ended, mut writes) = tokio::task::spawn_blocking(move || {
+            this.end(
+                &ids,
+                SessionState::Terminated,
+                EndCause::IdentityEvent {
+                    reason: reason.clone(),
+                },
+                AuditKind::SessionTerminated {
+                    by: by.clone(),
+                    reason: reason.clone(),
+                },
+                &by,
+                &reason,
+            )
+        })
+        .await
+        .map_err(|_| SessionError::Interrupted {
+            what: "ending sessions for a signal",
+        })??;
+        writes.extend(extra(&ended));
+        self.persist(writes).await?;
+        Ok(ended)
+    }
+
+    /// Changes the identity of the live sessions `ids` with `update` (new claims, a device's
+    /// new posture), then re-evaluates every live session against the policy in force, as a
+    /// policy change does: grants the policy no longer allows are withdrawn and their flows
+    /// severed; a session left with nothing is terminated; nothing is ever widened. The
+    /// changed records and `extra` are durable when it returns.
+    ///
+    /// # Errors
+    /// The kernel or the store fails.
+    pub async fn update_identities(
+        self: &Arc<Self>,
+        ids: Vec<SessionId>,
+        update: impl Fn(&mut Identity) + Send + 'static,
+        extra: Vec<Write>,
+    ) -> Result<IdentityChange, SessionError> {
+        let this = Arc::clone(self);
+        let (change, before) = tokio::task::spawn_blocking(move || {
+            let mut before: HashMap<SessionId, Vec<String>> = HashMap::new();
+            {
+                let mut table = this.table();
+                for id in &ids {
+                    let Some(entry) = table.get_mut(id) else {
+                        continue;
+                    };
+                    if !entry.is_live() {
+                        continue;
+                    }
+                    before.insert(
+                        *id,
+                        entry.grants.iter().map(|g| g.resource.clone()).collect(),
+                    );
+                    let s = Arc::make_mut(entry);
+                    update(&mut s.identity);
+                    s.updated_at_ms = now_ms();
+                }
+            }
+            let policy = this.policy.current();
+            let change = this.enforce_policy(&policy)?;
+            Ok::<_, SessionError>((change, before))
+        })
+        .await
+        .map_err(|_| SessionError::Interrupted {
+            what: "re-evaluating sessions for a signal",
+        })??;
+        let outcome = change.outcome;
+        self.record_policy_change(change).await?;
+        let mut result = IdentityChange {
+            outcome,
+            ..IdentityChange::default()
+        };
+        let mut writes = extra;
+        {
+            let table = self.table();
+            for (id, had) in before {
+                let Some(now) = table.get(&id) else { continue };
+                result.updated.push(id);
+                if now.is_live() {
+                    // The new identity is what a restart must evaluate again.
+                    writes.push(Write::PutSession(Arc::clone(now)));
+                    let lost: Vec<String> = had
+                        .into_iter()
+                        .filter(|r| !now.grants_resource(r))
+                        .collect();
+                    if !lost.is_empty() {
+                        result.lost.push((id, lost));
+                    }
+                } else {
+                    result.terminated.push(id);
+                    result.lost.push((id, had));
+                }
+            }
+        }
+        self.persist(writes).await?;
+        Ok(result)
+    }
+
+    /// Records what identity providers say about a device: new logins from it are evaluated
+    /// with this compliance, whatever their token claims.
+    pub fn set_device_posture(&self, device: String, compliant: bool) {
+        self.device_posture
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(device, compliant);
+    }
+
+    /// The identity with the device posture identity providers reported since the token was
+    /// issued (a token minted before a device fell out of compliance still says it complies).
+    pub(super) fn with_signal_posture(&self, mut identity: Identity) -> Identity {
+        if let Some(device) = &identity.device.id {
+            let known = self
+                .device_posture
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(device)
+                .copied();
+            if let Some(compliant) = known {
+                identity.device.compliant = Some(compliant);
+            }
+        }
+        identity
+    }
+
+    /// The signals applied to a session, oldest first (empty when the store cannot say).
+    pub fn applied_signals(&self, id: SessionId) -> Vec<AppliedSignal> {
+        self.store.signals_applied(id).unwrap_or_else(|e| {
+            tracing::warn!(session = %id, error = %e, "cannot read the signals applied to a session");
+            Vec::new()
+        })
+    }
+
+    /// An audit event about a session, for the signals room.
+    pub fn session_event(
+        &self,
+        kind: AuditKind,
+        s: &Session,
+        detail: String,
+    ) -> crate::audit::event::AuditEvent {
+        event(kind, s, detail)
+    }
+}
