@@ -48,6 +48,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    /// Membership of a fleet over NATS JetStream; absent: this host stands alone.
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -403,6 +406,9 @@ impl Config {
                     *p = base.join(&*p);
                 }
             }
+        }
+        if let Some(fleet) = &mut config.fleet {
+            fleet.resolve_paths(base);
         }
         for p in [
             Some(&mut config.policy.dir),

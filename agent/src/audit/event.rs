@@ -57,6 +57,19 @@ pub enum AuditKind {
     DatapathModeChanged {
         mode: String,
     },
+    /// A signed fleet command applied (`command`: its id; `key`: the admin key that signed it;
+    /// `method`: the control method or `fleet.policy`; `outcome`: what it did).
+    FleetCommandApplied {
+        command: String,
+        key: String,
+        method: String,
+        outcome: String,
+    },
+    /// A message on the fleet's control stream refused: unsigned, forged, replayed, … .
+    FleetCommandRefused {
+        command: String,
+        reason: String,
+    },
 }
 
 impl AuditKind {
@@ -81,6 +94,8 @@ impl AuditKind {
             Self::PolicyReloaded { .. } => "policy_reloaded",
             Self::PolicyRejected { .. } => "policy_rejected",
             Self::DatapathModeChanged { .. } => "datapath_mode_changed",
+            Self::FleetCommandApplied { .. } => "fleet_command_applied",
+            Self::FleetCommandRefused { .. } => "fleet_command_refused",
         }
     }
 }

@@ -5,6 +5,7 @@ mod audit;
 mod config;
 mod datapath;
 mod dev;
+mod fleet;
 mod flows;
 mod login;
 mod output;
@@ -84,6 +85,8 @@ enum Command {
         #[command(subcommand)]
         command: dev::DevCommand,
     },
+    /// The fleet over NATS JetStream: hosts, sessions, terminations and policy everywhere.
+    Fleet(fleet::FleetArgs),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), for packaging.
@@ -103,6 +106,7 @@ impl Command {
             Self::Policy { command } => command.json(),
             Self::Datapath { command } => command.json(),
             Self::Login(a) => a.json,
+            Self::Fleet(a) => a.json(),
             Self::Agent { .. }
             | Self::Config { .. }
             | Self::Dev { .. }
@@ -156,7 +160,8 @@ fn log_filter(
 ) -> (tracing_subscriber::EnvFilter, Option<String>) {
     use tracing_subscriber::EnvFilter;
     let Some(value) = value else {
-        return (EnvFilter::new("info"), None);
+        // The NATS client (fleet commands) logs every connection at info.
+        return (EnvFilter::new("info,async_nats=warn"), None);
     };
     let parsed = match value.to_str() {
         Some(text) => EnvFilter::try_new(text).map_err(|e| format!("{text:?}: {e}")),
@@ -188,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config { command } => config::run(command),
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
+        Command::Fleet(args) => fleet::run(args),
         Command::Man => {
             let mut roff = Vec::new();
             clap_mangen::Man::new(command()).render(&mut roff)?;

@@ -7,6 +7,7 @@
 //! `Ok` is on disk; one that returned an error changed nothing. Reads run on the caller's thread
 //! against the last committed state and never wait for the writer.
 
+pub mod fleet;
 mod integrity;
 mod open;
 mod overlay;
@@ -74,6 +75,11 @@ pub enum Write {
     DeleteRevocation(SessionId),
     /// Append to the audit log. The event's `seq` is ignored: the store assigns the next one.
     Audit(AuditEvent),
+    /// Put a value in the fleet table (see [`fleet`]).
+    Fleet {
+        key: String,
+        value: Vec<u8>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

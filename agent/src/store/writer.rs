@@ -177,6 +177,9 @@ impl Writer {
             audit: txn
                 .open_table(AUDIT)
                 .map_err(db_error(path, "open the audit table"))?,
+            fleet: txn
+                .open_table(super::fleet::FLEET)
+                .map_err(db_error(path, "open the fleet table"))?,
         };
         let mut out = Vec::with_capacity(group.len());
         for pending in group {
@@ -261,6 +264,12 @@ impl Writer {
                 *next_seq += 1;
                 return Ok(Some(event));
             }
+            Write::Fleet { key, value } => {
+                tables
+                    .fleet
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(db_error(path, "write the fleet table"))?;
+            }
         }
         Ok(None)
     }
@@ -278,6 +287,7 @@ struct Tables<'txn> {
     sessions: Table<'txn, u64, &'static [u8]>,
     revocations: Table<'txn, u64, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
+    fleet: Table<'txn, &'static str, &'static [u8]>,
 }
 
 /// Lets tests make a write fail inside the transaction, after other writes of the same group
