@@ -51,6 +51,9 @@ pub struct Config {
     /// Membership of a fleet over NATS JetStream; absent: this host stands alone.
     #[serde(default)]
     pub fleet: Option<crate::fleet::FleetConfig>,
+    /// How long lock records that can no longer refuse anything are kept.
+    #[serde(default)]
+    pub locks: crate::locks::LocksConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

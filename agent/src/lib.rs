@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod enforce;
 pub mod fleet;
 pub mod identity;
+pub mod locks;
 pub mod metrics;
 pub mod policy;
 pub mod sessions;

@@ -319,6 +319,7 @@ pub fn run(opts: &Options) -> Report {
         }
         let checking = Instant::now();
         report.absorb(check::kernel(&target, &ledger.lock().unwrap()));
+        report.absorb(check::locks(&target, &ledger.lock().unwrap()));
         kernel.push(checking.elapsed());
         if (i + 1) % 10 == 0 {
             let c = ledger.lock().unwrap().counts.clone();

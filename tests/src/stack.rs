@@ -218,6 +218,17 @@ jwks_file = "keys/dev-jwks.json"
         out.lines().next().unwrap_or_default().trim().to_owned()
     }
 
+    /// A development token for `spec` minted in a later second than anything before the call:
+    /// its `iat` is after a cut-off set until now, and it is not the same token as one of the
+    /// same claims minted earlier (whose denial would refuse it). Waits for the next second.
+    pub fn fresh_token(&self, spec: &TokenSpec<'_>) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        std::thread::sleep(Duration::from_millis(1020 - u64::from(now.subsec_millis())));
+        self.token(spec)
+    }
+
     /// `flowwarden <args>` against this agent's socket, as root in the host namespace.
     pub fn ctl(&self, args: &[&str]) -> (bool, String) {
         let mut full = vec!["--socket", self.socket.to_str().unwrap()];

@@ -110,6 +110,7 @@ fn terminate_user_severs_her_ssh_on_every_host() {
     let mut sshs = Vec::new();
     let mut bob_sshs = Vec::new();
     let mut sshds = Vec::new();
+    let mut alice_tokens = Vec::new();
     for h in &hosts {
         let s = &h.stack;
         let server = s.pair.server_addr.into();
@@ -117,6 +118,7 @@ fn terminate_user_severs_her_ssh_on_every_host() {
         let alice = s.token(&TokenSpec::user("alice@corp.example", &["ops"]));
         let (ok, out) = s.login(&alice, &s.scratch.dir.join("alice"));
         assert!(ok, "{out}");
+        alice_tokens.push(alice);
         let ssh = SshSession::spawn(sshd.ssh(&s.pair.client, server, TICKER));
         s.wait_until(Duration::from_secs(10), "alice's ssh prints", || {
             ssh.line_count() >= 3
@@ -159,7 +161,7 @@ fn terminate_user_severs_her_ssh_on_every_host() {
     assert_eq!(outcomes.len(), 3, "every host answers: {issued}");
     assert!(outcomes.iter().all(|o| o["applied"] == true), "{issued}");
 
-    for (h, ssh) in hosts.iter().zip(&mut sshs) {
+    for ((h, ssh), old) in hosts.iter().zip(&mut sshs).zip(&alice_tokens) {
         let status = ssh.wait_exit(Duration::from_secs(10));
         assert!(status.is_some(), "alice's ssh on {} did not exit", h.name);
         let live =
@@ -188,7 +190,13 @@ fn terminate_user_severs_her_ssh_on_every_host() {
         );
         let status = h.fleet_status();
         assert_eq!(status["connected"], true, "{status}");
-        assert_eq!(status["commands_applied"], 1, "{status}");
+        assert_eq!(status["commands_applied"], 1, "{status}"); // Her old token is refused on every host.
+        let (ok, out) = h.stack.login(old, &h.stack.scratch.dir.join("alice-after"));
+        assert!(
+            !ok && (out.contains("token_revoked") || out.contains("issued_before_cutoff")),
+            "{}: {out}",
+            h.name
+        );
     }
     // The fleet's events stream has every host's termination.
     let (ok, out) = admin.cli(&["audit", "--last", "1000", "--json"]);
@@ -229,6 +237,16 @@ fn an_agent_that_was_down_catches_up_before_admitting_and_resyncs_when_purged() 
         "0",
     ]);
     assert!(issued["stream_seq"].as_u64().unwrap() >= 1, "{issued}");
+    let locked = admin.json(&[
+        "lock",
+        "add",
+        "--user",
+        "carol@corp.example",
+        "--reason",
+        "offboarded",
+        "--wait",
+        "0",
+    ]);
 
     // Back: its first admission comes after the termination it missed.
     host.stack.start_agent();
@@ -261,9 +279,50 @@ fn an_agent_that_was_down_catches_up_before_admitting_and_resyncs_when_purged() 
         "the missed termination (seq {}) came after the first admission (seq {bob_in})",
         end["seq"]
     );
+    // The lock issued while it was down held before its first admission, and holds now.
+    let lock_added = host.audit("lock_added");
+    assert_eq!(lock_added.len(), 1, "{lock_added:?}");
+    assert!(
+        lock_added[0]["seq"].as_u64().unwrap() < bob_in,
+        "{lock_added:?}"
+    );
+    let carol = host
+        .stack
+        .token(&TokenSpec::user("carol@corp.example", &["ops"]));
+    let (ok, out) = host
+        .stack
+        .login(&carol, &host.stack.scratch.dir.join("carol"));
+    assert!(!ok && out.contains("locked"), "carol was admitted: {out}");
+    let listed = admin.json(&["lock", "list"]);
+    assert_eq!(listed[0]["id"], locked["command"], "{listed}");
+    // Removed fleet-wide: carol is let back in.
+    let removed = admin.json(&[
+        "lock",
+        "remove",
+        locked["command"].as_str().unwrap(),
+        "--wait",
+        "20",
+    ]);
+    assert_eq!(removed["outcomes"][0]["applied"], true, "{removed}");
+    let (ok, out) = host
+        .stack
+        .login(&carol, &host.stack.scratch.dir.join("carol2"));
+    assert!(
+        ok,
+        "carol still refused after the fleet lock was removed: {out}"
+    );
+    assert_eq!(admin.json(&["lock", "list"]), json!([]));
 
     // Now alice again, down again, terminated again, and the stream purged meanwhile: the
     // snapshot carries it.
+    // Her old token stays refused; a new one from the IdP works until the next termination.
+    let (ok, out) = host
+        .stack
+        .login(&alice_token, &host.stack.scratch.dir.join("alice-old"));
+    assert!(!ok && out.contains("token_revoked"), "{out}");
+    let alice_token = host
+        .stack
+        .fresh_token(&TokenSpec::user("alice@corp.example", &["ops"]));
     let (ok, out) = host
         .stack
         .login(&alice_token, &host.stack.scratch.dir.join("alice2"));
@@ -303,9 +362,10 @@ fn an_agent_that_was_down_catches_up_before_admitting_and_resyncs_when_purged() 
     );
     let s = host.stack.ctl_json(&["sessions", "show", &second]);
     assert_eq!(s["state"], "terminated", "{s}");
-    // Each command applied once, even the first one that is also in the snapshot.
+    // Each command applied once, even those that are also in the snapshot: two
+    // terminations, the lock and its removal.
     let applied = host.audit("fleet_command_applied");
-    assert_eq!(applied.len(), 2, "{applied:?}");
+    assert_eq!(applied.len(), 4, "{applied:?}");
 }
 
 #[test]

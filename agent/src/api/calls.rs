@@ -124,6 +124,50 @@ impl RpcClient {
         self.request::<m::DatapathMode>(params)
     }
 
+    /// `lock.add`.
+    ///
+    /// # Errors
+    /// As [`Self::request`]; a bad target, TTL or reason is an `INVALID_PARAMS` error.
+    pub fn lock_add(
+        &mut self,
+        new: &crate::locks::NewLock,
+    ) -> Result<crate::locks::wire::LockAddedView, ClientError> {
+        self.request::<m::LockAdd>(new)
+    }
+
+    /// `lock.list`.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub fn lock_list(
+        &mut self,
+        filter: &crate::locks::wire::LockFilter,
+    ) -> Result<Vec<crate::locks::wire::LockView>, ClientError> {
+        self.request::<m::LockList>(filter)
+    }
+
+    /// `lock.show`.
+    ///
+    /// # Errors
+    /// As [`Self::request`]; an unknown lock is `NOT_FOUND`.
+    pub fn lock_show(
+        &mut self,
+        id: crate::locks::LockId,
+    ) -> Result<crate::locks::wire::LockView, ClientError> {
+        self.request::<m::LockShow>(&crate::locks::wire::LockRef { id })
+    }
+
+    /// `lock.remove`.
+    ///
+    /// # Errors
+    /// As [`Self::request`]; an unknown lock is `NOT_FOUND`.
+    pub fn lock_remove(
+        &mut self,
+        id: crate::locks::LockId,
+    ) -> Result<crate::locks::wire::LockRemovedView, ClientError> {
+        self.request::<m::LockRemove>(&crate::locks::wire::LockRef { id })
+    }
+
     /// `audit.subscribe`: every new matching event, until the agent ends the stream.
     ///
     /// # Errors

@@ -144,8 +144,23 @@ impl Core {
                     .reason
                     .unwrap_or_else(|| "terminated by an administrator".into());
                 let by = format!("uid {}", caller.peer.uid);
-                let ended = self.sessions.terminate(&target, &by, &reason).await?;
-                answer::<m::SessionsTerminate>(TerminateView::of(&ended))
+                if t.allow_relogin && t.cutoff {
+                    return Err(rpc(
+                        INVALID_PARAMS,
+                        "allow_relogin and cutoff contradict each other: give one of them",
+                    ));
+                }
+                // Termination sticks unless asked otherwise: the token is denied, and a
+                // termination by user also cuts off the user's older tokens.
+                let opts = crate::locks::TerminateOptions {
+                    deny_tokens: !t.allow_relogin,
+                    cutoff: !t.allow_relogin && (t.cutoff || matches!(target, Target::User(_))),
+                };
+                let done = self
+                    .sessions
+                    .terminate_sessions(&target, opts, &by, &reason)
+                    .await?;
+                answer::<m::SessionsTerminate>(TerminateView::of_terminated(&done))
             }
             Request::FlowsList(f) => answer::<m::FlowsList>(self.flows(f.session)),
             Request::Whois(w) => answer::<m::Whois>(self.whois(w.a, w.b, w.protocol)?),
@@ -178,6 +193,37 @@ impl Core {
                 })
             }
             Request::PolicyExplain(e) => answer::<m::PolicyExplain>(self.explain(e)?),
+            Request::LockAdd(new) => {
+                let by = format!("uid {}", caller.peer.uid);
+                let added = self.sessions.add_lock(new, &by).await?;
+                answer::<m::LockAdd>((&added).into())
+            }
+            Request::LockList(f) => {
+                let now = crate::sessions::model::now_ms();
+                let locks = self.sessions.locks().list();
+                answer::<m::LockList>(
+                    locks
+                        .iter()
+                        .filter(|l| !f.active || l.holds(now))
+                        .map(Into::into)
+                        .collect(),
+                )
+            }
+            Request::LockShow(r) => {
+                let lock = self
+                    .sessions
+                    .locks()
+                    .get(r.id)
+                    .ok_or(crate::locks::LocksError::NotFound(r.id))?;
+                answer::<m::LockShow>((&lock).into())
+            }
+            Request::LockRemove(r) => {
+                let by = format!("uid {}", caller.peer.uid);
+                let lock = self.sessions.remove_lock(r.id, &by).await?;
+                answer::<m::LockRemove>(crate::locks::wire::LockRemovedView {
+                    removed: (&lock).into(),
+                })
+            }
             Request::DatapathMode(params) => {
                 if let Some(mode) = params.mode {
                     self.enforcer.set_mode(mode.into())?;
@@ -249,6 +295,7 @@ impl Core {
             events_lost: counters.events_lost,
             issuers: crate::auth::key_status(),
             fleet: self.info.fleet.as_ref().map(|f| f.status()),
+            locks: self.sessions.locks().counts(),
         })
     }
 
@@ -432,6 +479,7 @@ impl Core {
                 .collect(),
         };
         Ok(ExplainView::Identity {
+            refused_by: self.sessions.locks().would_refuse(&s.identity, s.source),
             user: s.identity.user().to_owned(),
             session: s.id,
             source: s.source,

@@ -50,6 +50,13 @@ pub struct Terminate {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Leave the sessions' tokens usable (by default a terminated session's token is denied
+    /// until it expires, and `user` also sets a cut-off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_relogin: bool,
+    /// Also refuse every older token of the sessions' subjects (`user` always does).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cutoff: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -203,6 +203,9 @@ pub struct StatusView {
     /// lag, whether current, last event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<crate::fleet::FleetStatus>,
+    /// Locks in force (and expired ones still listed), denied tokens and cut-offs.
+    #[serde(default)]
+    pub locks: crate::locks::LockCounts,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

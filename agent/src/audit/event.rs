@@ -70,6 +70,18 @@ pub enum AuditKind {
         command: String,
         reason: String,
     },
+    /// An administrator added a lock (`crate::locks`); `target` as `lock show` prints it.
+    LockAdded {
+        lock: String,
+        target: String,
+    },
+    LockRemoved {
+        lock: String,
+    },
+    /// A lock's TTL ran out: it no longer refuses anything, and stays listed as expired.
+    LockExpired {
+        lock: String,
+    },
 }
 
 impl AuditKind {
@@ -96,6 +108,9 @@ impl AuditKind {
             Self::DatapathModeChanged { .. } => "datapath_mode_changed",
             Self::FleetCommandApplied { .. } => "fleet_command_applied",
             Self::FleetCommandRefused { .. } => "fleet_command_refused",
+            Self::LockAdded { .. } => "lock_added",
+            Self::LockRemoved { .. } => "lock_removed",
+            Self::LockExpired { .. } => "lock_expired",
         }
     }
 }

@@ -87,6 +87,11 @@ pub enum FleetCommand {
         #[command(subcommand)]
         command: FleetPolicy,
     },
+    /// Locks on every host: add, list, remove.
+    Lock {
+        #[command(subcommand)]
+        command: FleetLock,
+    },
     /// Every host's audit events, from the fleet's events stream.
     Audit {
         /// Keep printing new events.
@@ -117,6 +122,35 @@ pub enum FleetSessions {
         user: Option<String>,
         #[arg(long)]
         reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum FleetLock {
+    /// Lock a target out on every host (hosts that are down apply it before they admit).
+    Add {
+        #[command(flatten)]
+        target: super::lock::TargetArgs,
+        /// How long the lock holds on each host from when it applies it (e.g. 15m, 2h).
+        #[arg(long, value_parser = super::lock::parse_ttl)]
+        ttl: Option<u64>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, requires = "reason")]
+        show_reason: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fleet's locks (by the id of the command that added them).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a fleet lock from every host.
+    Remove {
+        id: String,
         #[arg(long)]
         json: bool,
     },
@@ -155,6 +189,12 @@ impl FleetArgs {
             }
             | FleetCommand::Policy {
                 command: FleetPolicy::Push { json, .. },
+            }
+            | FleetCommand::Lock {
+                command:
+                    FleetLock::Add { json, .. }
+                    | FleetLock::List { json }
+                    | FleetLock::Remove { json, .. },
             } => *json,
         }
     }
@@ -341,16 +381,16 @@ async fn run_async(args: FleetArgs) -> anyhow::Result<()> {
                         .map_or(Target::All, Target::Host);
                     let params = Terminate {
                         ids: vec![id],
-                        user: None,
                         reason,
+                        ..Terminate::default()
                     };
                     (target, params, false)
                 }
                 (None, Some(user)) => {
                     let params = Terminate {
-                        ids: Vec::new(),
                         user: Some(user),
                         reason,
+                        ..Terminate::default()
                     };
                     (Target::All, params, true)
                 }
@@ -392,6 +432,7 @@ async fn run_async(args: FleetArgs) -> anyhow::Result<()> {
             output::text(&format!("policy version {version}\n"))?;
             report(&issued, false)
         }
+        FleetCommand::Lock { command } => lock(&fleet, link, command, wait).await,
         FleetCommand::Audit { follow, last, json } => {
             let mut failed = None;
             fleet
@@ -411,6 +452,106 @@ async fn run_async(args: FleetArgs) -> anyhow::Result<()> {
                 })
                 .await?;
             failed.map_or(Ok(()), Err)
+        }
+    }
+}
+
+/// Snapshot keys of fleet locks: `lock.<command id>`.
+const LOCK_PREFIX: &str = "lock.";
+
+async fn lock(
+    fleet: &Admin,
+    link: &LinkArgs,
+    command: FleetLock,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    match command {
+        FleetLock::Add {
+            target,
+            ttl,
+            reason,
+            show_reason,
+            json,
+        } => {
+            let key = link.key()?;
+            let new = crate::locks::NewLock {
+                target: target.target()?,
+                ttl_secs: ttl,
+                reason,
+                show_reason,
+            };
+            let action = Action::Call {
+                method: "lock.add".into(),
+                params: serde_json::to_value(&new)?,
+            };
+            let issued = fleet
+                .issue(
+                    &key,
+                    Target::All,
+                    action,
+                    Some(format!("{LOCK_PREFIX}{{id}}")),
+                    wait,
+                )
+                .await?;
+            report(&issued, json)
+        }
+        FleetLock::List { json } => {
+            let locks: Vec<serde_json::Value> = fleet
+                .snapshot(LOCK_PREFIX)
+                .await?
+                .into_iter()
+                .map(|(_, e)| {
+                    let params = match &e.action {
+                        Action::Call { params, .. } => params.clone(),
+                        Action::Policy(_) => serde_json::Value::Null,
+                    };
+                    json!({
+                        "id": e.id,
+                        "target": params["target"],
+                        "ttl_secs": params["ttl_secs"],
+                        "reason": params["reason"],
+                        "issued_at_ms": e.issued_at_ms,
+                        "key": e.key,
+                    })
+                })
+                .collect();
+            if json {
+                return output::json(&locks);
+            }
+            let now = now_ms();
+            let rows: Vec<Vec<String>> = locks
+                .iter()
+                .map(|l| {
+                    vec![
+                        l["id"].as_str().unwrap_or("").to_owned(),
+                        l["target"].to_string(),
+                        l["reason"].as_str().unwrap_or("").to_owned(),
+                        table::ago(l["issued_at_ms"].as_u64().unwrap_or(0), now),
+                    ]
+                })
+                .collect();
+            table::print(&["LOCK", "TARGET", "REASON", "ISSUED"], &rows)
+        }
+        FleetLock::Remove { id, json } => {
+            let key = link.key()?;
+            let snapshot_key = format!("{LOCK_PREFIX}{id}");
+            if !fleet
+                .snapshot(&snapshot_key)
+                .await?
+                .iter()
+                .any(|(k, _)| *k == snapshot_key)
+            {
+                bail!("no fleet lock {id}: `flowwarden fleet lock list` shows them");
+            }
+            let action = Action::Call {
+                method: "lock.remove".into(),
+                params: json!({ "id": id }),
+            };
+            let issued = fleet.issue(&key, Target::All, action, None, wait).await?;
+            // Out of the snapshot once removal is on the stream: a host resynchronising
+            // later never sees the lock at all.
+            fleet.forget(&snapshot_key).await?;
+            report(&issued, json)
         }
     }
 }

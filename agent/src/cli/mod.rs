@@ -7,6 +7,7 @@ mod datapath;
 mod dev;
 mod fleet;
 mod flows;
+mod lock;
 mod login;
 mod output;
 mod policy;
@@ -87,6 +88,11 @@ enum Command {
     },
     /// The fleet over NATS JetStream: hosts, sessions, terminations and policy everywhere.
     Fleet(fleet::FleetArgs),
+    /// Locks that keep a user, group, device, source, session or token out.
+    Lock {
+        #[command(subcommand)]
+        command: lock::LockCommand,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), for packaging.
@@ -107,6 +113,7 @@ impl Command {
             Self::Datapath { command } => command.json(),
             Self::Login(a) => a.json,
             Self::Fleet(a) => a.json(),
+            Self::Lock { command } => command.json(),
             Self::Agent { .. }
             | Self::Config { .. }
             | Self::Dev { .. }
@@ -194,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
         Command::Fleet(args) => fleet::run(args),
+        Command::Lock { command } => lock::run(socket, command),
         Command::Man => {
             let mut roff = Vec::new();
             clap_mangen::Man::new(command()).render(&mut roff)?;

@@ -151,9 +151,13 @@ fn render_explain(v: &ExplainView) -> String {
             user,
             session,
             explanations,
+            refused_by,
             ..
         } => {
             line(format!("{user} (session {session}):"));
+            for r in refused_by {
+                line(format!("  refused before policy: {r}"));
+            }
             for e in explanations {
                 line(format!(
                     "  {}: {}",

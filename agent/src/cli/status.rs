@@ -66,6 +66,10 @@ fn render(s: &StatusView) -> String {
             .join(", ")
     };
     line(format!("drops        {}", counts(&s.drops)));
+    line(format!(
+        "locks        {} in force, {} expired, {} denied tokens, {} cut-offs",
+        s.locks.locks, s.locks.expired_locks, s.locks.denied_tokens, s.locks.cutoffs
+    ));
     for issuer in &s.issuers {
         line(format!("issuer       {}", issuer.summary(s.now_ms / 1000)));
     }

@@ -82,6 +82,8 @@ impl Admin {
         let envelope =
             Envelope::new(key, target.clone(), action).map_err(|_| FleetError::KeyGeneration)?;
         let signed = envelope.sign(key);
+        // `{id}` in the snapshot key stands for the command id.
+        let lasting = lasting.map(|k| k.replace("{id}", &envelope.id));
         self.publish_signed(&envelope.id, &target, signed, lasting, wait)
             .await
     }
@@ -178,6 +180,54 @@ impl Admin {
         kv.delete(snapshot_key)
             .await
             .map_err(|e| nats("update the snapshot")(e.to_string()))
+    }
+
+    /// The snapshot's entries whose key starts with `prefix`: (key, envelope), as published
+    /// (the administrator reads back what administrators signed).
+    ///
+    /// # Errors
+    /// The bucket cannot be read.
+    pub async fn snapshot(&self, prefix: &str) -> Result<Vec<(String, Envelope)>, FleetError> {
+        use base64::Engine as _;
+        let kv = self
+            .js
+            .get_key_value(self.names.snapshot_bucket())
+            .await
+            .map_err(|e| nats("open the snapshot bucket")(e.to_string()))?;
+        let mut keys = kv
+            .keys()
+            .await
+            .map_err(|e| nats("list the snapshot")(e.to_string()))?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| nats("list the snapshot")(e.to_string()))?;
+            if k.starts_with(prefix) {
+                names.push(k);
+            }
+        }
+        names.sort();
+        let mut out = Vec::new();
+        for k in names {
+            let Some(bytes) = kv
+                .get(&k)
+                .await
+                .map_err(|e| nats("read the snapshot")(e.to_string()))?
+            else {
+                continue;
+            };
+            let envelope = serde_json::from_slice::<super::command::Signed>(&bytes)
+                .ok()
+                .and_then(|s| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(s.envelope)
+                        .ok()
+                })
+                .and_then(|b| serde_json::from_slice::<Envelope>(&b).ok());
+            if let Some(e) = envelope {
+                out.push((k, e));
+            }
+        }
+        Ok(out)
     }
 
     async fn bucket_values<T: serde::de::DeserializeOwned>(

@@ -291,7 +291,35 @@ impl Control {
     /// Applies a verified command: (method, outcome, extra writes).
     async fn apply(&self, envelope: &Envelope) -> Result<(String, String, Vec<Write>), Refusal> {
         match &envelope.action {
-            Action::Call { method, .. } => {
+            Action::Call { method, params } => {
+                // A fleet lock is named by the command that added it; each host knows which
+                // of its own locks that made.
+                let translated;
+                let envelope = if method == "lock.remove"
+                    && let Some(fleet_id) = params.get("id").and_then(Value::as_str)
+                    && !fleet_id.starts_with("lk-")
+                {
+                    let local: Option<String> = self
+                        .store
+                        .fleet_value(&format!("lock/{fleet_id}"))
+                        .map_err(|e| Refusal::Malformed(e.to_string()))?;
+                    let Some(local) = local else {
+                        return Ok((
+                            method.clone(),
+                            format!("no lock of fleet lock {fleet_id} on this host"),
+                            Vec::new(),
+                        ));
+                    };
+                    let mut e = envelope.clone();
+                    e.action = Action::Call {
+                        method: method.clone(),
+                        params: serde_json::json!({ "id": local }),
+                    };
+                    translated = e;
+                    &translated
+                } else {
+                    envelope
+                };
                 let mut call = envelope.call()?.unwrap_or(Call {
                     id: Value::from(0),
                     method: method.clone(),
@@ -307,12 +335,20 @@ impl Control {
                     },
                     access: Access::Admin,
                 };
+                let mut writes = Vec::new();
                 let outcome = match self.core.handle(call, caller).await {
-                    Ok(Reply::Value(v)) => v.to_string(),
+                    Ok(Reply::Value(v)) => {
+                        if method == "lock.add"
+                            && let Some(local) = v["lock"]["id"].as_str()
+                        {
+                            writes.push(stored::put(&format!("lock/{}", envelope.id), &local));
+                        }
+                        v.to_string()
+                    }
                     Ok(_) => "done".to_owned(),
                     Err(e) => format!("error {}: {}", e.code, e.message),
                 };
-                Ok((method.clone(), outcome, Vec::new()))
+                Ok((method.clone(), outcome, writes))
             }
             Action::Policy(bundle) => {
                 let (outcome, writes) = policy::apply(

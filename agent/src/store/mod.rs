@@ -9,6 +9,7 @@
 
 pub mod fleet;
 mod integrity;
+mod locks;
 mod open;
 mod overlay;
 mod schema;
@@ -36,6 +37,7 @@ use redb::{Database, ReadTransaction, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 
+pub use self::locks::{LockRecords, LockWrite};
 pub use self::{integrity::IntegrityReport, schema::SCHEMA_VERSION};
 use self::{
     schema::{AUDIT, REVOCATIONS, SESSIONS, decode},
@@ -80,6 +82,8 @@ pub enum Write {
         key: String,
         value: Vec<u8>,
     },
+    /// A lock, denied token or cut-off (the `locks` table).
+    Locks(LockWrite),
 }
 
 #[derive(Debug, thiserror::Error)]

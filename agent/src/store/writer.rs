@@ -180,6 +180,9 @@ impl Writer {
             fleet: txn
                 .open_table(super::fleet::FLEET)
                 .map_err(db_error(path, "open the fleet table"))?,
+            locks: txn
+                .open_table(super::locks::LOCKS)
+                .map_err(db_error(path, "open the locks table"))?,
         };
         let mut out = Vec::with_capacity(group.len());
         for pending in group {
@@ -270,6 +273,7 @@ impl Writer {
                     .insert(key.as_str(), value.as_slice())
                     .map_err(db_error(path, "write the fleet table"))?;
             }
+            Write::Locks(w) => super::locks::apply(path, &mut tables.locks, w)?,
         }
         Ok(None)
     }
@@ -288,6 +292,7 @@ struct Tables<'txn> {
     revocations: Table<'txn, u64, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
     fleet: Table<'txn, &'static str, &'static [u8]>,
+    locks: Table<'txn, &'static str, &'static [u8]>,
 }
 
 /// Lets tests make a write fail inside the transaction, after other writes of the same group

@@ -429,3 +429,86 @@ pub fn kernel(target: &Target, ledger: &Ledger) -> Findings {
     }
     f
 }
+
+/// The restarted agent holds every acknowledged lock (listed, and refusing a login from its
+/// device), keeps every acknowledged removal, and refuses the tokens of acknowledged
+/// terminations (a few of each are presented again, newest first).
+pub fn locks(target: &Target, ledger: &Ledger) -> Findings {
+    let mut f = Findings::default();
+    let Ok(mut rpc) = RpcClient::connect(&target.socket) else {
+        return Findings::violation("the restarted agent's socket refused a connection".into());
+    };
+    let listed: BTreeSet<String> = match rpc.call("lock.list", json!({})) {
+        Ok(Value::Array(locks)) => locks
+            .iter()
+            .filter_map(|l| l["id"].as_str().map(str::to_owned))
+            .collect(),
+        other => return Findings::violation(format!("lock.list after a restart: {other:?}")),
+    };
+    for (id, tag) in &ledger.locks {
+        if !listed.contains(id) {
+            f.violations.push(format!(
+                "LOST: acknowledged lock {id} (device {tag}) is not listed after the restart"
+            ));
+        }
+    }
+    for id in &ledger.locks_removed {
+        if listed.contains(id) {
+            f.violations.push(format!(
+                "acknowledged removal of lock {id} is undone after the restart"
+            ));
+        }
+    }
+    let source = target.sources[0];
+    let present = |token: &str| target.client_ns.run(|| target.admit.admit(source, token));
+    for (id, tag) in ledger.locks.iter().rev().take(2) {
+        let token = super::driver::mint(target, 0, tag);
+        match present(&token) {
+            crate::admit::AdmitOutcome::Admitted(r) => f.violations.push(format!(
+                "OPEN DOOR: acknowledged lock {id} on device {tag} let session {} in after the \
+                 restart",
+                r.session
+            )),
+            crate::admit::AdmitOutcome::Refused { status, body } => {
+                if status != 429 && !(status == 403 && body.contains("locked")) {
+                    f.violations.push(format!(
+                        "acknowledged lock {id} on device {tag}: a login was refused {status} \
+                         {body}, not locked"
+                    ));
+                }
+            }
+            crate::admit::AdmitOutcome::NoAnswer(e) => {
+                f.violations
+                    .push(format!("a login under lock {id} got no answer: {e}"));
+            }
+        }
+    }
+    for id in ledger.terminated.iter().rev().take(2) {
+        let Some(token) = ledger.tokens.get(id) else {
+            continue;
+        };
+        match present(token) {
+            crate::admit::AdmitOutcome::Admitted(r) => {
+                f.lost_terminations.insert(*id);
+                f.violations.push(format!(
+                    "OPEN DOOR: the token of acknowledged termination {} logged in again after \
+                     the restart (session {})",
+                    SessionId(*id),
+                    r.session
+                ));
+            }
+            crate::admit::AdmitOutcome::Refused { status, .. }
+                if status == 401 || status == 429 => {}
+            crate::admit::AdmitOutcome::Refused { status, body } => f.violations.push(format!(
+                "the token of acknowledged termination {} was refused {status} {body}, not as \
+                 revoked, cut off or expired",
+                SessionId(*id)
+            )),
+            crate::admit::AdmitOutcome::NoAnswer(e) => f.violations.push(format!(
+                "presenting the token of terminated session {} got no answer: {e}",
+                SessionId(*id)
+            )),
+        }
+    }
+    f
+}

@@ -60,6 +60,9 @@ pub struct Counts {
     pub reloads_unanswered: u64,
     /// Audit records read through `audit.query` before a kill.
     pub audit_records_seen: u64,
+    pub locks_acked: u64,
+    pub lock_removals_acked: u64,
+    pub lock_calls_unanswered: u64,
 }
 
 /// What the agent acknowledged, across every kill of a run.
@@ -77,6 +80,13 @@ pub struct Ledger {
     pub counts: Counts,
     /// Wrong answers seen while driving (checked with the rest after each kill).
     pub violations: Vec<String>,
+    /// Locks the agent acknowledged (id → the device tag each one locks), still in force.
+    pub locks: BTreeMap<String, String>,
+    /// Locks whose removal the agent acknowledged.
+    pub locks_removed: BTreeSet<String>,
+    /// The token of every acknowledged admission: once its session is terminated, presenting
+    /// it again must be refused, across every kill.
+    pub tokens: HashMap<u64, String>,
 }
 
 /// What a driver thread runs: until told to stop, or until the agent stops answering.
@@ -89,10 +99,17 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    /// Starts two admitters, a terminator, a policy reloader and an audit reader.
+    /// Starts two admitters, a terminator, a policy reloader, an audit reader and a locker.
     pub(crate) fn start(target: Arc<Target>, ledger: Arc<Mutex<Ledger>>, seed: u64) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let bodies: [Body; 5] = [admitter, admitter, terminator, reloader, audit_reader];
+        let bodies: [Body; 6] = [
+            admitter,
+            admitter,
+            terminator,
+            reloader,
+            audit_reader,
+            locker,
+        ];
         let threads = bodies
             .into_iter()
             .enumerate()
@@ -141,6 +158,7 @@ fn admitter(target: &Target, ledger: &Mutex<Ledger>, stop: &AtomicBool, mut rng:
                             l.counts.admissions_acked += 1;
                             l.admitted.insert(id.0, Acked { tag, user, source });
                             l.candidates.push(id.0);
+                            l.tokens.insert(id.0, token.clone());
                         }
                         _ => l.violations.push(format!(
                             "admission of {} from {source} answered with a wrong session: {r:?}",
@@ -150,7 +168,10 @@ fn admitter(target: &Target, ledger: &Mutex<Ledger>, stop: &AtomicBool, mut rng:
                 }
                 AdmitOutcome::Refused { status, body } => {
                     l.counts.admissions_refused += 1;
-                    if ![403, 429].contains(&status) {
+                    // 401 `issued_before_cutoff`: a `terminate --user` of this user set a
+                    // cut-off in the second this token was minted in (refused, as it must be).
+                    let cut_off = status == 401 && body.contains("issued_before_cutoff");
+                    if ![403, 429].contains(&status) && !cut_off {
                         l.violations.push(format!(
                             "admission of {} from {source} refused with {status}: {body}",
                             USERS[user].email
@@ -166,7 +187,7 @@ fn admitter(target: &Target, ledger: &Mutex<Ledger>, stop: &AtomicBool, mut rng:
     });
 }
 
-fn mint(target: &Target, user: usize, tag: &str) -> String {
+pub(super) fn mint(target: &Target, user: usize, tag: &str) -> String {
     let u = &USERS[user];
     let mut c = dev::DevClaims::new(u.email);
     c.email = Some(u.email.into());
@@ -325,6 +346,69 @@ fn audit_reader(target: &Target, ledger: &Mutex<Ledger>, stop: &AtomicBool, _rng
             };
             if l.audit.insert(seq, e.clone()).is_none() {
                 l.counts.audit_records_seen += 1;
+            }
+        }
+    }
+}
+
+/// Adds locks on device tags no admitter uses (`l…`), and removes some acknowledged ones.
+fn locker(target: &Target, ledger: &Mutex<Ledger>, stop: &AtomicBool, mut rng: Rng) {
+    let Some(mut rpc) = connect(target) else {
+        return;
+    };
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(rng.millis((10, 60)));
+        let removal = {
+            let l = ledger.lock().unwrap();
+            (rng.below(4) == 0 && !l.locks.is_empty())
+                .then(|| {
+                    l.locks
+                        .keys()
+                        .nth(rng.below(l.locks.len() as u64) as usize)
+                        .cloned()
+                })
+                .flatten()
+        };
+        if let Some(id) = removal {
+            let answer = rpc.call("lock.remove", json!({ "id": id }));
+            let mut l = ledger.lock().unwrap();
+            // Unanswered or not, it is no longer known to hold.
+            l.locks.remove(&id);
+            match answer {
+                Ok(_) => {
+                    l.counts.lock_removals_acked += 1;
+                    l.locks_removed.insert(id);
+                }
+                Err(ClientError::Rpc { message, .. }) => l.violations.push(format!(
+                    "lock.remove of acknowledged lock {id} refused: {message}"
+                )),
+                Err(_) => {
+                    l.counts.lock_calls_unanswered += 1;
+                    return;
+                }
+            }
+            continue;
+        }
+        let tag = format!("l{:016x}", rng.next_u64());
+        let params = json!({ "target": { "device": tag }, "reason": "crash harness" });
+        let answer = rpc.call("lock.add", params.clone());
+        let mut l = ledger.lock().unwrap();
+        match answer {
+            Ok(v) => match v["lock"]["id"].as_str() {
+                Some(id) => {
+                    l.counts.locks_acked += 1;
+                    l.locks.insert(id.to_owned(), tag);
+                }
+                None => l
+                    .violations
+                    .push(format!("lock.add {params} answered without a lock id: {v}")),
+            },
+            Err(ClientError::Rpc { message, .. }) => l
+                .violations
+                .push(format!("lock.add {params} refused: {message}")),
+            Err(_) => {
+                l.counts.lock_calls_unanswered += 1;
+                return;
             }
         }
     }
