@@ -59,13 +59,19 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // The store before the kernel: a corrupt state file must stop us before we touch anything.
     let store = Store::open(&config.state.store_path())?;
     let stored = store.sessions()?;
+    let fleet = config
+        .fleet
+        .clone()
+        .map(|f| crate::fleet::Membership::prepare(f, &store))
+        .transpose()
+        .with_context(|| format!("{}: [fleet]", config_path.display()))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(config, verifier, policy, store, stored))
+    runtime.block_on(serve(config, verifier, policy, store, stored, fleet))
 }
 
 async fn serve(
@@ -74,6 +80,7 @@ async fn serve(
     policy: Arc<PolicyHandle>,
     store: Store,
     stored: Vec<crate::sessions::model::Session>,
+    fleet: Option<crate::fleet::Membership>,
 ) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: config.datapath.pin_dir.clone(),
@@ -168,6 +175,10 @@ async fn serve(
         "admission endpoint (clients pin this fingerprint with `flowwarden login --fingerprint`)"
     );
     let metrics = Arc::new(Metrics::default());
+    let fleet_state = fleet.as_ref().map(|f| Arc::clone(&f.state));
+    if let Some(state) = &fleet_state {
+        let _ = metrics.fleet.set(Arc::clone(state));
+    }
     let nofile = admission::open_files();
     let admission_limit = admission::affordable(
         config.admission.max_connections,
@@ -214,6 +225,7 @@ async fn serve(
         ),
         request_timeout: Duration::from_millis(config.admission.request_timeout_ms),
         signals,
+        fleet: fleet_state.clone(),
     });
     let core = Arc::new(crate::api::core::Core {
         sessions: Arc::clone(&sessions),
@@ -230,6 +242,7 @@ async fn serve(
                 admin: config.api.admin_group.clone(),
                 read: config.api.read_group.clone(),
             },
+            fleet: fleet_state,
         },
     });
     let access = AccessPolicy::from_names(&config.api.admin_group, &config.api.read_group)?;
@@ -249,6 +262,17 @@ async fn serve(
     // with its reason.
     let status_socket = crate::api::transport::bind(&socket)?;
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(fleet) = fleet {
+        fleet
+            .start(
+                Arc::clone(&core),
+                Arc::clone(&sessions),
+                store.clone(),
+                config.state.dir.clone(),
+                &mut tasks,
+            )
+            .await?;
+    }
     tasks.spawn(crate::api::transport::serve_listener(
         status_socket,
         socket,

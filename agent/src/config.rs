@@ -48,6 +48,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    /// Membership of a fleet over NATS JetStream; absent: this host stands alone.
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::FleetConfig>,
     /// How long lock records that can no longer refuse anything are kept.
     #[serde(default)]
     pub locks: crate::locks::LocksConfig,
@@ -435,6 +438,9 @@ impl Config {
             }
         }
         config.signals.resolve_paths(base);
+        if let Some(fleet) = &mut config.fleet {
+            fleet.resolve_paths(base);
+        }
         for p in [
             Some(&mut config.policy.dir),
             Some(&mut config.state.dir),

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod enforce;
+pub mod fleet;
 pub mod identity;
 pub mod locks;
 pub mod metrics;

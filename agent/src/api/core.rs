@@ -46,6 +46,8 @@ pub struct AgentInfo {
     pub started: Instant,
     /// The configured admin and read groups, named in refusals.
     pub groups: Groups,
+    /// Fleet membership, when `[fleet]` is configured.
+    pub fleet: Option<Arc<crate::fleet::FleetState>>,
 }
 
 /// Listed sessions up to which each one's kernel counters are looked up on their own; above,
@@ -295,6 +297,7 @@ impl Core {
             flows_opened: counters.flows_opened,
             events_lost: counters.events_lost,
             issuers: crate::auth::key_status(),
+            fleet: self.info.fleet.as_ref().map(|f| f.status()),
             locks: self.sessions.locks().counts(),
         })
     }

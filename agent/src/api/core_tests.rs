@@ -28,6 +28,7 @@ fn core(h: &Harness) -> Core {
             admission_fingerprint: String::new(),
             started: Instant::now(),
             groups: Default::default(),
+            fleet: None,
         },
     }
 }

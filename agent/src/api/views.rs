@@ -203,6 +203,10 @@ pub struct StatusView {
     /// Each issuer's key state (kids, last fetch, last error, next refresh).
     #[serde(default)]
     pub issuers: Vec<crate::auth::IssuerKeyStatus>,
+    /// Fleet membership (absent without `[fleet]`): connected, server, control position,
+    /// lag, whether current, last event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetStatus>,
     /// Locks in force (and expired ones still listed), denied tokens and cut-offs.
     #[serde(default)]
     pub locks: crate::locks::LockCounts,

@@ -57,6 +57,19 @@ pub enum AuditKind {
     DatapathModeChanged {
         mode: String,
     },
+    /// A signed fleet command applied (`command`: its id; `key`: the admin key that signed it;
+    /// `method`: the control method or `fleet.policy`; `outcome`: what it did).
+    FleetCommandApplied {
+        command: String,
+        key: String,
+        method: String,
+        outcome: String,
+    },
+    /// A message on the fleet's control stream refused: unsigned, forged, replayed, … .
+    FleetCommandRefused {
+        command: String,
+        reason: String,
+    },
     /// An administrator added a lock (`crate::locks`); `target` as `lock show` prints it.
     LockAdded {
         lock: String,
@@ -105,6 +118,8 @@ impl AuditKind {
             Self::PolicyReloaded { .. } => "policy_reloaded",
             Self::PolicyRejected { .. } => "policy_rejected",
             Self::DatapathModeChanged { .. } => "datapath_mode_changed",
+            Self::FleetCommandApplied { .. } => "fleet_command_applied",
+            Self::FleetCommandRefused { .. } => "fleet_command_refused",
             Self::LockAdded { .. } => "lock_added",
             Self::LockRemoved { .. } => "lock_removed",
             Self::LockExpired { .. } => "lock_expired",

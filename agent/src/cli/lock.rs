@@ -45,7 +45,7 @@ pub struct TargetArgs {
 }
 
 impl TargetArgs {
-    fn target(self) -> anyhow::Result<LockTarget> {
+    pub(super) fn target(self) -> anyhow::Result<LockTarget> {
         Ok(match self {
             Self { user: Some(u), .. } => LockTarget::User(u),
             Self {
@@ -112,7 +112,7 @@ pub enum LockCommand {
     },
 }
 
-fn parse_ttl(text: &str) -> Result<u64, String> {
+pub(super) fn parse_ttl(text: &str) -> Result<u64, String> {
     match parse_duration(text) {
         Some(0) => Err("a TTL of 0 would expire at once: give e.g. 15m or 2h".into()),
         Some(secs) => Ok(secs),

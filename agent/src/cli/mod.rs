@@ -6,6 +6,7 @@ mod config;
 mod datapath;
 mod dev;
 mod dev_ssf;
+mod fleet;
 mod flows;
 mod lock;
 mod login;
@@ -87,6 +88,8 @@ enum Command {
         #[command(subcommand)]
         command: dev::DevCommand,
     },
+    /// The fleet over NATS JetStream: hosts, sessions, terminations and policy everywhere.
+    Fleet(fleet::FleetArgs),
     /// Locks that keep a user, group, device, source, session or token out.
     Lock {
         #[command(subcommand)]
@@ -116,6 +119,7 @@ impl Command {
             Self::Policy { command } => command.json(),
             Self::Datapath { command } => command.json(),
             Self::Login(a) => a.json,
+            Self::Fleet(a) => a.json(),
             Self::Lock { command } => command.json(),
             Self::Signals { command } => command.json(),
             Self::Agent { .. }
@@ -171,7 +175,8 @@ fn log_filter(
 ) -> (tracing_subscriber::EnvFilter, Option<String>) {
     use tracing_subscriber::EnvFilter;
     let Some(value) = value else {
-        return (EnvFilter::new("info"), None);
+        // The NATS client (fleet commands) logs every connection at info.
+        return (EnvFilter::new("info,async_nats=warn"), None);
     };
     let parsed = match value.to_str() {
         Some(text) => EnvFilter::try_new(text).map_err(|e| format!("{text:?}: {e}")),
@@ -203,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config { command } => config::run(command),
         Command::Login(args) => login::run(args),
         Command::Dev { command } => dev::run(command),
+        Command::Fleet(args) => fleet::run(args),
         Command::Lock { command } => lock::run(socket, command),
         Command::Signals { command } => signals::run(socket, command),
         Command::Man => {

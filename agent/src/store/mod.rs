@@ -7,6 +7,7 @@
 //! `Ok` is on disk; one that returned an error changed nothing. Reads run on the caller's thread
 //! against the last committed state and never wait for the writer.
 
+pub mod fleet;
 mod integrity;
 mod locks;
 mod open;
@@ -78,6 +79,11 @@ pub enum Write {
     DeleteRevocation(SessionId),
     /// Append to the audit log. The event's `seq` is ignored: the store assigns the next one.
     Audit(AuditEvent),
+    /// Put a value in the fleet table (see [`fleet`]).
+    Fleet {
+        key: String,
+        value: Vec<u8>,
+    },
     /// A lock, denied token or cut-off (the `locks` table).
     Locks(LockWrite),
     /// The signals receiver's state (seen SETs, applied signals, device posture, poll

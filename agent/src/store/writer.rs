@@ -177,6 +177,9 @@ impl Writer {
             audit: txn
                 .open_table(AUDIT)
                 .map_err(db_error(path, "open the audit table"))?,
+            fleet: txn
+                .open_table(super::fleet::FLEET)
+                .map_err(db_error(path, "open the fleet table"))?,
             locks: txn
                 .open_table(super::locks::LOCKS)
                 .map_err(db_error(path, "open the locks table"))?,
@@ -270,6 +273,12 @@ impl Writer {
                 *next_seq += 1;
                 return Ok(Some(event));
             }
+            Write::Fleet { key, value } => {
+                tables
+                    .fleet
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(db_error(path, "write the fleet table"))?;
+            }
             Write::Locks(w) => super::locks::apply(path, &mut tables.locks, w)?,
         }
         Ok(None)
@@ -288,6 +297,7 @@ struct Tables<'txn> {
     sessions: Table<'txn, u64, &'static [u8]>,
     revocations: Table<'txn, u64, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
+    fleet: Table<'txn, &'static str, &'static [u8]>,
     locks: Table<'txn, &'static str, &'static [u8]>,
 }
 

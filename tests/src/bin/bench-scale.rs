@@ -380,6 +380,7 @@ fn main() -> anyhow::Result<()> {
             admission_fingerprint: String::new(),
             started: Instant::now(),
             groups: Default::default(),
+            fleet: None,
         },
     };
     let caller = || Caller {
