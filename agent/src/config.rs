@@ -48,6 +48,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    /// `[console]`: read by `flowwarden console`, not by the agent.
+    #[serde(default)]
+    pub console: crate::console::ConsoleConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

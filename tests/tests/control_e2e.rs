@@ -402,6 +402,7 @@ fn documented_examples_replay_against_a_live_agent() {
         "audit.query",
         "audit.subscribe",
         "policy.reload",
+        "console.refused",
     ];
     let mut pairs = documented_pairs();
     pairs.sort_by_key(|(req, _)| {

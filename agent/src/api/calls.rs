@@ -3,14 +3,14 @@
 
 use super::{
     answers::{
-        AUDIT_EVENT, AUDIT_LAGGED, CheckView, ExplainView, Lagged, ModeView, ReloadView,
+        AUDIT_EVENT, AUDIT_LAGGED, CheckView, ExplainView, Lagged, ModeView, Recorded, ReloadView,
         TerminateView, WhoisView,
     },
     client::{ClientError, Notifications, RpcClient},
     methods::{self as m, Method},
     request::{
-        AuditFilter, DatapathMode, Empty, Explain, FlowFilter, PolicyCheck, SessionFilter,
-        SessionRef, Terminate, Whois,
+        AuditFilter, ConsoleRefusal, DatapathMode, Empty, Explain, FlowFilter, PolicyCheck,
+        SessionFilter, SessionRef, Terminate, Whois,
     },
     views::{FlowView, SessionView, StatusView},
 };
@@ -122,6 +122,14 @@ impl RpcClient {
     /// As [`Self::request`].
     pub fn datapath_mode(&mut self, params: &DatapathMode) -> Result<ModeView, ClientError> {
         self.request::<m::DatapathMode>(params)
+    }
+
+    /// `console.refused`: records a change the web console refused.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub fn console_refused(&mut self, r: &ConsoleRefusal) -> Result<Recorded, ClientError> {
+        self.request::<m::ConsoleRefused>(r)
     }
 
     /// `audit.subscribe`: every new matching event, until the agent ends the stream.

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use super::{
     answers::{
         AUDIT_EVENT, AUDIT_LAGGED, AffectedView, CheckView, ExplainView, Lagged, ModeView,
-        ReloadView, Subscribed, TerminateView, WhoisView,
+        Recorded, ReloadView, Subscribed, TerminateView, WhoisView,
     },
     jsonrpc::{APP_ERROR, Call, INVALID_PARAMS, NOT_FOUND, RpcError},
     methods::{self, Method, Request},
@@ -141,7 +141,12 @@ impl Core {
                 let reason = t
                     .reason
                     .unwrap_or_else(|| "terminated by an administrator".into());
-                let by = format!("uid {}", caller.peer.uid);
+                let by = match t.on_behalf_of.as_deref().map(str::trim) {
+                    Some(who) if !who.is_empty() => {
+                        format!("{who} (console, uid {})", caller.peer.uid)
+                    }
+                    _ => format!("uid {}", caller.peer.uid),
+                };
                 let ended = self.sessions.terminate(&target, &by, &reason).await?;
                 answer::<m::SessionsTerminate>(TerminateView::of(&ended))
             }
@@ -176,6 +181,17 @@ impl Core {
                 })
             }
             Request::PolicyExplain(e) => answer::<m::PolicyExplain>(self.explain(e)?),
+            Request::ConsoleRefused(r) => {
+                let mut ev = AuditEvent::new(AuditKind::ConsoleRefused {
+                    by: r.by.clone(),
+                    action: r.action,
+                    reason: r.reason,
+                });
+                ev.user = Some(r.by);
+                ev.detail = format!("refused by the console (uid {})", caller.peer.uid);
+                self.sessions.record(vec![ev]).await?;
+                answer::<m::ConsoleRefused>(Recorded { recorded: true })
+            }
             Request::DatapathMode(params) => {
                 if let Some(mode) = params.mode {
                     self.enforcer.set_mode(mode.into())?;
@@ -490,6 +506,15 @@ fn write_list(
     out.write_all(b"[")?;
     if !sessions.is_empty() {
         sessions.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+        // A window (the console's page): only its sessions get counters looked up.
+        let offset = f.offset.unwrap_or(0).min(sessions.len());
+        let end = f.limit.map_or(sessions.len(), |l| {
+            offset.saturating_add(l).min(sessions.len())
+        });
+        sessions.truncate(end);
+        sessions.drain(..offset);
+    }
+    if !sessions.is_empty() {
         let census = enforcer.recent_census();
         let stats = (sessions.len() > STATS_ONE_BY_ONE).then(|| enforcer.all_session_stats());
         for (i, s) in sessions.iter().enumerate() {

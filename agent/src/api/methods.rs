@@ -5,7 +5,10 @@
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 
 use super::{
-    answers::{CheckView, ExplainView, ModeView, ReloadView, Subscribed, TerminateView, WhoisView},
+    answers::{
+        CheckView, ExplainView, ModeView, Recorded, ReloadView, Subscribed, TerminateView,
+        WhoisView,
+    },
     jsonrpc::{Call, INVALID_PARAMS, METHOD_NOT_FOUND, RpcError},
     peer::Access,
     request as p,
@@ -126,6 +129,9 @@ method!(
 method!(
     /// Why an identity reaches a resource or not; what a candidate policy would cut.
     PolicyExplain, "policy.explain", Read, p::Explain => ExplainView);
+method!(
+    /// Record a change the web console refused (an audit event, `console_refused`).
+    ConsoleRefused, "console.refused", Admin, p::ConsoleRefusal => Recorded);
 
 /// Report the datapath mode, or switch it (which needs admin).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +205,7 @@ requests!(
     PolicyCheck,
     PolicyExplain,
     DatapathMode,
+    ConsoleRefused,
 );
 
 /// The method named so, if there is one.

@@ -57,6 +57,12 @@ pub enum AuditKind {
     DatapathModeChanged {
         mode: String,
     },
+    /// The web console refused a change: `by` who was signed in, `action` what they tried.
+    ConsoleRefused {
+        by: String,
+        action: String,
+        reason: String,
+    },
 }
 
 impl AuditKind {
@@ -81,6 +87,7 @@ impl AuditKind {
             Self::PolicyReloaded { .. } => "policy_reloaded",
             Self::PolicyRejected { .. } => "policy_rejected",
             Self::DatapathModeChanged { .. } => "datapath_mode_changed",
+            Self::ConsoleRefused { .. } => "console_refused",
         }
     }
 }

@@ -101,6 +101,7 @@ pub fn run(socket: &SocketArg, command: SessionsCommand) -> anyhow::Result<()> {
                 resource,
                 source,
                 live,
+                ..SessionFilter::default()
             };
             let list = socket.connect()?.sessions_list(&filter).map_err(fail)?;
             if json {
@@ -126,7 +127,12 @@ pub fn run(socket: &SocketArg, command: SessionsCommand) -> anyhow::Result<()> {
             }
             let done = socket
                 .connect()?
-                .sessions_terminate(&Terminate { ids, user, reason })
+                .sessions_terminate(&Terminate {
+                    ids,
+                    user,
+                    reason,
+                    ..Terminate::default()
+                })
                 .map_err(fail)?;
             if json {
                 return output::json(&done);

@@ -41,6 +41,7 @@ fn methods_parse_into_typed_requests() {
             ids: vec![SessionId(0xff)],
             user: None,
             reason: Some("left the company".into()),
+            on_behalf_of: None,
         })
     );
     assert_eq!(r.method(), "sessions.terminate");
@@ -103,6 +104,11 @@ fn access_is_exact_per_method_and_per_call() {
         ("datapath.mode", json!({}), Access::Read),
         ("datapath.mode", json!({"mode": "monitor"}), Access::Admin),
         ("datapath.mode", json!({"mode": "enforce"}), Access::Admin),
+        (
+            "console.refused",
+            json!({"by": "r", "action": "a", "reason": "x"}),
+            Access::Admin,
+        ),
     ];
     for (method, params, access) in want.clone() {
         let r = Request::parse(&call(method, params.clone())).unwrap();
@@ -232,6 +238,7 @@ fn check_answer(method: &str, result: &Value) {
         "policy.check" => same_shape::<PolicyCheck>(result),
         "policy.explain" => same_shape::<PolicyExplain>(result),
         "datapath.mode" => same_shape::<DatapathMode>(result),
+        "console.refused" => same_shape::<ConsoleRefused>(result),
         other => panic!("no answer check for {other}"),
     }
 }
