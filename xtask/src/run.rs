@@ -26,6 +26,7 @@ const BENCHES: &[&str] = &[
     "scale",
     "flood",
     "throughput",
+    "console",
 ];
 
 pub fn test(filter: Option<&str>) -> Result<()> {

@@ -73,23 +73,10 @@ impl Console {
     }
 
     /// A console session opened without a browser, for benches and in-process tests: the
-    /// cookie value to send.
-    ///
-    /// # Errors
-    /// `groups` give no role.
-    pub fn sign_in_in_process(
-        state: &Shared,
-        user: &str,
-        groups: &[String],
-    ) -> Result<String, ConsoleError> {
-        state
-            .access
-            .sign_in(super::oidc::SignedIn {
-                user: user.to_owned(),
-                groups: groups.to_vec(),
-            })
-            .map(|(cookie, _)| cookie)
-            .map_err(|e| ConsoleError::Internal(e.to_string()))
+    /// cookie (name and value) to send.
+    pub fn sign_in_in_process(state: &Shared, user: &str, role: super::Role) -> (String, String) {
+        let value = state.access.sign_in_as(user, role);
+        (state.access.cookie_name().to_owned(), value)
     }
 }
 
