@@ -126,6 +126,10 @@ async fn serve(
     }
     let reconciled = sessions.reconcile().await?;
     tracing::info!(?reconciled, "store and kernel reconciled");
+    // Fail closed: an agent that cannot read its locks does not start (it would forget them).
+    sessions.locks().health()?;
+    let locked = sessions.enforce_locks("agent").await?;
+    tracing::info!(counts = ?sessions.locks().counts(), ended = locked.len(), "locks restored");
     // The flow index learns the flows opened before this start (under an earlier agent, or
     // while none ran) from one walk; until it completes, lookups walk the table themselves.
     // Kernel events are read from here on, so no flow opened meanwhile is missed either.
@@ -240,6 +244,11 @@ async fn serve(
         Duration::from_millis(config.sessions.sweep_interval_ms),
     )?;
     tasks.spawn(event_loop(Arc::clone(&sessions), events));
+    tasks.spawn(crate::locks::sweep_loop(
+        Arc::clone(&sessions),
+        config.locks.clone(),
+        Duration::from_millis(config.sessions.sweep_interval_ms),
+    ));
     tasks.spawn(crate::enforce::pressure::watch(
         Arc::clone(&enforcer),
         Duration::from_millis(config.sessions.sweep_interval_ms),

@@ -48,6 +48,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
+    /// How long lock records that can no longer refuse anything are kept.
+    #[serde(default)]
+    pub locks: crate::locks::LocksConfig,
     /// `[console]`: read by `flowwarden console`, not by the agent.
     #[serde(default)]
     pub console: crate::console::ConsoleConfig,

@@ -70,19 +70,24 @@ impl Identity {
     }
 
     /// The key a token denial is recorded under: the issuer and `jti` when the token has a
-    /// `jti` (every token the provider issued under that id), else the fingerprint of the
-    /// signed part ([`Identity::token_sha256`]). Neither changes when the signature bytes are
-    /// re-encoded, so a denial cannot be dodged by rewriting an ECDSA signature.
+    /// `jti` (every token the provider issued under that id), else the issuer and the token's
+    /// claims in their canonical form (members sorted, compact: see [`Claims`]). Neither
+    /// changes when the signature bytes are re-encoded (an ECDSA signature rewritten as
+    /// (r, n−s)) or when the same claims come in another member order or header, so a denial
+    /// cannot be dodged by re-encoding the token.
     pub fn denial_key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.issuer.as_bytes());
+        h.update([0]);
         match self.claims.get("jti") {
             Some(Value::String(jti)) if !jti.is_empty() => {
-                let mut h = Sha256::new();
-                h.update(self.issuer.as_bytes());
-                h.update([0]);
                 h.update(jti.as_bytes());
                 format!("jti:{}", hex::encode(h.finalize()))
             }
-            _ => format!("sha256:{}", self.token_sha256),
+            _ => {
+                h.update(self.claims.as_json().as_bytes());
+                format!("claims:{}", hex::encode(h.finalize()))
+            }
         }
     }
 
@@ -284,7 +289,26 @@ mod tests {
     #[test]
     fn denial_keys_use_the_jti_else_the_signed_part() {
         let mut id = test_identity("a@corp.example", &[]);
-        assert_eq!(id.denial_key(), format!("sha256:{}", "00".repeat(32)));
+        let by_claims = id.denial_key();
+        assert!(by_claims.starts_with("claims:"), "{by_claims}");
+        id.token_sha256 = "22".repeat(32);
+        assert_eq!(
+            id.denial_key(),
+            by_claims,
+            "the claims decide, not the bytes"
+        );
+        let reordered: serde_json::Map<String, Value> =
+            serde_json::from_str(r#"{"sub":"a","exp":2}"#).unwrap();
+        let mut other = id.clone();
+        id.claims = Claims::from(reordered);
+        let ordered: serde_json::Map<String, Value> =
+            serde_json::from_str(r#"{"exp":2,"sub":"a"}"#).unwrap();
+        other.claims = Claims::from(ordered);
+        assert_eq!(
+            id.denial_key(),
+            other.denial_key(),
+            "member order does not matter"
+        );
         id.claims.insert("jti".into(), serde_json::json!("t-1"));
         let with_jti = id.denial_key();
         assert!(

@@ -12,6 +12,7 @@ pub mod console;
 pub mod datapath;
 pub mod enforce;
 pub mod identity;
+pub mod locks;
 pub mod metrics;
 pub mod policy;
 pub mod sessions;

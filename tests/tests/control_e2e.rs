@@ -402,6 +402,10 @@ fn documented_examples_replay_against_a_live_agent() {
         "audit.query",
         "audit.subscribe",
         "policy.reload",
+        "lock.add",
+        "lock.list",
+        "lock.show",
+        "lock.remove",
         "console.refused",
     ];
     let mut pairs = documented_pairs();
@@ -416,6 +420,8 @@ fn documented_examples_replay_against_a_live_agent() {
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let mut errors = Vec::new();
+    // The documented lock id stands for the one lock.add answers with.
+    let mut lock_id = "lk-5e551000000000a1".to_owned();
     for (request, documented) in &pairs {
         let method = request["method"].as_str().unwrap();
         let line = request
@@ -423,7 +429,8 @@ fn documented_examples_replay_against_a_live_agent() {
             .replace("5e55100000000001", &id)
             .replace("/var/tmp/candidate", candidate.to_str().unwrap())
             .replace("10.0.0.7:51514", &client_end.to_string())
-            .replace("10.0.0.2:22", &server_end.to_string());
+            .replace("10.0.0.2:22", &server_end.to_string())
+            .replace("lk-5e551000000000a1", &lock_id);
         let answer = if method == "audit.subscribe" {
             // A subscription keeps its connection: a connection of its own.
             let mut sub = UnixStream::connect(&stack.socket).unwrap();
@@ -433,6 +440,11 @@ fn documented_examples_replay_against_a_live_agent() {
             raw(&mut conn, line.as_bytes())
         };
         assert_eq!(answer["id"], request["id"], "{line} → {answer}");
+        if method == "lock.add"
+            && let Some(id) = answer["result"]["lock"]["id"].as_str()
+        {
+            lock_id = id.to_owned();
+        }
         match (documented.get("error"), answer.get("error")) {
             (Some(doc), Some(live)) => assert_eq!(doc, live, "{line}"),
             (None, None) => shape_errors(

@@ -289,6 +289,7 @@ impl Admission {
         let outcome = match &result {
             Ok(_) => AdmissionResult::Admitted,
             Err(SessionError::Denied { .. }) => AdmissionResult::Denied,
+            Err(SessionError::Refused { refusal, .. }) => AdmissionResult::Rejected(refusal.code),
             Err(_) => AdmissionResult::Rejected("internal"),
         };
         self.metrics.admission(outcome, started.elapsed());
@@ -345,6 +346,16 @@ fn session_error(e: SessionError) -> Response<Full<Bytes>> {
         SessionError::Denied { reason } => error(StatusCode::FORBIDDEN, "denied", reason),
         SessionError::ReconnectRefused { code, reason } => {
             error(StatusCode::UNAUTHORIZED, code, reason)
+        }
+        // A revoked or cut-off token needs a new one (401); a lock holds whatever the token
+        // (403); unreadable lock state is the agent's fault (503).
+        SessionError::Refused { refusal, .. } => {
+            let status = match refusal.code {
+                "locked" => StatusCode::FORBIDDEN,
+                "locks_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            error(status, refusal.code, refusal.client_message)
         }
         SessionError::NotFound(id) => error(
             StatusCode::NOT_FOUND,

@@ -84,6 +84,15 @@ impl From<&Ended> for TerminatedView {
 pub struct TerminateView {
     pub terminated: Vec<TerminatedView>,
     pub count: usize,
+    /// Flows of the ended sessions the revocation cut.
+    #[serde(default)]
+    pub flows_cut: usize,
+    /// Tokens now refused with `token_revoked`.
+    #[serde(default)]
+    pub denied_tokens: usize,
+    /// Subjects now under a cut-off (`issued_before_cutoff`).
+    #[serde(default)]
+    pub cutoffs: usize,
 }
 
 impl TerminateView {
@@ -91,6 +100,19 @@ impl TerminateView {
         Self {
             terminated: ended.iter().map(TerminatedView::from).collect(),
             count: ended.len(),
+            flows_cut: 0,
+            denied_tokens: 0,
+            cutoffs: 0,
+        }
+    }
+
+    /// What a termination with token denial or cut-off did.
+    pub fn of_terminated(t: &crate::locks::Terminated) -> Self {
+        Self {
+            flows_cut: t.flows,
+            denied_tokens: t.denied,
+            cutoffs: t.cutoffs.len(),
+            ..Self::of(&t.ended)
         }
     }
 }

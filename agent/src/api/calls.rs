@@ -124,6 +124,65 @@ impl RpcClient {
         self.request::<m::DatapathMode>(params)
     }
 
+    /// `lock.add`.
+    ///
+    /// # Errors
+    /// As [`Self::request`]; a bad target, TTL or reason is an `INVALID_PARAMS` error.
+    pub fn lock_add(
+        &mut self,
+        new: &crate::locks::NewLock,
+    ) -> Result<crate::locks::wire::LockAddedView, ClientError> {
+        self.request::<m::LockAdd>(new)
+    }
+
+    /// `lock.list`.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub fn lock_list(
+        &mut self,
+        filter: &crate::locks::wire::LockFilter,
+    ) -> Result<Vec<crate::locks::wire::LockView>, ClientError> {
+        self.request::<m::LockList>(filter)
+    }
+
+    /// `lock.show`.
+    ///
+    /// # Errors
+    /// As [`Self::request`]; an unknown lock is `NOT_FOUND`.
+    pub fn lock_show(
+        &mut self,
+        id: crate::locks::LockId,
+    ) -> Result<crate::locks::wire::LockView, ClientError> {
+        self.request::<m::LockShow>(&crate::locks::wire::LockRef {
+            id,
+            on_behalf_of: None,
+        })
+    }
+
+    /// `lock.remove`.
+    ///
+    /// # Errors
+    /// As [`Self::request`]; an unknown lock is `NOT_FOUND`.
+    pub fn lock_remove(
+        &mut self,
+        id: crate::locks::LockId,
+    ) -> Result<crate::locks::wire::LockRemovedView, ClientError> {
+        self.lock_remove_for(id, None)
+    }
+
+    /// `lock.remove` on behalf of a person (the web console's administrator).
+    ///
+    /// # Errors
+    /// As [`Self::lock_remove`].
+    pub fn lock_remove_for(
+        &mut self,
+        id: crate::locks::LockId,
+        on_behalf_of: Option<String>,
+    ) -> Result<crate::locks::wire::LockRemovedView, ClientError> {
+        self.request::<m::LockRemove>(&crate::locks::wire::LockRef { id, on_behalf_of })
+    }
+
     /// `console.refused`: records a change the web console refused.
     ///
     /// # Errors

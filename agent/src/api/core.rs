@@ -141,14 +141,24 @@ impl Core {
                 let reason = t
                     .reason
                     .unwrap_or_else(|| "terminated by an administrator".into());
-                let by = match t.on_behalf_of.as_deref().map(str::trim) {
-                    Some(who) if !who.is_empty() => {
-                        format!("{who} (console, uid {})", caller.peer.uid)
-                    }
-                    _ => format!("uid {}", caller.peer.uid),
+                let by = actor(t.on_behalf_of.as_deref(), caller.peer.uid);
+                if t.allow_relogin && t.cutoff {
+                    return Err(rpc(
+                        INVALID_PARAMS,
+                        "allow_relogin and cutoff contradict each other: give one of them",
+                    ));
+                }
+                // Termination sticks unless asked otherwise: the token is denied, and a
+                // termination by user also cuts off the user's older tokens.
+                let opts = crate::locks::TerminateOptions {
+                    deny_tokens: !t.allow_relogin,
+                    cutoff: !t.allow_relogin && (t.cutoff || matches!(target, Target::User(_))),
                 };
-                let ended = self.sessions.terminate(&target, &by, &reason).await?;
-                answer::<m::SessionsTerminate>(TerminateView::of(&ended))
+                let done = self
+                    .sessions
+                    .terminate_sessions(&target, opts, &by, &reason)
+                    .await?;
+                answer::<m::SessionsTerminate>(TerminateView::of_terminated(&done))
             }
             Request::FlowsList(f) => answer::<m::FlowsList>(self.flows(f.session)),
             Request::Whois(w) => answer::<m::Whois>(self.whois(w.a, w.b, w.protocol)?),
@@ -181,6 +191,37 @@ impl Core {
                 })
             }
             Request::PolicyExplain(e) => answer::<m::PolicyExplain>(self.explain(e)?),
+            Request::LockAdd(new) => {
+                let by = actor(new.on_behalf_of.as_deref(), caller.peer.uid);
+                let added = self.sessions.add_lock(new, &by).await?;
+                answer::<m::LockAdd>((&added).into())
+            }
+            Request::LockList(f) => {
+                let now = crate::sessions::model::now_ms();
+                let locks = self.sessions.locks().list();
+                answer::<m::LockList>(
+                    locks
+                        .iter()
+                        .filter(|l| !f.active || l.holds(now))
+                        .map(Into::into)
+                        .collect(),
+                )
+            }
+            Request::LockShow(r) => {
+                let lock = self
+                    .sessions
+                    .locks()
+                    .get(r.id)
+                    .ok_or(crate::locks::LocksError::NotFound(r.id))?;
+                answer::<m::LockShow>((&lock).into())
+            }
+            Request::LockRemove(r) => {
+                let by = actor(r.on_behalf_of.as_deref(), caller.peer.uid);
+                let lock = self.sessions.remove_lock(r.id, &by).await?;
+                answer::<m::LockRemove>(crate::locks::wire::LockRemovedView {
+                    removed: (&lock).into(),
+                })
+            }
             Request::ConsoleRefused(r) => {
                 let mut ev = AuditEvent::new(AuditKind::ConsoleRefused {
                     by: r.by.clone(),
@@ -262,6 +303,7 @@ impl Core {
             flows_opened: counters.flows_opened,
             events_lost: counters.events_lost,
             issuers: crate::auth::key_status(),
+            locks: self.sessions.locks().counts(),
         })
     }
 
@@ -530,6 +572,15 @@ fn write_list(
         }
     }
     out.write_all(b"]")
+}
+
+/// Who a change is recorded as made by: the caller's uid, and the person a relaying client
+/// (the web console) names.
+fn actor(on_behalf_of: Option<&str>, uid: u32) -> String {
+    match on_behalf_of.map(str::trim) {
+        Some(who) if !who.is_empty() => format!("{who} (console, uid {uid})"),
+        _ => format!("uid {uid}"),
+    }
 }
 
 fn drops_view(stats: Option<SessionStats>) -> DropsView {

@@ -15,6 +15,7 @@ use super::{
     views::{FlowView, SessionView, StatusView},
 };
 use crate::audit::event::AuditEvent;
+use crate::locks::wire as lk;
 
 /// Who may call a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +134,19 @@ method!(
     /// Record a change the web console refused (an audit event, `console_refused`).
     ConsoleRefused, "console.refused", Admin, p::ConsoleRefusal => Recorded);
 
+method!(
+    /// Add a lock: refuse what it matches from now on, and end every live session it matches.
+    LockAdd, "lock.add", Admin, crate::locks::NewLock => lk::LockAddedView);
+method!(
+    /// Every lock, the expired ones included (listed as expired).
+    LockList, "lock.list", Read, lk::LockFilter => Vec<lk::LockView>);
+method!(
+    /// One lock.
+    LockShow, "lock.show", Read, lk::LockRef => lk::LockView);
+method!(
+    /// Remove a lock: what it refused is admitted again.
+    LockRemove, "lock.remove", Admin, lk::LockRef => lk::LockRemovedView);
+
 /// Report the datapath mode, or switch it (which needs admin).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatapathMode;
@@ -205,6 +219,10 @@ requests!(
     PolicyCheck,
     PolicyExplain,
     DatapathMode,
+    LockAdd,
+    LockList,
+    LockShow,
+    LockRemove,
     ConsoleRefused,
 );
 

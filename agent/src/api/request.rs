@@ -56,6 +56,13 @@ pub struct Terminate {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Leave the sessions' tokens usable (by default a terminated session's token is denied
+    /// until it expires, and `user` also sets a cut-off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_relogin: bool,
+    /// Also refuse every older token of the sessions' subjects (`user` always does).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cutoff: bool,
     /// The person a relaying client (the console) acts for, recorded beside the caller's uid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_behalf_of: Option<String>,

@@ -199,6 +199,9 @@ pub struct StatusView {
     /// Each issuer's key state (kids, last fetch, last error, next refresh).
     #[serde(default)]
     pub issuers: Vec<crate::auth::IssuerKeyStatus>,
+    /// Locks in force (and expired ones still listed), denied tokens and cut-offs.
+    #[serde(default)]
+    pub locks: crate::locks::LockCounts,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -57,6 +57,18 @@ pub enum AuditKind {
     DatapathModeChanged {
         mode: String,
     },
+    /// An administrator added a lock (`crate::locks`); `target` as `lock show` prints it.
+    LockAdded {
+        lock: String,
+        target: String,
+    },
+    LockRemoved {
+        lock: String,
+    },
+    /// A lock's TTL ran out: it no longer refuses anything, and stays listed as expired.
+    LockExpired {
+        lock: String,
+    },
     /// The web console refused a change: `by` who was signed in, `action` what they tried.
     ConsoleRefused {
         by: String,
@@ -87,6 +99,9 @@ impl AuditKind {
             Self::PolicyReloaded { .. } => "policy_reloaded",
             Self::PolicyRejected { .. } => "policy_rejected",
             Self::DatapathModeChanged { .. } => "datapath_mode_changed",
+            Self::LockAdded { .. } => "lock_added",
+            Self::LockRemoved { .. } => "lock_removed",
+            Self::LockExpired { .. } => "lock_expired",
             Self::ConsoleRefused { .. } => "console_refused",
         }
     }

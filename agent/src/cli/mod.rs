@@ -7,6 +7,7 @@ mod console;
 mod datapath;
 mod dev;
 mod flows;
+mod lock;
 mod login;
 mod output;
 mod policy;
@@ -87,6 +88,11 @@ enum Command {
         #[command(subcommand)]
         command: dev::DevCommand,
     },
+    /// Locks that keep a user, group, device, source, session or token out.
+    Lock {
+        #[command(subcommand)]
+        command: lock::LockCommand,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), for packaging.
@@ -106,6 +112,7 @@ impl Command {
             Self::Policy { command } => command.json(),
             Self::Datapath { command } => command.json(),
             Self::Login(a) => a.json,
+            Self::Lock { command } => command.json(),
             Self::Agent { .. }
             | Self::Console(_)
             | Self::Config { .. }
@@ -193,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Login(args) => login::run(args),
         Command::Console(args) => console::run(&args),
         Command::Dev { command } => dev::run(command),
+        Command::Lock { command } => lock::run(socket, command),
         Command::Man => {
             let mut roff = Vec::new();
             clap_mangen::Man::new(command()).render(&mut roff)?;

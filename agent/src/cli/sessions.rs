@@ -70,6 +70,13 @@ pub enum SessionsCommand {
         user: Option<String>,
         #[arg(long)]
         reason: Option<String>,
+        /// Leave the sessions' tokens usable: the user may log straight back in with them.
+        #[arg(long, conflicts_with = "cutoff")]
+        allow_relogin: bool,
+        /// Also refuse every token of the sessions' subjects issued before now (--user
+        /// always does).
+        #[arg(long)]
+        cutoff: bool,
         #[arg(long)]
         json: bool,
     },
@@ -120,6 +127,8 @@ pub fn run(socket: &SocketArg, command: SessionsCommand) -> anyhow::Result<()> {
             ids,
             user,
             reason,
+            allow_relogin,
+            cutoff,
             json,
         } => {
             if ids.is_empty() && user.is_none() {
@@ -131,6 +140,8 @@ pub fn run(socket: &SocketArg, command: SessionsCommand) -> anyhow::Result<()> {
                     ids,
                     user,
                     reason,
+                    allow_relogin,
+                    cutoff,
                     ..Terminate::default()
                 })
                 .map_err(fail)?;
@@ -146,6 +157,18 @@ pub fn run(socket: &SocketArg, command: SessionsCommand) -> anyhow::Result<()> {
                     t.id,
                     t.user,
                     t.source
+                )?;
+            }
+            if done.denied_tokens > 0 {
+                outln!(
+                    "{} token(s) denied: logging in again needs a new token from the identity provider",
+                    done.denied_tokens
+                )?;
+            }
+            if done.cutoffs > 0 {
+                outln!(
+                    "{} cut-off(s) set: tokens issued before now are refused",
+                    done.cutoffs
                 )?;
             }
             Ok(())

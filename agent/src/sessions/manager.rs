@@ -33,6 +33,12 @@ pub enum SessionError {
     ReconnectRefused { code: &'static str, reason: String },
     #[error("no session {0}")]
     NotFound(SessionId),
+    /// A denied token, a cut-off or a lock refuses the identity (see `crate::locks`).
+    #[error("admission refused ({}): {}", refusal.code, refusal.detail)]
+    Refused {
+        user: String,
+        refusal: crate::locks::Refusal,
+    },
     #[error(transparent)]
     Enforce(#[from] EnforceError),
     #[error("the state store failed; nothing was changed: {0}")]
@@ -77,6 +83,8 @@ pub struct Sessions {
     pub(super) audit: Audit,
     pub(super) policy: Arc<PolicyHandle>,
     pub(super) config: SessionsConfig,
+    /// Locks, denied tokens and cut-offs, checked under the table lock at every admission.
+    locks: Arc<crate::locks::Locks>,
 }
 
 pub(super) fn event(kind: AuditKind, s: &Session, detail: impl Into<String>) -> AuditEvent {
@@ -97,7 +105,9 @@ impl Sessions {
         config: SessionsConfig,
         sessions: Vec<Session>,
     ) -> Self {
+        let locks = Arc::new(crate::locks::Locks::load(&store));
         Self {
+            locks,
             table: Mutex::new(sessions.into_iter().map(|s| (s.id, Arc::new(s))).collect()),
             enforcer,
             store,
@@ -121,6 +131,20 @@ impl Sessions {
 
     pub fn policy(&self) -> &Arc<PolicyHandle> {
         &self.policy
+    }
+
+    /// The locks, denied tokens and cut-offs in force (see `crate::locks`).
+    pub fn locks(&self) -> &Arc<crate::locks::Locks> {
+        &self.locks
+    }
+
+    /// Commits writes durably (for the rooms that keep their records in the store beside the
+    /// sessions, such as locks).
+    ///
+    /// # Errors
+    /// The store fails; nothing was written.
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.persist(writes).await
     }
 
     /// Commits writes durably; the store announces their audit events to subscribers.
@@ -150,7 +174,17 @@ impl Sessions {
         identity: Identity,
         source: IpAddr,
     ) -> Result<Admitted, SessionError> {
-        let (session, reconnect_seed) = match self.decide(identity, source)? {
+        let decided = self.decide(identity, source);
+        if let Err(SessionError::Refused { user, refusal }) = &decided {
+            let mut e = AuditEvent::new(AuditKind::AdmissionRejected {
+                reason: refusal.code.to_owned(),
+            });
+            e.user = Some(user.clone());
+            e.source = Some(source);
+            e.detail = refusal.detail.clone();
+            self.record(vec![e]).await?;
+        }
+        let (session, reconnect_seed) = match decided? {
             Ok(admitted) => admitted,
             Err((identity, reason)) => {
                 let mut e = AuditEvent::new(AuditKind::AdmissionDenied {
@@ -198,6 +232,12 @@ impl Sessions {
         source: IpAddr,
     ) -> Result<Result<(Arc<Session>, Option<String>), (Identity, String)>, SessionError> {
         let mut table = self.table();
+        if let Some(refusal) = self.locks.check(&identity, source, None) {
+            return Err(SessionError::Refused {
+                user: identity.user().to_owned(),
+                refusal,
+            });
+        }
         let decision = self.policy.current().evaluate(&identity, source);
         if decision.grants.is_empty() {
             let reason = decision
@@ -254,6 +294,9 @@ impl Sessions {
                     "session_ended",
                     format!("session {id} is {}: log in again", entry.state),
                 ));
+            }
+            if let Some(r) = self.locks.check(&entry.identity, source, Some(id)) {
+                return Err(refuse(r.code, r.client_message));
             }
             let Some(seen) = entry.reconnect.as_ref() else {
                 return Err(refuse(

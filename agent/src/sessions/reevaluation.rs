@@ -67,6 +67,10 @@ impl Sessions {
             rules: policy.rules.len(),
         });
         self.record(vec![ev]).await.map_err(SessionError::from)?;
+        // Locks hold at re-evaluation too (a group lock matches the session's groups now).
+        if let Err(e) = self.enforce_locks("agent").await {
+            tracing::warn!(error = %e, "cannot end the sessions a lock matches after the policy change");
+        }
         Ok(outcome)
     }
 

@@ -8,6 +8,7 @@
 //! against the last committed state and never wait for the writer.
 
 mod integrity;
+mod locks;
 mod open;
 mod overlay;
 mod schema;
@@ -35,6 +36,7 @@ use redb::{Database, ReadTransaction, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 
+pub use self::locks::{LockRecords, LockWrite};
 pub use self::{integrity::IntegrityReport, schema::SCHEMA_VERSION};
 use self::{
     schema::{AUDIT, REVOCATIONS, SESSIONS, decode},
@@ -74,6 +76,8 @@ pub enum Write {
     DeleteRevocation(SessionId),
     /// Append to the audit log. The event's `seq` is ignored: the store assigns the next one.
     Audit(AuditEvent),
+    /// A lock, denied token or cut-off (the `locks` table).
+    Locks(LockWrite),
 }
 
 #[derive(Debug, thiserror::Error)]

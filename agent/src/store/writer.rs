@@ -177,6 +177,9 @@ impl Writer {
             audit: txn
                 .open_table(AUDIT)
                 .map_err(db_error(path, "open the audit table"))?,
+            locks: txn
+                .open_table(super::locks::LOCKS)
+                .map_err(db_error(path, "open the locks table"))?,
         };
         let mut out = Vec::with_capacity(group.len());
         for pending in group {
@@ -261,6 +264,7 @@ impl Writer {
                 *next_seq += 1;
                 return Ok(Some(event));
             }
+            Write::Locks(w) => super::locks::apply(path, &mut tables.locks, w)?,
         }
         Ok(None)
     }
@@ -278,6 +282,7 @@ struct Tables<'txn> {
     sessions: Table<'txn, u64, &'static [u8]>,
     revocations: Table<'txn, u64, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
+    locks: Table<'txn, &'static str, &'static [u8]>,
 }
 
 /// Lets tests make a write fail inside the transaction, after other writes of the same group

@@ -41,7 +41,7 @@ fn methods_parse_into_typed_requests() {
             ids: vec![SessionId(0xff)],
             user: None,
             reason: Some("left the company".into()),
-            on_behalf_of: None,
+            ..Terminate::default()
         })
     );
     assert_eq!(r.method(), "sessions.terminate");
@@ -104,6 +104,14 @@ fn access_is_exact_per_method_and_per_call() {
         ("datapath.mode", json!({}), Access::Read),
         ("datapath.mode", json!({"mode": "monitor"}), Access::Admin),
         ("datapath.mode", json!({"mode": "enforce"}), Access::Admin),
+        (
+            "lock.add",
+            json!({"target": {"user": "a@corp.example"}}),
+            Access::Admin,
+        ),
+        ("lock.list", json!({}), Access::Read),
+        ("lock.show", json!({"id": "lk-1"}), Access::Read),
+        ("lock.remove", json!({"id": "lk-1"}), Access::Admin),
         (
             "console.refused",
             json!({"by": "r", "action": "a", "reason": "x"}),
@@ -238,6 +246,10 @@ fn check_answer(method: &str, result: &Value) {
         "policy.check" => same_shape::<PolicyCheck>(result),
         "policy.explain" => same_shape::<PolicyExplain>(result),
         "datapath.mode" => same_shape::<DatapathMode>(result),
+        "lock.add" => same_shape::<super::LockAdd>(result),
+        "lock.list" => same_shape::<super::LockList>(result),
+        "lock.show" => same_shape::<super::LockShow>(result),
+        "lock.remove" => same_shape::<super::LockRemove>(result),
         "console.refused" => same_shape::<ConsoleRefused>(result),
         other => panic!("no answer check for {other}"),
     }

@@ -262,3 +262,40 @@ fn clients_are_not_told_the_providers_internals() {
         "the token has expired"
     );
 }
+
+#[test]
+fn the_same_claims_in_another_member_order_are_the_same_token_for_denial() {
+    let dev = DevIssuer::new("reorder");
+    let verifier = Verifier::new(&config(vec![dev.issuer(&["ES256"])])).expect("verifier");
+    let c = claims();
+    let header = dev.header().to_string();
+    let one = format!(
+        r#"{{"iss":{},"aud":{},"sub":"alice","exp":{}}}"#,
+        c["iss"], c["aud"], c["exp"]
+    );
+    let other = format!(
+        r#"{{"exp":{},"sub":"alice","aud":{},"iss":{}}}"#,
+        c["exp"], c["aud"], c["iss"]
+    );
+    let a = verifier
+        .verify(
+            &craft_bytes("ES256", header.as_bytes(), one.as_bytes(), &dev.key()),
+            NOW,
+        )
+        .expect("verifies");
+    let b = verifier
+        .verify(
+            &craft_bytes("ES256", header.as_bytes(), other.as_bytes(), &dev.key()),
+            NOW,
+        )
+        .expect("verifies");
+    assert_ne!(
+        a.token_sha256, b.token_sha256,
+        "two encodings, two fingerprints"
+    );
+    assert_eq!(
+        a.denial_key(),
+        b.denial_key(),
+        "one denial key for the same claims in any order"
+    );
+}

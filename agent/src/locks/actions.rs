@@ -1,0 +1,557 @@
+//! What administrators do with locks, denials and cut-offs: each change enters the index
+//! first (so admissions are refused from that moment), ends the live sessions it concerns
+//! through the one termination path (kernel revocation first, sockets destroyed, durable
+//! record), and is made durable before it is acknowledged.
+
+use std::{collections::HashSet, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    LocksError,
+    index::Subject,
+    model::{Cutoff, Denial, Lock, LockId, LockTarget, MAX_REASON_BYTES, MAX_TTL_SECS},
+};
+use crate::{
+    audit::event::{AuditEvent, AuditKind},
+    sessions::{
+        Ended, Sessions, Target,
+        model::{Session, SessionId, now_ms},
+    },
+    store::{LockWrite, Write},
+};
+
+/// A lock to add.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewLock {
+    pub target: LockTarget,
+    /// Seconds until it expires; absent: until removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether the refused client is shown `reason` (it is the administrator's text).
+    #[serde(default)]
+    pub show_reason: bool,
+    /// The person a relaying client (the web console) acts for, recorded beside the uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
+}
+
+/// What adding a lock did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockAdded {
+    pub lock: Lock,
+    /// The live sessions it ended.
+    pub ended: Vec<Ended>,
+    /// Flows of those sessions the revocation cut.
+    pub flows: usize,
+}
+
+/// How a termination sticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TerminateOptions {
+    /// Deny the ended sessions' tokens until they expire (`token_revoked`).
+    pub deny_tokens: bool,
+    /// Set a cut-off at now for each ended session's `iss`+`sub` (`issued_before_cutoff`).
+    pub cutoff: bool,
+}
+
+/// What a termination did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Terminated {
+    pub ended: Vec<Ended>,
+    pub flows: usize,
+    /// Tokens denied.
+    pub denied: usize,
+    pub cutoffs: Vec<Cutoff>,
+}
+
+/// A cut-off to set: tokens of `iss`+`sub` issued at or before `at_secs` are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutoffRequest {
+    pub iss: String,
+    pub sub: String,
+    /// Seconds since the epoch; now when absent.
+    pub at_secs: Option<u64>,
+    pub reason: String,
+}
+
+/// What setting a cut-off did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutoffSet {
+    pub cutoff: Cutoff,
+    pub ended: Vec<Ended>,
+}
+
+fn check_reason(reason: Option<&str>) -> Result<(), LocksError> {
+    if let Some(r) = reason {
+        if r.len() > MAX_REASON_BYTES {
+            return Err(LocksError::BadReason(format!(
+                "{} bytes long; at most {MAX_REASON_BYTES}",
+                r.len()
+            )));
+        }
+        if r.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(LocksError::BadReason("it has control characters".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a lock on `target` matches the session (as a lock in the index would).
+pub(super) fn target_matches(target: &LockTarget, s: &Session) -> bool {
+    let id = &s.identity;
+    match target {
+        LockTarget::User(u) => id.is(u) || id.subject.eq_ignore_ascii_case(u),
+        LockTarget::Subject { iss, sub } => id.issuer == *iss && id.subject == *sub,
+        LockTarget::Group(g) => id.in_group(g),
+        LockTarget::Device(d) => id.device.id.as_deref() == Some(d.as_str()),
+        LockTarget::Source(p) => super::model::parse_prefix(p).is_ok_and(|n| n.contains(&s.source)),
+        LockTarget::Session(sid) => s.id == *sid,
+        LockTarget::Token(t) => id.token_sha256.eq_ignore_ascii_case(t),
+    }
+}
+
+fn event(kind: AuditKind, detail: String) -> AuditEvent {
+    let mut e = AuditEvent::new(kind);
+    e.detail = detail;
+    e
+}
+
+impl Sessions {
+    /// Adds a lock: refused from now on for whatever it matches, and every live session it
+    /// matches ended at once. Answers once the lock and the terminations are durable.
+    ///
+    /// # Errors
+    /// A bad target, TTL or reason (nothing changes), or the kernel or store fails (the lock
+    /// is then withdrawn again; sessions already ended stay ended).
+    pub async fn add_lock(
+        self: &Arc<Self>,
+        new: NewLock,
+        by: &str,
+    ) -> Result<LockAdded, LocksError> {
+        self.locks().health()?;
+        let target = new.target.canonical()?;
+        if let Some(ttl) = new.ttl_secs
+            && !(1..=MAX_TTL_SECS).contains(&ttl)
+        {
+            return Err(LocksError::BadTtl(format!(
+                "{ttl} s: give 1 s to {MAX_TTL_SECS} s (ten years), or no TTL for a lock that \
+                 holds until removed"
+            )));
+        }
+        let reason = new.reason.filter(|r| !r.trim().is_empty());
+        check_reason(reason.as_deref())?;
+        if new.show_reason && reason.is_none() {
+            return Err(LocksError::BadReason(
+                "show_reason is set but there is no reason to show".into(),
+            ));
+        }
+        let now = now_ms();
+        let lock = Lock {
+            id: LockId::random(),
+            target,
+            reason,
+            show_reason: new.show_reason,
+            by: by.to_owned(),
+            created_at_ms: now,
+            expires_at_ms: new.ttl_secs.map(|t| now + t * 1000),
+            expired_at_ms: None,
+        };
+        // In the index before the sessions are picked: an admission decided after this is
+        // refused, one decided before is in the table and ends below.
+        self.locks().write().insert_lock(lock.clone());
+        let why = match &lock.reason {
+            Some(r) => format!("locked by {} ({}): {r}", lock.id, lock.target),
+            None => format!("locked by {} ({})", lock.id, lock.target),
+        };
+        let ended = match self
+            .end_where(|s| target_matches(&lock.target, s), by, &why)
+            .await
+        {
+            Ok(ended) => ended,
+            Err(e) => {
+                self.locks().write().remove_lock(lock.id);
+                return Err(e);
+            }
+        };
+        let flows = self.flows_cut(&ended);
+        let mut ev = event(
+            AuditKind::LockAdded {
+                lock: lock.id.to_string(),
+                target: lock.target.to_string(),
+            },
+            format!(
+                "by {by}{}{}; ended {} session(s), {flows} flow(s)",
+                lock.reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default(),
+                lock.expires_at_ms
+                    .map(|at| format!(", expires at {at} ms"))
+                    .unwrap_or_default(),
+                ended.len()
+            ),
+        );
+        if let LockTarget::User(u) = &lock.target {
+            ev.user = Some(u.clone());
+        }
+        if let Err(e) = self
+            .commit(vec![
+                Write::Locks(LockWrite::PutLock(lock.clone())),
+                Write::Audit(ev),
+            ])
+            .await
+        {
+            self.locks().write().remove_lock(lock.id);
+            return Err(e.into());
+        }
+        Ok(LockAdded { lock, ended, flows })
+    }
+
+    /// Removes a lock. Durable first: a lock whose removal failed still holds.
+    ///
+    /// # Errors
+    /// No such lock, or the store fails.
+    pub async fn remove_lock(&self, id: LockId, by: &str) -> Result<Lock, LocksError> {
+        let lock = self.locks().get(id).ok_or(LocksError::NotFound(id))?;
+        let ev = event(
+            AuditKind::LockRemoved {
+                lock: id.to_string(),
+            },
+            format!("{} removed by {by}", lock.target),
+        );
+        self.commit(vec![
+            Write::Locks(LockWrite::DeleteLock(id)),
+            Write::Audit(ev),
+        ])
+        .await?;
+        self.locks().write().remove_lock(id);
+        Ok(lock)
+    }
+
+    /// Denies the token of one session (ended or not) until it expires. Does not end the
+    /// session: see [`Sessions::terminate_sessions`].
+    ///
+    /// # Errors
+    /// No such session, or the store fails.
+    pub async fn deny_session_token(
+        &self,
+        id: SessionId,
+        by: &str,
+        reason: &str,
+    ) -> Result<Denial, LocksError> {
+        let s = self.get(id).ok_or(LocksError::NoSession(id))?;
+        let d = denial_of(&s, by, reason, now_ms());
+        self.locks().write().insert_denial(d.clone());
+        self.commit(vec![Write::Locks(LockWrite::PutDenial(d.clone()))])
+            .await?;
+        Ok(d)
+    }
+
+    /// Sets a cut-off for `iss`+`sub` and ends the subject's live sessions whose token was
+    /// issued at or before it (or has no `iat`).
+    ///
+    /// # Errors
+    /// An empty issuer or subject, or the kernel or store fails.
+    pub async fn set_cutoff(
+        self: &Arc<Self>,
+        req: CutoffRequest,
+        by: &str,
+    ) -> Result<CutoffSet, LocksError> {
+        check_reason(Some(&req.reason))?;
+        let LockTarget::Subject { iss, sub } = (LockTarget::Subject {
+            iss: req.iss,
+            sub: req.sub,
+        })
+        .canonical()?
+        else {
+            unreachable!("a subject stays a subject")
+        };
+        let now = now_ms();
+        let at = req.at_secs.unwrap_or(now / 1000);
+        let user = self
+            .all()
+            .iter()
+            .find(|s| s.identity.issuer == iss && s.identity.subject == sub)
+            .map_or_else(|| sub.clone(), |s| s.identity.user().to_owned());
+        let cutoff = Cutoff {
+            iss,
+            sub,
+            user,
+            cutoff_secs: at,
+            by: by.to_owned(),
+            reason: req.reason,
+            at_ms: now,
+        };
+        self.locks().write().insert_cutoff(cutoff.clone());
+        let why = format!(
+            "cut-off: tokens of {} issued at or before {at} are refused ({})",
+            cutoff.user, cutoff.reason
+        );
+        let ended = self
+            .end_where(
+                |s| {
+                    s.identity.issuer == cutoff.iss
+                        && s.identity.subject == cutoff.sub
+                        && s.identity.token_issued_at.is_none_or(|iat| iat <= at)
+                },
+                by,
+                &why,
+            )
+            .await?;
+        self.commit(vec![Write::Locks(LockWrite::PutCutoff(cutoff.clone()))])
+            .await?;
+        Ok(CutoffSet { cutoff, ended })
+    }
+
+    /// Terminates the live sessions a target matches (user by email or subject, `iss`+`sub`,
+    /// group, device, source, session, token), denying their tokens and/or setting cut-offs
+    /// as `opts` says.
+    ///
+    /// # Errors
+    /// A bad target, or the kernel or store fails.
+    pub async fn terminate_matching(
+        self: &Arc<Self>,
+        target: &LockTarget,
+        opts: TerminateOptions,
+        by: &str,
+        reason: &str,
+    ) -> Result<Terminated, LocksError> {
+        let target = target.canonical()?;
+        let chosen: Vec<Arc<Session>> = self
+            .all()
+            .into_iter()
+            .filter(|s| s.is_live() && target_matches(&target, s))
+            .collect();
+        self.terminate_chosen(chosen, opts, by, reason).await
+    }
+
+    /// `sessions terminate` with its options: the sessions by id (each must exist), or every
+    /// live session of a user (email or subject).
+    ///
+    /// # Errors
+    /// An unknown id, or the kernel or store fails.
+    pub async fn terminate_sessions(
+        self: &Arc<Self>,
+        target: &Target,
+        opts: TerminateOptions,
+        by: &str,
+        reason: &str,
+    ) -> Result<Terminated, LocksError> {
+        let chosen: Vec<Arc<Session>> = match target {
+            Target::Sessions(ids) => {
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    out.push(self.get(*id).ok_or(LocksError::NoSession(*id))?);
+                }
+                out
+            }
+            Target::User(user) => {
+                let all = self.all();
+                let live: Vec<Arc<Session>> = all
+                    .iter()
+                    .filter(|s| s.is_live() && s.identity.is(user))
+                    .cloned()
+                    .collect();
+                if live.is_empty() && opts.cutoff {
+                    // No live session: the cut-off still applies to the identities the agent
+                    // has seen under that name (their newest session says which).
+                    let mut seen: Vec<Arc<Session>> =
+                        all.into_iter().filter(|s| s.identity.is(user)).collect();
+                    seen.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+                    seen.dedup_by(|a, b| {
+                        a.identity.issuer == b.identity.issuer
+                            && a.identity.subject == b.identity.subject
+                    });
+                    seen
+                } else {
+                    live
+                }
+            }
+        };
+        self.terminate_chosen(chosen, opts, by, reason).await
+    }
+
+    async fn terminate_chosen(
+        self: &Arc<Self>,
+        chosen: Vec<Arc<Session>>,
+        opts: TerminateOptions,
+        by: &str,
+        reason: &str,
+    ) -> Result<Terminated, LocksError> {
+        let now = now_ms();
+        let mut writes = Vec::new();
+        let mut denied_keys: HashSet<String> = HashSet::new();
+        let mut cutoffs: Vec<Cutoff> = Vec::new();
+        {
+            // Denials and cut-offs enter the index before anything ends, so that the same
+            // token (or an older one) cannot log straight back in meanwhile.
+            let mut index = self.locks().write();
+            for s in &chosen {
+                if opts.deny_tokens {
+                    let d = denial_of(s, by, reason, now);
+                    if denied_keys.insert(d.key.clone()) {
+                        index.insert_denial(d.clone());
+                        writes.push(Write::Locks(LockWrite::PutDenial(d)));
+                    }
+                }
+                if opts.cutoff
+                    && !cutoffs
+                        .iter()
+                        .any(|c| c.iss == s.identity.issuer && c.sub == s.identity.subject)
+                {
+                    let c = Cutoff {
+                        iss: s.identity.issuer.clone(),
+                        sub: s.identity.subject.clone(),
+                        user: s.identity.user().to_owned(),
+                        cutoff_secs: now / 1000,
+                        by: by.to_owned(),
+                        reason: reason.to_owned(),
+                        at_ms: now,
+                    };
+                    index.insert_cutoff(c.clone());
+                    writes.push(Write::Locks(LockWrite::PutCutoff(c.clone())));
+                    cutoffs.push(c);
+                }
+            }
+        }
+        let chosen_ids: HashSet<SessionId> = chosen.iter().map(|s| s.id).collect();
+        let why = match (opts.deny_tokens, cutoffs.is_empty()) {
+            (_, false) => format!("{reason} (cut-off: older tokens refused)"),
+            (true, true) => format!("{reason} (token revoked)"),
+            (false, true) => reason.to_owned(),
+        };
+        let cutoff_keys: Vec<(String, String, u64)> = cutoffs
+            .iter()
+            .map(|c| (c.iss.clone(), c.sub.clone(), c.cutoff_secs))
+            .collect();
+        // The chosen sessions, and any other live one the new denials or cut-offs now refuse
+        // (an admission with the same token that raced this call).
+        let ended = self
+            .end_where(
+                |s| {
+                    chosen_ids.contains(&s.id)
+                        || (opts.deny_tokens
+                            && !denied_keys.is_empty()
+                            && denied_keys.contains(&s.identity.denial_key()))
+                        || cutoff_keys.iter().any(|(iss, sub, at)| {
+                            s.identity.issuer == *iss
+                                && s.identity.subject == *sub
+                                && s.identity.token_issued_at.is_none_or(|iat| iat <= *at)
+                        })
+                },
+                by,
+                &why,
+            )
+            .await?;
+        let flows = self.flows_cut(&ended);
+        let denied = denied_keys.len();
+        if !writes.is_empty() {
+            self.commit(writes).await?;
+        }
+        Ok(Terminated {
+            ended,
+            flows,
+            denied,
+            cutoffs,
+        })
+    }
+
+    /// Ends every live session a lock in force matches; for after a re-evaluation, when a
+    /// session's groups or the locks may have changed.
+    ///
+    /// # Errors
+    /// The kernel or store fails.
+    pub async fn enforce_locks(self: &Arc<Self>, by: &str) -> Result<Vec<Ended>, LocksError> {
+        if self.locks().counts().locks == 0 {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let mut by_lock: std::collections::BTreeMap<LockId, (Lock, Vec<SessionId>)> =
+            std::collections::BTreeMap::new();
+        {
+            let index = self.locks().read();
+            for s in self.all().iter().filter(|s| s.is_live()) {
+                let who = Subject {
+                    identity: &s.identity,
+                    source: s.source,
+                    session: Some(s.id),
+                };
+                if let Some(l) = index.matching_lock(&who, now) {
+                    by_lock
+                        .entry(l.id)
+                        .or_insert_with(|| (l.clone(), Vec::new()))
+                        .1
+                        .push(s.id);
+                }
+            }
+        }
+        let mut ended = Vec::new();
+        for (_, (lock, ids)) in by_lock {
+            let why = match &lock.reason {
+                Some(r) => format!("locked by {} ({}): {r}", lock.id, lock.target),
+                None => format!("locked by {} ({})", lock.id, lock.target),
+            };
+            let ids: Vec<SessionId> = ids
+                .into_iter()
+                .filter(|id| self.get(*id).is_some())
+                .collect();
+            ended.extend(self.terminate(&Target::Sessions(ids), by, &why).await?);
+        }
+        Ok(ended)
+    }
+
+    /// Ends the live sessions `pick` chooses through the one termination path.
+    async fn end_where(
+        self: &Arc<Self>,
+        pick: impl Fn(&Session) -> bool,
+        by: &str,
+        reason: &str,
+    ) -> Result<Vec<Ended>, LocksError> {
+        let ids: Vec<SessionId> = self
+            .all()
+            .iter()
+            .filter(|s| s.is_live() && pick(s))
+            .map(|s| s.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.terminate(&Target::Sessions(ids), by, reason).await?)
+    }
+
+    /// The flows of these ended sessions the kernel still holds (revoked: every packet of
+    /// them is dropped).
+    fn flows_cut(&self, ended: &[Ended]) -> usize {
+        if ended.is_empty() {
+            return 0;
+        }
+        let ids: HashSet<u64> = ended.iter().map(|e| e.id.0).collect();
+        self.enforcer().flows_of(&ids).len()
+    }
+}
+
+/// The largest verification leeway an issuer may be configured with (`auth.leeway_secs` is
+/// refused above it): a token this far past its `exp` may still verify.
+const DENIAL_LEEWAY_SECS: u64 = 300;
+
+/// The denial of a session's token: until its `exp` plus the largest leeway any issuer may
+/// be configured with (past that the token cannot verify at all).
+fn denial_of(s: &Session, by: &str, reason: &str, now: u64) -> Denial {
+    Denial {
+        key: s.identity.denial_key(),
+        user: s.identity.user().to_owned(),
+        session: Some(s.id),
+        by: by.to_owned(),
+        reason: reason.to_owned(),
+        at_ms: now,
+        until_ms: s
+            .identity
+            .token_expires_at
+            .saturating_add(DENIAL_LEEWAY_SECS)
+            .saturating_mul(1000),
+    }
+}
