@@ -89,13 +89,17 @@ def main():
         # Terminate, with a reason, confirmed on its own page.
         admin.locator("a.terminate").first.click()
         admin.locator("#reason").fill("console e2e: laptop reported stolen")
+        # ...and lock her out until an administrator says otherwise.
+        admin.locator("#lock-user").check()
         admin.locator("#confirm-terminate").click()
         expect(admin.locator("#notice")).to_contain_text("Terminated 1 session")
+        expect(admin.locator("#notice")).to_contain_text("Locked: lk-")
         say("TERMINATED")
         expect(admin.locator("#state")).to_contain_text("terminated", timeout=WAIT_MS)
         expect(admin.locator("#ended")).to_contain_text(
             "terminated by admin@corp.example (console"
         )
+        expect(admin.locator("#locks-touching")).to_contain_text("user alice@corp.example")
 
         # The list shows it terminated, with the drops, without a reload.
         admin.goto(URL + "/")
@@ -145,6 +149,33 @@ def main():
         expect(tail).to_contain_text("reader@corp.example", timeout=WAIT_MS)
         expect(tail).to_contain_text("read-only administrator")
         expect(tail).to_contain_text("missing or wrong CSRF token")
+        say("REFUSED")
+        hear("GO")
+
+        # Locks: alice's (from the terminate), then one added here on bob, then removed.
+        admin.goto(URL + "/locks")
+        expect(admin.locator("table.locks")).to_contain_text("user alice@corp.example")
+        form = admin.locator("#add-lock")
+        form.locator("select[name=kind]").select_option("user")
+        form.locator("input[name=value]").fill("bob@corp.example")
+        form.locator("input[name=ttl]").fill("2h")
+        form.locator("input[name=reason]").fill("console e2e: lock bob")
+        form.locator("button[type=submit]").click()
+        expect(admin.locator("#notice")).to_contain_text("it ended 1 live sessions")
+        bob_lock = admin.locator("table.locks tr", has_text="user bob@corp.example")
+        expect(bob_lock).to_have_attribute("data-state", "active")
+        expect(bob_lock).to_contain_text("admin@corp.example (console")
+        # The read-only administrator sees the locks, and no way to change them.
+        reader.goto(URL + "/locks")
+        expect(reader.locator("table.locks")).to_contain_text("user bob@corp.example")
+        expect(reader.locator("#add-lock")).to_have_count(0)
+        expect(reader.locator("button.remove")).to_have_count(0)
+        r = forged_post(
+            reader, "/locks", {"csrf": token, "kind": "user", "value": "admin@corp.example"}
+        )
+        assert r.status == 403 and "read-only administrator" in r.text(), (r.status, r.text())
+        bob_lock.locator("button.remove").click()
+        expect(admin.locator("#notice")).to_contain_text("Removed")
 
         browser.close()
     say("DONE")

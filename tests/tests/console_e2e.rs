@@ -204,19 +204,37 @@ read_groups = ["flowwarden-console-readers"]
         exited.is_some(),
         "alice's ssh is still running after the console terminated her session"
     );
-    browser.expect("DONE", &console_log);
+    browser.expect("REFUSED", &console_log);
 
-    // What the agent recorded: the administrator by name, and every refusal.
+    // The forgeries changed nothing: bob is still in.
+    let bob_now = stack.ctl_json(&["sessions", "show", &bob_id]);
+    assert!(
+        bob_now["state"] == "active" || bob_now["state"] == "dormant",
+        "the forged POSTs must not have ended bob's session: {bob_now}"
+    );
+    // What the agent recorded: the administrator by name.
     let ended = stack.ctl_json(&["sessions", "show", &alice_id]);
     assert_eq!(ended["state"], "terminated", "{ended}");
     assert_eq!(
         ended["ended"]["by"], "admin@corp.example (console, uid 0)",
         "{ended}"
     );
+    // "and lock this user": a fresh token from the provider does not get alice back in.
+    let fresh = stack.token(&TokenSpec::user("alice@corp.example", &["ops"]));
+    let (ok, out) = stack.login(&fresh, &stack.scratch.dir.join("alice-again"));
+    assert!(!ok && out.contains("locked"), "alice got back in: {out}");
+
+    browser.tell("GO locks");
+    browser.expect("DONE", &console_log);
+    // The lock added in the browser ended bob's session, in the administrator's name.
     let bob_now = stack.ctl_json(&["sessions", "show", &bob_id]);
-    assert!(
-        bob_now["state"] == "active" || bob_now["state"] == "dormant",
-        "the forged POSTs must not have ended bob's session: {bob_now}"
+    assert_eq!(bob_now["state"], "terminated", "{bob_now}");
+    let (ok, out) = stack.ctl(&["audit", "--kind", "lock_added", "--json"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.matches("admin@corp.example (console, uid 0)").count(),
+        2,
+        "alice's and bob's locks, both in the administrator's name: {out}"
     );
     let (ok, out) = stack.ctl(&["audit", "--kind", "console_refused", "--json"]);
     assert!(ok, "{out}");
@@ -231,6 +249,6 @@ read_groups = ["flowwarden-console-readers"]
             .count()
     };
     assert_eq!(by("admin@corp.example", "CSRF"), 2, "{refused:?}");
-    assert_eq!(by("reader@corp.example", "read-only"), 1, "{refused:?}");
+    assert_eq!(by("reader@corp.example", "read-only"), 2, "{refused:?}");
     drop(console);
 }

@@ -15,6 +15,7 @@ pub fn page(title: &str, admin: &Admin, current: &str, body: Markup) -> Html<Str
         ("/", "Sessions"),
         ("/audit", "Audit"),
         ("/policy", "Policy"),
+        ("/locks", "Locks"),
     ];
     let markup = html! {
         (DOCTYPE)

@@ -9,6 +9,7 @@ mod audit;
 pub mod config;
 mod html;
 mod live;
+mod locks;
 mod oidc;
 mod policy;
 mod routes;

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::{
     Shared, access,
     access::{Admin, SignedInAdmin},
-    audit, html as page, live, policy, sessions,
+    audit, html as page, live, locks, policy, sessions,
 };
 use crate::api::request::ConsoleRefusal;
 
@@ -37,6 +37,8 @@ pub fn router(state: Shared) -> Router {
         .route("/audit", get(audit::page))
         .route("/audit/export", get(audit::export))
         .route("/policy", get(policy::page))
+        .route("/locks", get(locks::page).post(locks::add))
+        .route("/locks/{id}/remove", post(locks::remove))
         .route("/live/sessions", get(live::sessions))
         .route("/live/sessions/{id}", get(live::session))
         .route("/live/audit", get(live::audit))

@@ -21,6 +21,10 @@ use crate::{
         views::SessionView,
     },
     audit::{AuditQuery, event::AuditEvent},
+    locks::{
+        LockTarget, NewLock,
+        wire::{LockFilter, LockView},
+    },
     sessions::model::{SessionId, SessionState, now_ms},
 };
 
@@ -316,6 +320,8 @@ fn parse_id(id: &str) -> Result<SessionId, ConsoleError> {
 #[derive(Deserialize, Default)]
 pub struct DetailQuery {
     pub terminated: Option<usize>,
+    /// Locks added with the termination, comma-separated.
+    pub locked: Option<String>,
 }
 
 pub async fn detail_page(
@@ -337,17 +343,25 @@ pub async fn detail_page(
                 limit: Some(200),
                 ..AuditQuery::default()
             })?;
-            Ok((s, trail))
+            let touching: Vec<LockView> = c
+                .lock_list(&LockFilter::default())?
+                .into_iter()
+                .filter(|l| super::locks::touches(l, &s))
+                .collect();
+            Ok((s, trail, touching))
         })
         .await;
-    let (s, trail) = match got {
+    let (s, trail, touching) = match got {
         Ok(x) => x,
         Err(e) => return failure(&e),
     };
     let claims = s.claims.clone().unwrap_or_default();
     let body = html! {
         @if let Some(n) = q.terminated {
-            p.notice #notice { "Terminated " (n) " session" @if n != 1 { "s" } " on your behalf." }
+            p.notice #notice {
+                "Terminated " (n) " session" @if n != 1 { "s" } " on your behalf."
+                @if let Some(locked) = &q.locked { " Locked: " (locked) "." }
+            }
         }
         h1 { "Session " code { (s.id) } }
         p.lead {
@@ -373,6 +387,10 @@ pub async fn detail_page(
         h3 { "Every claim of the token" }
         table.claims {
             tbody { @for (k, v) in &claims { tr { th { (k) } td { code { (v.to_string()) } } } } }
+        }
+        h2 { "Locks that touch it" }
+        @if touching.is_empty() { p #locks-touching { "No lock matches this session." } } @else {
+            div #locks-touching { (super::locks::table(&touching, None)) }
         }
         h2 { "Audit trail" }
         table.audit {
@@ -408,6 +426,10 @@ pub async fn confirm_page(
             form.confirm method="post" action=(format!("/sessions/{}/terminate", s.id)) {
                 input type="hidden" name="csrf" value=(admin.csrf);
                 label { "Reason " input #reason name="reason" required placeholder="why (recorded in the audit log)"; }
+                label { input #lock-user type="checkbox" name="lock_user" value="yes"; " and lock this user (" (s.user) ")" }
+                @if let Some(device) = &s.device.id {
+                    label { input #lock-device type="checkbox" name="lock_device" value="yes"; " and lock this device (" (device) ")" }
+                }
                 button #confirm-terminate type="submit" { "Terminate now" }
                 " " a href=(format!("/sessions/{}", s.id)) { "Cancel" }
             }
@@ -420,6 +442,9 @@ pub async fn confirm_page(
 pub struct TerminateForm {
     pub csrf: Option<String>,
     pub reason: Option<String>,
+    /// Also lock the session's user / device (until removed), with the same reason.
+    pub lock_user: Option<String>,
+    pub lock_device: Option<String>,
 }
 
 pub async fn terminate(
@@ -443,14 +468,47 @@ pub async fn terminate(
         .unwrap_or_else(|| "terminated from the console".into());
     let t = Terminate {
         ids: vec![id],
-        reason: Some(reason),
+        reason: Some(reason.clone()),
         on_behalf_of: Some(admin.user.clone()),
         ..Terminate::default()
     };
-    match state.agent.call(move |c| c.sessions_terminate(&t)).await {
-        Ok(done) => {
-            tracing::info!(user = %admin.user, session = %id, count = done.count, "console: terminated");
-            Redirect::to(&format!("/sessions/{id}?terminated={}", done.count)).into_response()
+    let (lock_user, lock_device) = (f.lock_user.is_some(), f.lock_device.is_some());
+    let who = admin.user.clone();
+    let done = state
+        .agent
+        .call(move |c| {
+            let s = c.sessions_get(id)?;
+            let ended = c.sessions_terminate(&t)?;
+            let mut targets = Vec::new();
+            if lock_user {
+                targets.push(LockTarget::User(s.user.clone()));
+            }
+            if let (true, Some(device)) = (lock_device, s.device.id.clone()) {
+                targets.push(LockTarget::Device(device));
+            }
+            let mut locked = Vec::new();
+            for target in targets {
+                let added = c.lock_add(&NewLock {
+                    target,
+                    ttl_secs: None,
+                    reason: Some(reason.clone()),
+                    show_reason: false,
+                    on_behalf_of: Some(who.clone()),
+                })?;
+                locked.push(added.lock.id.to_string());
+            }
+            Ok((ended.count, locked))
+        })
+        .await;
+    match done {
+        Ok((count, locked)) => {
+            tracing::info!(user = %admin.user, session = %id, count, ?locked, "console: terminated");
+            let locked = if locked.is_empty() {
+                String::new()
+            } else {
+                format!("&locked={}", locked.join(","))
+            };
+            Redirect::to(&format!("/sessions/{id}?terminated={count}{locked}")).into_response()
         }
         Err(e) => failure(&e),
     }
