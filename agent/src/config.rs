@@ -56,6 +56,9 @@ pub struct Config {
     pub locks: crate::locks::LocksConfig,
     #[serde(default)]
     pub signals: crate::signals::SignalsConfig,
+    /// `[console]`: read by `flowwarden console`, not by the agent.
+    #[serde(default)]
+    pub console: crate::console::ConsoleConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -71,6 +71,8 @@ pub struct OidcProvider {
     pub issuer: String,
     port: u16,
     child: Option<Child>,
+    /// The web console's redirect URI, when the provider also signs console users in.
+    console_redirect: Option<String>,
 }
 
 impl OidcProvider {
@@ -88,6 +90,28 @@ impl OidcProvider {
             issuer: format!("https://127.0.0.1:{port}"),
             port,
             child: None,
+            console_redirect: None,
+        };
+        provider.restart(ca, kid);
+        provider
+    }
+
+    /// Like [`OidcProvider::start`], also serving the web console's sign-in: the public
+    /// client `flowwarden-console` redirecting to `redirect_uri`, and a login form where
+    /// `admin@corp.example` (admins' group) or `reader@corp.example` (readers') sign in.
+    ///
+    /// # Panics
+    /// As [`OidcProvider::start`].
+    pub fn start_for_console(ca: &PrivateCa, kid: &str, redirect_uri: &str) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut provider = Self {
+            issuer: format!("https://127.0.0.1:{port}"),
+            port,
+            child: None,
+            console_redirect: Some(redirect_uri.to_owned()),
         };
         provider.restart(ca, kid);
         provider
@@ -112,6 +136,11 @@ impl OidcProvider {
             .arg(&ca.cert_file)
             .arg(&ca.key_file)
             .arg(kid)
+            .envs(
+                self.console_redirect
+                    .iter()
+                    .map(|r| ("CONSOLE_REDIRECT_URI", r.as_str())),
+            )
             .current_dir(&dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -406,6 +406,7 @@ fn documented_examples_replay_against_a_live_agent() {
         "lock.list",
         "lock.show",
         "lock.remove",
+        "console.refused",
     ];
     let mut pairs = documented_pairs();
     pairs.sort_by_key(|(req, _)| {

@@ -33,8 +33,9 @@ enum Task {
     },
     /// Run setup, then a benchmark; results go to target/bench/<name>.json.
     Bench {
-        /// Which benchmark to run: datapath, admission, policy, revoke, scale, flood or
-        /// throughput (iperf3 over veth at each ingress mode).
+        /// Which benchmark to run: datapath, admission, policy, revoke, scale, flood,
+        /// throughput (iperf3 over veth at each ingress mode) or console (the web console's
+        /// first screen with 100,000 sessions).
         name: String,
         /// Forwarded to the benchmark as `--repeat N`.
         #[arg(long, value_name = "N")]

@@ -27,6 +27,7 @@ const BENCHES: &[&str] = &[
     "flood",
     "throughput",
     "locks",
+    "console",
 ];
 
 pub fn test(filter: Option<&str>) -> Result<()> {

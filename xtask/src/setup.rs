@@ -25,7 +25,12 @@ const PACKAGES: &[&str] = &[
     "procps",
     // docs_commands.rs runs the docs' `curl` of the metrics endpoint.
     "curl",
+    // The console's browser tests drive it headless through Playwright (no browser download).
+    "chromium",
 ];
+
+/// The Playwright release the console's browser tests (tests/console) are written against.
+const PLAYWRIGHT_VERSION: &str = "1.65.2";
 
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -47,6 +52,7 @@ pub fn setup() -> Result<()> {
     packages()?;
     oidc_provider()?;
     nats_server()?;
+    playwright()?;
     bpffs()?;
     println!("setup: done");
     Ok(())
@@ -323,6 +329,34 @@ fn oidc_provider() -> Result<()> {
             .current_dir(&dir),
     )
     .context("npm ci in tests/oidc failed; is the npm registry reachable?")
+}
+
+/// Playwright for Python, from PyPI, for the console's browser tests; it launches the Debian
+/// `chromium` by path, so its own browser download is never run.
+fn playwright() -> Result<()> {
+    let what = format!("Playwright {PLAYWRIGHT_VERSION} for python3 (tests/console)");
+    let installed = Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('playwright'))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if installed.as_deref() == Some(PLAYWRIGHT_VERSION) {
+        step(&what, "present");
+        return Ok(());
+    }
+    step(&what, "installing with pip");
+    cmd::run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        &format!("playwright=={PLAYWRIGHT_VERSION}"),
+    ]))
+    .context("pip install playwright failed; is PyPI reachable, and is python3 with pip installed?")
 }
 
 /// The `version` of `package` in the `packages` map of an npm lock file (v2/v3).

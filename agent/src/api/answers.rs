@@ -223,6 +223,12 @@ pub struct Subscribed {
     pub subscribed: bool,
 }
 
+/// `console.refused`: the refusal is in the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub recorded: bool,
+}
+
 /// The notification methods of the audit stream.
 pub const AUDIT_EVENT: &str = "audit.event";
 pub const AUDIT_LAGGED: &str = "audit.lagged";

@@ -3,14 +3,14 @@
 
 use super::{
     answers::{
-        AUDIT_EVENT, AUDIT_LAGGED, CheckView, ExplainView, Lagged, ModeView, ReloadView,
+        AUDIT_EVENT, AUDIT_LAGGED, CheckView, ExplainView, Lagged, ModeView, Recorded, ReloadView,
         TerminateView, WhoisView,
     },
     client::{ClientError, Notifications, RpcClient},
     methods::{self as m, Method},
     request::{
-        AuditFilter, DatapathMode, Empty, Explain, FlowFilter, PolicyCheck, SessionFilter,
-        SessionRef, Terminate, Whois,
+        AuditFilter, ConsoleRefusal, DatapathMode, Empty, Explain, FlowFilter, PolicyCheck,
+        SessionFilter, SessionRef, Terminate, Whois,
     },
     views::{FlowView, SessionView, StatusView},
 };
@@ -162,7 +162,10 @@ impl RpcClient {
         &mut self,
         id: crate::locks::LockId,
     ) -> Result<crate::locks::wire::LockView, ClientError> {
-        self.request::<m::LockShow>(&crate::locks::wire::LockRef { id })
+        self.request::<m::LockShow>(&crate::locks::wire::LockRef {
+            id,
+            on_behalf_of: None,
+        })
     }
 
     /// `lock.remove`.
@@ -173,7 +176,27 @@ impl RpcClient {
         &mut self,
         id: crate::locks::LockId,
     ) -> Result<crate::locks::wire::LockRemovedView, ClientError> {
-        self.request::<m::LockRemove>(&crate::locks::wire::LockRef { id })
+        self.lock_remove_for(id, None)
+    }
+
+    /// `lock.remove` on behalf of a person (the web console's administrator).
+    ///
+    /// # Errors
+    /// As [`Self::lock_remove`].
+    pub fn lock_remove_for(
+        &mut self,
+        id: crate::locks::LockId,
+        on_behalf_of: Option<String>,
+    ) -> Result<crate::locks::wire::LockRemovedView, ClientError> {
+        self.request::<m::LockRemove>(&crate::locks::wire::LockRef { id, on_behalf_of })
+    }
+
+    /// `console.refused`: records a change the web console refused.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub fn console_refused(&mut self, r: &ConsoleRefusal) -> Result<Recorded, ClientError> {
+        self.request::<m::ConsoleRefused>(r)
     }
 
     /// `audit.subscribe`: every new matching event, until the agent ends the stream.

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use super::{
     answers::{
         AUDIT_EVENT, AUDIT_LAGGED, AffectedView, CheckView, ExplainView, Lagged, ModeView,
-        ReloadView, Subscribed, TerminateView, WhoisView,
+        Recorded, ReloadView, Subscribed, TerminateView, WhoisView,
     },
     jsonrpc::{APP_ERROR, Call, INVALID_PARAMS, NOT_FOUND, RpcError},
     methods::{self, Method, Request},
@@ -146,7 +146,7 @@ impl Core {
                 let reason = t
                     .reason
                     .unwrap_or_else(|| "terminated by an administrator".into());
-                let by = format!("uid {}", caller.peer.uid);
+                let by = actor(t.on_behalf_of.as_deref(), caller.peer.uid);
                 if t.allow_relogin && t.cutoff {
                     return Err(rpc(
                         INVALID_PARAMS,
@@ -197,7 +197,7 @@ impl Core {
             }
             Request::PolicyExplain(e) => answer::<m::PolicyExplain>(self.explain(e)?),
             Request::LockAdd(new) => {
-                let by = format!("uid {}", caller.peer.uid);
+                let by = actor(new.on_behalf_of.as_deref(), caller.peer.uid);
                 let added = self.sessions.add_lock(new, &by).await?;
                 answer::<m::LockAdd>((&added).into())
             }
@@ -221,11 +221,22 @@ impl Core {
                 answer::<m::LockShow>((&lock).into())
             }
             Request::LockRemove(r) => {
-                let by = format!("uid {}", caller.peer.uid);
+                let by = actor(r.on_behalf_of.as_deref(), caller.peer.uid);
                 let lock = self.sessions.remove_lock(r.id, &by).await?;
                 answer::<m::LockRemove>(crate::locks::wire::LockRemovedView {
                     removed: (&lock).into(),
                 })
+            }
+            Request::ConsoleRefused(r) => {
+                let mut ev = AuditEvent::new(AuditKind::ConsoleRefused {
+                    by: r.by.clone(),
+                    action: r.action,
+                    reason: r.reason,
+                });
+                ev.user = Some(r.by);
+                ev.detail = format!("refused by the console (uid {})", caller.peer.uid);
+                self.sessions.record(vec![ev]).await?;
+                answer::<m::ConsoleRefused>(Recorded { recorded: true })
             }
             Request::DatapathMode(params) => {
                 if let Some(mode) = params.mode {
@@ -545,6 +556,15 @@ fn write_list(
     out.write_all(b"[")?;
     if !sessions.is_empty() {
         sessions.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+        // A window (the console's page): only its sessions get counters looked up.
+        let offset = f.offset.unwrap_or(0).min(sessions.len());
+        let end = f.limit.map_or(sessions.len(), |l| {
+            offset.saturating_add(l).min(sessions.len())
+        });
+        sessions.truncate(end);
+        sessions.drain(..offset);
+    }
+    if !sessions.is_empty() {
         let census = enforcer.recent_census();
         let stats = (sessions.len() > STATS_ONE_BY_ONE).then(|| enforcer.all_session_stats());
         for (i, s) in sessions.iter().enumerate() {
@@ -560,6 +580,15 @@ fn write_list(
         }
     }
     out.write_all(b"]")
+}
+
+/// Who a change is recorded as made by: the caller's uid, and the person a relaying client
+/// (the web console) names.
+fn actor(on_behalf_of: Option<&str>, uid: u32) -> String {
+    match on_behalf_of.map(str::trim) {
+        Some(who) if !who.is_empty() => format!("{who} (console, uid {uid})"),
+        _ => format!("uid {uid}"),
+    }
 }
 
 fn drops_view(stats: Option<SessionStats>) -> DropsView {

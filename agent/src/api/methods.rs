@@ -5,7 +5,10 @@
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 
 use super::{
-    answers::{CheckView, ExplainView, ModeView, ReloadView, Subscribed, TerminateView, WhoisView},
+    answers::{
+        CheckView, ExplainView, ModeView, Recorded, ReloadView, Subscribed, TerminateView,
+        WhoisView,
+    },
     jsonrpc::{Call, INVALID_PARAMS, METHOD_NOT_FOUND, RpcError},
     peer::Access,
     request as p,
@@ -127,6 +130,9 @@ method!(
 method!(
     /// Why an identity reaches a resource or not; what a candidate policy would cut.
     PolicyExplain, "policy.explain", Read, p::Explain => ExplainView);
+method!(
+    /// Record a change the web console refused (an audit event, `console_refused`).
+    ConsoleRefused, "console.refused", Admin, p::ConsoleRefusal => Recorded);
 
 method!(
     /// Add a lock: refuse what it matches from now on, and end every live session it matches.
@@ -221,6 +227,7 @@ requests!(
     LockShow,
     LockRemove,
     SignalsStatus,
+    ConsoleRefused,
 );
 
 /// The method named so, if there is one.

@@ -31,6 +31,12 @@ pub struct SessionFilter {
     /// Only active and dormant sessions.
     #[serde(default)]
     pub live: bool,
+    /// A window of the sorted list (newest first): skip this many sessions…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+    /// …and return at most this many (the console's pages; absent: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +63,21 @@ pub struct Terminate {
     /// Also refuse every older token of the sessions' subjects (`user` always does).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cutoff: bool,
+    /// The person a relaying client (the console) acts for, recorded beside the caller's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
+}
+
+/// `console.refused`: a change the console refused, for the agent's audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleRefusal {
+    /// Who was signed in to the console (their email or subject), or `anonymous`.
+    pub by: String,
+    /// What they tried: `POST /sessions/…/terminate`.
+    pub action: String,
+    /// Why it was refused: `read-only administrator`, `missing CSRF token`, …
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

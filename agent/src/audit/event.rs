@@ -94,6 +94,12 @@ pub enum AuditKind {
     SignalRefused {
         err: String,
     },
+    /// The web console refused a change: `by` who was signed in, `action` what they tried.
+    ConsoleRefused {
+        by: String,
+        action: String,
+        reason: String,
+    },
 }
 
 impl AuditKind {
@@ -125,6 +131,7 @@ impl AuditKind {
             Self::LockExpired { .. } => "lock_expired",
             Self::SignalReceived { .. } => "signal_received",
             Self::SignalRefused { .. } => "signal_refused",
+            Self::ConsoleRefused { .. } => "console_refused",
         }
     }
 }

@@ -479,6 +479,7 @@ async fn lock(
                 ttl_secs: ttl,
                 reason,
                 show_reason,
+                on_behalf_of: None,
             };
             let action = Action::Call {
                 method: "lock.add".into(),

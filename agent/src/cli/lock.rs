@@ -147,6 +147,7 @@ pub fn run(socket: &SocketArg, command: LockCommand) -> anyhow::Result<()> {
                 ttl_secs: ttl,
                 reason,
                 show_reason,
+                on_behalf_of: None,
             };
             let added = socket.connect()?.lock_add(&new).map_err(fail)?;
             if json {

@@ -3,6 +3,7 @@
 
 mod audit;
 mod config;
+mod console;
 mod datapath;
 mod dev;
 mod dev_ssf;
@@ -83,6 +84,8 @@ enum Command {
     },
     /// Present a token to an agent and open a session for this host.
     Login(login::LoginArgs),
+    /// Serve the web console: live sessions, terminate, audit and policy in a browser.
+    Console(console::ConsoleArgs),
     /// Development tools: a stand-in identity provider for demos and tests.
     Dev {
         #[command(subcommand)]
@@ -123,6 +126,7 @@ impl Command {
             Self::Lock { command } => command.json(),
             Self::Signals { command } => command.json(),
             Self::Agent { .. }
+            | Self::Console(_)
             | Self::Config { .. }
             | Self::Dev { .. }
             | Self::Completions { .. }
@@ -207,6 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Datapath { command } => datapath::run(socket, command),
         Command::Config { command } => config::run(command),
         Command::Login(args) => login::run(args),
+        Command::Console(args) => console::run(&args),
         Command::Dev { command } => dev::run(command),
         Command::Fleet(args) => fleet::run(args),
         Command::Lock { command } => lock::run(socket, command),

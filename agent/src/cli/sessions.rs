@@ -108,6 +108,7 @@ pub fn run(socket: &SocketArg, command: SessionsCommand) -> anyhow::Result<()> {
                 resource,
                 source,
                 live,
+                ..SessionFilter::default()
             };
             let list = socket.connect()?.sessions_list(&filter).map_err(fail)?;
             if json {
@@ -141,6 +142,7 @@ pub fn run(socket: &SocketArg, command: SessionsCommand) -> anyhow::Result<()> {
                     reason,
                     allow_relogin,
                     cutoff,
+                    ..Terminate::default()
                 })
                 .map_err(fail)?;
             if json {

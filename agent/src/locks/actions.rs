@@ -34,6 +34,9 @@ pub struct NewLock {
     /// Whether the refused client is shown `reason` (it is the administrator's text).
     #[serde(default)]
     pub show_reason: bool,
+    /// The person a relaying client (the web console) acts for, recorded beside the uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
 }
 
 /// What adding a lock did.

@@ -23,6 +23,9 @@ pub struct LockFilter {
 #[serde(deny_unknown_fields)]
 pub struct LockRef {
     pub id: LockId,
+    /// `lock.remove` from a relaying client (the web console): the person it acts for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
 }
 
 /// One lock as listed.

@@ -627,6 +627,7 @@ impl Receiver {
                                 ttl_secs: None,
                                 reason: Some(reason.clone()),
                                 show_reason: false,
+                                on_behalf_of: None,
                             },
                             &by,
                         )

@@ -230,6 +230,7 @@ fn main() -> anyhow::Result<()> {
                 ttl_secs: None,
                 reason: Some("bench".into()),
                 show_reason: false,
+                on_behalf_of: None,
             },
             "uid 0",
         ))?;

@@ -487,6 +487,9 @@ impl Demo<'_> {
         tell("\nEvery decision is in the audit log:");
         self.fw_show(&["audit"])?;
         self.check()?;
+        tell("\nThe same story can be watched in a browser: `flowwarden console` serves it at");
+        tell("http://127.0.0.1:9470, live (administrators sign in through the identity provider");
+        tell("of [console.oidc]; see docs/console.md). The demo goes on without it.");
 
         say("5. The operator terminates alice's session: the connection dies at once");
         let terminate = [

@@ -113,6 +113,11 @@ fn access_is_exact_per_method_and_per_call() {
         ("lock.show", json!({"id": "lk-1"}), Access::Read),
         ("lock.remove", json!({"id": "lk-1"}), Access::Admin),
         ("signals.status", json!({}), Access::Read),
+        (
+            "console.refused",
+            json!({"by": "r", "action": "a", "reason": "x"}),
+            Access::Admin,
+        ),
     ];
     for (method, params, access) in want.clone() {
         let r = Request::parse(&call(method, params.clone())).unwrap();
@@ -247,6 +252,7 @@ fn check_answer(method: &str, result: &Value) {
         "lock.show" => same_shape::<super::LockShow>(result),
         "lock.remove" => same_shape::<super::LockRemove>(result),
         "signals.status" => same_shape::<SignalsStatus>(result),
+        "console.refused" => same_shape::<ConsoleRefused>(result),
         other => panic!("no answer check for {other}"),
     }
 }

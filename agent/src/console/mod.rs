@@ -1,0 +1,66 @@
+//! The web console (`flowwarden console`): live sessions, a session's detail, terminate,
+//! audit and policy pages in a browser. It is one more client of the status socket, like the
+//! CLI: it adds no path to the kernel or the store. Administrators sign in through OpenID
+//! Connect; their groups make them read-only or admin.
+
+mod access;
+mod agent;
+mod audit;
+pub mod config;
+mod html;
+mod live;
+mod locks;
+mod oidc;
+mod policy;
+mod routes;
+mod serve;
+mod sessions;
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+pub use access::{Access, Admin, Role};
+pub use agent::AgentLink;
+pub use config::{ConsoleConfig, ConsoleOidc};
+pub use routes::router;
+pub use serve::{Console, run, serve_plain};
+
+use crate::api::client::ClientError;
+
+/// What can go wrong in the console.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("console config: {0}")]
+    Config(#[from] config::ConsoleConfigError),
+    #[error("identity provider: {0}")]
+    Idp(String),
+    #[error("the agent: {0}")]
+    Agent(#[source] ClientError),
+    #[error("console TLS: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Everything the handlers share.
+pub struct State {
+    pub agent: AgentLink,
+    pub access: Access,
+    oidc: Option<oidc::Oidc>,
+    audit: broadcast::Sender<agent::Heard>,
+}
+
+pub type Shared = Arc<State>;
+
+impl State {
+    fn heard(&self) -> broadcast::Receiver<agent::Heard> {
+        self.audit.subscribe()
+    }
+}
