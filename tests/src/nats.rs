@@ -231,7 +231,7 @@ impl FleetLink {
     pub fn new(ns: &Netns) -> anyhow::Result<Self> {
         let n = LINKS.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        let host_if = format!("fwf{:x}{n:x}", pid & 0xffff_ff);
+        let host_if = format!("fwf{:x}{n:x}", pid & 0x00ff_ffff);
         let ns_if = "fleet0";
         // 172.31.X.Y/30 per link: X and Y from the pid and the counter.
         let k = (pid.wrapping_mul(64).wrapping_add(n)) % (64 * 256);
