@@ -111,8 +111,11 @@ pub fn install(a: &InstallArgs) -> Result<()> {
     }
     let doc = prefix.join("share/doc/flowwarden");
     copy(&root.join("README.md"), &doc.join("README.md"), 0o644)?;
+    // The guides only: `docs/img` holds the README's screenshots, not documentation.
     for entry in fs::read_dir(root.join("docs"))?.flatten() {
-        copy(&entry.path(), &doc.join(entry.file_name()), 0o644)?;
+        if entry.file_type()?.is_file() {
+            copy(&entry.path(), &doc.join(entry.file_name()), 0o644)?;
+        }
     }
     copy(
         &root.join("policies/example.toml"),
