@@ -207,6 +207,7 @@ async fn serve(
             .context("starting the Shared Signals receiver")?,
         );
         receiver.report_status();
+        receiver.spawn_key_refresh();
         Some(receiver)
     };
     let _pollers = signals

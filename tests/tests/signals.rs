@@ -346,6 +346,23 @@ fn device_non_compliance_severs_only_what_needs_a_compliant_device() {
         1,
         "nothing reopens: {shown}"
     );
+
+    // A "compliant" signal never vouches for a device its token does not: a new login
+    // whose token says the laptop is not compliant still gets echo alone.
+    let third = s.login(
+        "alice@corp.example",
+        &["--device-id", "laptop-1", "--compliant", "false"],
+        "alice3",
+    );
+    let shown = s.stack.ctl_json(&["sessions", "show", &third]);
+    assert_eq!(shown["device"]["compliant"], false, "{shown}");
+    let grants: Vec<&str> = shown["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["resource"].as_str().unwrap())
+        .collect();
+    assert_eq!(grants, ["echo"], "{shown}");
 }
 
 #[test]
@@ -716,4 +733,34 @@ fn endings_stick_denied_tokens_cut_offs_and_locks() {
     assert!(ok, "{out}");
     let (ok, out) = s.stack.login(fresh.trim(), &s.stack.scratch.dir.join("d3"));
     assert!(ok, "after the lock is removed: {out}");
+}
+
+/// `config check` refuses a transmitter the agent would refuse at start, naming the field, so
+/// the mistake surfaces before a restart and not after it.
+#[test]
+fn config_check_refuses_a_transmitter_the_agent_would_refuse() {
+    let scratch = flowwarden_tests::agent_proc::Scratch::new("sigcheck");
+    let config = scratch.dir.join("agent.toml");
+    let base = format!(
+        "[policy]\ndir = \"{}\"\n\n[[signals.transmitter]]\nissuer = \"https://ssf.corp.example\"\n\
+         audience = \"flowwarden\"\njwks_file = \"keys.json\"\npush_authorization_file = \"auth\"\n",
+        scratch.dir.join("policies").display()
+    );
+    std::fs::write(&config, &base).unwrap();
+    let (ok, out) = cli(&["config", "check", "--config", config.to_str().unwrap()]);
+    assert!(ok, "a valid transmitter: {out}");
+
+    for (extra, field) in [
+        ("algorithms = [\"HS256\"]\n", "algorithms"),
+        ("manage_stream = true\n", "manage_stream"),
+        ("iat_window_secs = 0\n", "iat_window_secs"),
+    ] {
+        std::fs::write(&config, format!("{base}{extra}")).unwrap();
+        let (ok, out) = cli(&["config", "check", "--config", config.to_str().unwrap()]);
+        assert!(!ok, "{extra}: accepted: {out}");
+        assert!(
+            out.contains("[signals]") && out.contains(field),
+            "{extra}: {out}"
+        );
+    }
 }

@@ -19,6 +19,15 @@ pub fn run(command: ConfigCommand) -> anyhow::Result<()> {
     let ConfigCommand::Check { config } = command;
     let c = Config::load(&config)?;
     c.auth.validate()?;
+    // What the agent checks at start, checked here too: a mistake surfaces before a restart.
+    c.signals
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: [signals]: {e}", config.display()))?;
+    if let Some(fleet) = &c.fleet {
+        fleet
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: [fleet]: {e}", config.display()))?;
+    }
     let policy = crate::policy::load_policy(&c.policy.dir)?;
     outln!(
         "{}: ok ({} issuers; {} resources and {} rules from {})",

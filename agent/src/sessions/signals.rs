@@ -174,8 +174,11 @@ impl Sessions {
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(device)
                 .copied();
-            if let Some(compliant) = known {
-                identity.device.compliant = Some(compliant);
+            // A signal only narrows: "not compliant" overrides the token, "compliant" merely
+            // cancels an earlier "not compliant" and never vouches for a device the token did
+            // not (any configured transmitter can name any device id).
+            if known == Some(false) {
+                identity.device.compliant = Some(false);
             }
         }
         identity

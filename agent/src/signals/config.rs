@@ -286,10 +286,14 @@ impl TransmitterConfig {
                 format!("at least {}", MIN_REFRESH_SECS),
             ));
         }
-        if self.manage_stream && (!self.discovery || self.bearer_token_file.is_none()) {
+        if self.manage_stream {
+            // Refused rather than accepted and ignored: an operator who asks for it would
+            // otherwise believe the stream is managed while nothing is requested.
             return Err(invalid(
                 format!("{at}.manage_stream"),
-                "needs discovery = true (for the configuration_endpoint) and bearer_token_file",
+                "stream management is not supported yet: create the stream at the transmitter \
+                 and configure it here statically (poll_endpoint, push_authorization_file); \
+                 see docs/signals.md",
             ));
         }
         match self.delivery {
@@ -301,18 +305,12 @@ impl TransmitterConfig {
                          sends, in a file",
                     ));
                 }
-                if self.manage_stream && self.push_endpoint.is_none() {
-                    return Err(invalid(
-                        format!("{at}.push_endpoint"),
-                        "a managed push stream needs the URL the transmitter pushes to",
-                    ));
-                }
             }
             Delivery::Poll => {
-                if self.poll_endpoint.is_none() && !self.manage_stream {
+                if self.poll_endpoint.is_none() {
                     return Err(invalid(
                         format!("{at}.poll_endpoint"),
-                        "poll delivery needs the transmitter's poll endpoint (or manage_stream)",
+                        "poll delivery needs the transmitter's poll endpoint",
                     ));
                 }
                 if self.max_events == 0 || self.poll_interval_secs == 0 {

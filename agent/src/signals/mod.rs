@@ -89,4 +89,8 @@ pub enum SignalError {
     Transmitter { what: String, detail: String },
     #[error("the signals receiver stopped part way: its worker thread did not finish")]
     Interrupted,
+    /// The same SET is being applied by another delivery: acknowledging this one before
+    /// that one is durable could acknowledge a SET that is then never applied.
+    #[error("the same SET ({jti}) is being applied by another delivery; deliver it again")]
+    InFlight { jti: String },
 }

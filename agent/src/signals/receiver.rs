@@ -188,6 +188,32 @@ impl Receiver {
         })
     }
 
+    /// Keeps each transmitter's keys fresh every `refresh_secs`, as the token issuers' keys
+    /// are: a key the transmitter withdraws stops verifying without a restart. Ends when the
+    /// receiver is dropped.
+    pub fn spawn_key_refresh(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(this) = weak.upgrade() else { return };
+                if !this.transmitters.iter().any(|t| t.keys.refreshable()) {
+                    return;
+                }
+                // A refresh fetches over HTTPS (blocking): off the runtime's threads.
+                let _ = tokio::task::spawn_blocking(move || {
+                    let now = std::time::Instant::now();
+                    for t in &this.transmitters {
+                        t.keys.refresh_if_due(now);
+                    }
+                })
+                .await;
+            }
+        });
+    }
+
     pub fn transmitters(&self) -> &[Transmitter] {
         &self.transmitters
     }
@@ -218,13 +244,16 @@ impl Receiver {
         let key = (set.iss.clone(), set.jti.clone());
         let replay = {
             let mut seen = lock(&self.seen);
-            let replay = seen.contains_key(&key);
-            if !replay {
+            let prior = seen.get(&key).copied();
+            if prior.is_none() {
                 seen.insert(key.clone(), u64::MAX);
             }
-            replay
+            prior
         };
-        if replay {
+        if replay == Some(u64::MAX) {
+            return Err(NotAccepted::Failed(SignalError::InFlight { jti: set.jti }));
+        }
+        if replay.is_some() {
             lock(&t.stats).count(&event, "duplicate", now_ms());
             let audit = self.audit_event(
                 &set,
@@ -265,13 +294,7 @@ impl Receiver {
 
     fn validate(&self, index: usize, token: &str) -> Result<Set, Refused> {
         let t = &self.transmitters[index];
-        if lock(&t.stats).stream_status == "disabled" {
-            return Err(Refused {
-                err: ErrCode::InvalidState,
-                description: "the stream is disabled".into(),
-            });
-        }
-        set::validate(
+        let set = set::validate(
             token,
             &Expect {
                 issuer: &t.cfg.issuer,
@@ -281,7 +304,18 @@ impl Receiver {
                 iat_window_secs: t.cfg.iat_window_secs,
             },
             now_ms() / 1000,
-        )
+        )?;
+        // A disabled stream refuses everything but the transmitter's own word that it is
+        // enabled again (a stream-updated event, signed like any other).
+        if lock(&t.stats).stream_status == "disabled"
+            && !set.event_type.ends_with("/stream-updated")
+        {
+            return Err(Refused {
+                err: ErrCode::InvalidState,
+                description: "the stream is disabled".into(),
+            });
+        }
+        Ok(set)
     }
 
     /// Counts and audits a refused SET (or push request). Nothing else changes.
