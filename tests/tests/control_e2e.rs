@@ -396,6 +396,7 @@ fn documented_examples_replay_against_a_live_agent() {
         "policy.check",
         "policy.explain",
         "datapath.mode",
+        "signals.status",
         "sessions.nuke",
         "sessions.terminate",
         "sessions.get",

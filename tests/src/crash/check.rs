@@ -300,16 +300,36 @@ pub fn kernel(target: &Target, ledger: &Ledger) -> Findings {
     // The maps are read between two reads of the agent, so that a session the sweep ends
     // meanwhile shows as changed (and is left for a later check) instead of as a mismatch.
     let before = agent_view(&mut rpc);
+    let known: Vec<u64> = before
+        .as_ref()
+        .map(|b| {
+            b.iter()
+                .filter(|(_, s)| !s.live())
+                .map(|(id, _)| *id)
+                .collect()
+        })
+        .unwrap_or_default();
     let kernel = Maps::open_pinned(&target.pin_dir).map(|maps| {
         let grants: HashMap<(IpAddr, u32), u64> = maps
             .grants()
             .into_iter()
             .map(|(k, s)| ((addr_from_bytes(k.src), k.resource_id), s))
             .collect();
+        // A revocation lives in the ended session's slot, and the slot is released once the
+        // session's last flow is gone (nothing left to drop; its grants are withdrawn first).
+        // A released slot is not an open door; a held one must carry the revocation.
         let revoked: HashSet<u64> = maps
             .revoked_sessions()
             .into_iter()
             .map(|(id, _)| id)
+            .chain(
+                ledger
+                    .terminated
+                    .iter()
+                    .copied()
+                    .chain(known.iter().copied())
+                    .filter(|id| maps.slot_of(*id).is_none()),
+            )
             .collect();
         (grants, revoked)
     });
