@@ -59,6 +59,8 @@ def main():
         )
         admin = sign_in(admin_ctx, "admin@corp.example")
         expect(admin.locator("#role")).to_have_text("admin")
+        # No [fleet] in this console's config: no Hosts page in the navigation.
+        expect(admin.locator("header nav a", has_text="Hosts")).to_have_count(0)
 
         # The console's own cookie: HttpOnly, SameSite=Strict.
         cookies = [c for c in admin_ctx.cookies() if c["name"].endswith("fw_console")]

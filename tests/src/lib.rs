@@ -4,6 +4,7 @@ pub mod admit;
 pub mod agent_proc;
 pub mod attachments;
 pub mod bench;
+pub mod console;
 pub mod crash;
 pub mod flood;
 pub mod frames;

@@ -6,16 +6,13 @@
 //! screenshots in docs/img.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc,
     time::Duration,
 };
 
 use flowwarden_tests::{
-    agent_proc::agent_bin,
+    console::{Browser, start_console},
     oidc::{OidcProvider, PrivateCa},
     privileged::require_root,
     ssh::{SshSession, Sshd},
@@ -38,16 +35,6 @@ resources = ["ssh"]
 /// Prints a line every 10 ms for as long as its output goes somewhere.
 const TICKER: &str = "while date +%s%N; do sleep 0.01; done";
 
-/// A process killed when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -65,68 +52,6 @@ fn session_id(login_output: &str) -> String {
         .unwrap()
         .unwrap();
     v["session"].as_str().expect("a session id").to_owned()
-}
-
-/// The browser script, talking in lines.
-struct Browser {
-    _child: Killed,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Browser {
-    fn start(url: &str, shots: &Path) -> Self {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("console/console_e2e.py");
-        let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-        assert!(
-            Path::new(&chromium).exists(),
-            "no Chromium at {chromium}: run `cargo xtask setup` (Debian package chromium)"
-        );
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .env("CONSOLE_URL", url)
-            .env("CHROMIUM", &chromium)
-            .env("SHOTS", shots)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting python3 (run `cargo xtask setup` for Playwright)");
-        let stdin = child.stdin.take().unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Self {
-            _child: Killed(child),
-            stdin,
-            lines,
-        }
-    }
-
-    /// Waits for `want` from the script; its `FAIL` line is the test's failure.
-    fn expect(&self, want: &str, console_log: &Path) {
-        let line = self
-            .lines
-            .recv_timeout(Duration::from_secs(180))
-            .unwrap_or_else(|e| {
-                panic!("the browser script said nothing while we waited for {want}: {e}")
-            });
-        assert_eq!(
-            line,
-            want,
-            "the browser script failed; console log:\n{}",
-            std::fs::read_to_string(console_log).unwrap_or_default()
-        );
-    }
-
-    fn tell(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-    }
 }
 
 #[test]
@@ -163,22 +88,14 @@ read_groups = ["flowwarden-console-readers"]
     ));
     std::fs::write(&stack.config, config).unwrap();
     let console_log = stack.scratch.dir.join("console.log");
-    let console = Killed(
-        Command::new(agent_bin())
-            .args(["console", "--config"])
-            .arg(&stack.config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&console_log).unwrap())
-            .spawn()
-            .expect("starting flowwarden console"),
-    );
+    let console = start_console(&stack.config, &console_log);
     stack.wait_until(Duration::from_secs(30), "the console listens", || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
 
     let shots: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img");
     std::fs::create_dir_all(&shots).unwrap();
-    let mut browser = Browser::start(&url, &shots);
+    let mut browser = Browser::start("console_e2e.py", &url, &shots, &[]);
     browser.expect("READY", &console_log);
 
     // alice logs in while the admin watches the sessions page, and opens a live ssh.

@@ -28,6 +28,12 @@ pub fn run(args: &ConsoleArgs) -> anyhow::Result<()> {
         .config
         .parent()
         .map_or_else(|| PathBuf::from("."), PathBuf::from);
-    console::run(&cfg, &base, config.api.socket.clone(), &config.state.dir)?;
+    console::run(
+        &cfg,
+        config.fleet.as_ref(),
+        &base,
+        config.api.socket.clone(),
+        &config.state.dir,
+    )?;
     Ok(())
 }

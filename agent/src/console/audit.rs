@@ -128,7 +128,7 @@ pub async fn page(
             tbody #audit-rows data-live=(format!("/live/audit?{qs}")) { (audit_rows(&events)) }
         }
     };
-    frame("Audit", &admin, "Audit", body).into_response()
+    frame(&state, "Audit", &admin, "Audit", body).into_response()
 }
 
 /// Every matching event of the range, oldest first, one JSON object per line.

@@ -8,6 +8,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::fleet::FleetConfig;
+
 /// Where the console listens unless told otherwise: loopback only, plain HTTP.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
 /// How long a console sign-in lasts before the administrator signs in again.
@@ -30,6 +32,21 @@ pub struct ConsoleConfig {
     pub session_secs: u64,
     /// The identity provider administrators sign in with. Required to start the console.
     pub oidc: Option<ConsoleOidc>,
+    /// NATS credentials for the Hosts page, in place of the agent's own in `[fleet]` (which
+    /// may not read other hosts' views). Servers, prefix and CA still come from `[fleet]`.
+    pub fleet: Option<ConsoleFleet>,
+}
+
+/// `[console.fleet]`: the console's own NATS credentials (one kind, like `[fleet]`'s).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleFleet {
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub nkey_file: Option<PathBuf>,
+    pub creds_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[console.oidc]`: authorization code flow with PKCE against one issuer.
@@ -69,6 +86,7 @@ impl Default for ConsoleConfig {
             key_file: None,
             session_secs: DEFAULT_SESSION_SECS,
             oidc: None,
+            fleet: None,
         }
     }
 }
@@ -194,6 +212,68 @@ impl ConsoleConfig {
     }
 }
 
+impl ConsoleConfig {
+    /// How the console reaches the fleet for its Hosts page: `[fleet]`'s servers, prefix and
+    /// CA, with `[console.fleet]`'s credentials when given (relative paths from `base`).
+    /// `None`: no `[fleet]`, no Hosts page.
+    ///
+    /// # Errors
+    /// `[console.fleet]` without `[fleet]`, or a value that cannot work, naming its field.
+    pub fn fleet_link(
+        &self,
+        fleet: Option<&FleetConfig>,
+        base: &Path,
+    ) -> Result<Option<FleetConfig>, ConsoleConfigError> {
+        let Some(fleet) = fleet else {
+            return match self.fleet {
+                Some(_) => Err(invalid(
+                    "console.fleet",
+                    "set, but the config has no [fleet] section: the Hosts page reads the \
+                     fleet's servers from [fleet] (see docs/console.md)",
+                )),
+                None => Ok(None),
+            };
+        };
+        let mut link = fleet.clone();
+        if let Some(own) = &self.fleet {
+            if own.user.is_some() != own.password_file.is_some() {
+                return Err(invalid(
+                    "console.fleet.user",
+                    "user and password_file go together: set both or neither",
+                ));
+            }
+            if own.cert_file.is_some() != own.key_file.is_some() {
+                return Err(invalid(
+                    "console.fleet.cert_file",
+                    "cert_file and key_file go together: set both or neither",
+                ));
+            }
+            if own == &ConsoleFleet::default() {
+                return Err(invalid(
+                    "console.fleet",
+                    "empty: give user and password_file, nkey_file, creds_file or \
+                     cert_file and key_file (or remove the table to use [fleet]'s)",
+                ));
+            }
+            // None of the agent's credentials: the console is a NATS user of its own.
+            link.user.clone_from(&own.user);
+            link.password_file.clone_from(&own.password_file);
+            link.nkey_file.clone_from(&own.nkey_file);
+            link.creds_file.clone_from(&own.creds_file);
+            link.cert_file.clone_from(&own.cert_file);
+            link.key_file.clone_from(&own.key_file);
+            link.resolve_paths(base);
+        }
+        if link.servers.is_empty() {
+            return Err(invalid(
+                "fleet.servers",
+                "empty: list the NATS servers the Hosts page reads the fleet's view from",
+            ));
+        }
+        Ok(Some(link))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +337,58 @@ scopes = ["email"]
             "console.oidc.scopes"
         );
         assert!(toml::from_str::<ConsoleConfig>("lsiten = \"x\"").is_err());
+    }
+
+    #[test]
+    fn the_hosts_page_reaches_fleet_servers_with_the_consoles_own_credentials() {
+        let mut fleet =
+            FleetConfig::for_admin(vec!["nats://nats1:4222".into()], "flowwarden".into());
+        fleet.user = Some("agent-web-1".into());
+        fleet.password_file = Some("/etc/flowwarden/agent-nats-password".into());
+        fleet.ca_file = Some("/etc/flowwarden/fleet-ca.pem".into());
+        // No [fleet]: no Hosts page; [console.fleet] alone is a mistake.
+        assert_eq!(
+            ConsoleConfig::default()
+                .fleet_link(None, Path::new("/"))
+                .unwrap(),
+            None
+        );
+        let own = parse("[fleet]\nuser = \"fleet-console\"\npassword_file = \"pw\"\n");
+        assert_eq!(
+            own.fleet_link(None, Path::new("/")).unwrap_err().field,
+            "console.fleet"
+        );
+        // Without [console.fleet], [fleet] as it is.
+        let link = ConsoleConfig::default()
+            .fleet_link(Some(&fleet), Path::new("/etc/flowwarden"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(link, fleet);
+        // With it, the console's user instead of the agent's, the CA kept.
+        let link = own
+            .fleet_link(Some(&fleet), Path::new("/etc/flowwarden"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(link.user.as_deref(), Some("fleet-console"));
+        assert_eq!(
+            link.password_file.as_deref(),
+            Some(Path::new("/etc/flowwarden/pw"))
+        );
+        assert_eq!(link.ca_file, fleet.ca_file);
+        assert_eq!(link.servers, fleet.servers);
+        for (bad, field) in [
+            ("[fleet]\nuser = \"c\"\n", "console.fleet.user"),
+            (
+                "[fleet]\ncert_file = \"c.pem\"\n",
+                "console.fleet.cert_file",
+            ),
+            ("[fleet]\n", "console.fleet"),
+        ] {
+            let e = parse(bad)
+                .fleet_link(Some(&fleet), Path::new("/"))
+                .unwrap_err();
+            assert_eq!(e.field, field, "{bad}: {e}");
+        }
+        assert!(toml::from_str::<ConsoleConfig>("[fleet]\npasword_file = \"x\"").is_err());
     }
 }

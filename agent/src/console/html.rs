@@ -7,16 +7,26 @@ use axum::{
 };
 use maud::{DOCTYPE, Markup, html};
 
-use super::{ConsoleError, access::Admin};
+use super::{ConsoleError, State, access::Admin};
 
-/// A page with the navigation, for a signed-in administrator.
-pub fn page(title: &str, admin: &Admin, current: &str, body: Markup) -> Html<String> {
-    let nav = [
+/// A page with the navigation, for a signed-in administrator. Hosts is in the navigation
+/// only when the console's config has `[fleet]`.
+pub fn page(
+    state: &State,
+    title: &str,
+    admin: &Admin,
+    current: &str,
+    body: Markup,
+) -> Html<String> {
+    let mut nav = vec![
         ("/", "Sessions"),
         ("/audit", "Audit"),
         ("/policy", "Policy"),
         ("/locks", "Locks"),
     ];
+    if state.fleet.is_some() {
+        nav.push(("/hosts", "Hosts"));
+    }
     let markup = html! {
         (DOCTYPE)
         html lang="en" {

@@ -31,7 +31,7 @@ use crate::sessions::model::SessionId;
 const TICK: Duration = Duration::from_secs(1);
 
 /// Events for the browser, as a stream axum can send.
-struct Events(mpsc::Receiver<Event>);
+pub(super) struct Events(pub(super) mpsc::Receiver<Event>);
 
 impl futures_core::Stream for Events {
     type Item = Result<Event, Infallible>;
@@ -41,7 +41,7 @@ impl futures_core::Stream for Events {
     }
 }
 
-fn sse(rx: mpsc::Receiver<Event>) -> Response {
+pub(super) fn sse(rx: mpsc::Receiver<Event>) -> Response {
     Sse::new(Events(rx))
         .keep_alive(KeepAlive::default())
         .into_response()

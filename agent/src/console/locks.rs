@@ -149,7 +149,7 @@ pub async fn page(
         }
         (table(&locks, admin.can_change().then_some(admin.csrf.as_str())))
     };
-    frame("Locks", &admin, "Locks", body).into_response()
+    frame(&state, "Locks", &admin, "Locks", body).into_response()
 }
 
 #[derive(Deserialize)]

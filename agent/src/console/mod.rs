@@ -1,12 +1,14 @@
 //! The web console (`flowwarden console`): live sessions, a session's detail, terminate,
 //! audit and policy pages in a browser. It is one more client of the status socket, like the
 //! CLI: it adds no path to the kernel or the store. Administrators sign in through OpenID
-//! Connect; their groups make them read-only or admin.
+//! Connect; their groups make them read-only or admin. With `[fleet]` it also shows the
+//! fleet's hosts, read from the fleet's view over NATS.
 
 mod access;
 mod agent;
 mod audit;
 pub mod config;
+mod hosts;
 mod html;
 mod live;
 mod locks;
@@ -22,7 +24,7 @@ use tokio::sync::broadcast;
 
 pub use access::{Access, Admin, Role};
 pub use agent::AgentLink;
-pub use config::{ConsoleConfig, ConsoleOidc};
+pub use config::{ConsoleConfig, ConsoleFleet, ConsoleOidc};
 pub use routes::router;
 pub use serve::{Console, run, serve_plain};
 
@@ -45,6 +47,8 @@ pub enum ConsoleError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the fleet link for the Hosts page: {0}")]
+    Fleet(#[source] crate::fleet::FleetError),
     #[error("{0}")]
     Internal(String),
 }
@@ -55,6 +59,8 @@ pub struct State {
     pub access: Access,
     oidc: Option<oidc::Oidc>,
     audit: broadcast::Sender<agent::Heard>,
+    /// The fleet's view, when the config has `[fleet]`: the Hosts page.
+    fleet: Option<hosts::FleetView>,
 }
 
 pub type Shared = Arc<State>;

@@ -101,5 +101,5 @@ pub async fn page(
             }
         }
     };
-    frame("Policy", &admin, "Policy", body).into_response()
+    frame(&state, "Policy", &admin, "Policy", body).into_response()
 }

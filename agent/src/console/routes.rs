@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::{
     Shared, access,
     access::{Admin, SignedInAdmin},
-    audit, html as page, live, locks, policy, sessions,
+    audit, hosts, html as page, live, locks, policy, sessions,
 };
 use crate::api::request::ConsoleRefusal;
 
@@ -42,6 +42,8 @@ pub fn router(state: Shared) -> Router {
         .route("/live/sessions", get(live::sessions))
         .route("/live/sessions/{id}", get(live::session))
         .route("/live/audit", get(live::audit))
+        .route("/hosts", get(hosts::page_of_hosts))
+        .route("/live/hosts", get(hosts::live_hosts))
         .route("/login", get(login))
         .route("/callback", get(callback))
         .route("/logout", post(logout))

@@ -9,12 +9,15 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
+
+use crate::fleet::FleetConfig;
 use tokio::{net::TcpListener, sync::broadcast};
 
 use super::{
     Access, ConsoleError, Shared, State,
     agent::AgentLink,
     config::{ConsoleConfig, ConsoleOidc},
+    hosts::FleetView,
     oidc::Oidc,
     routes::router,
 };
@@ -33,13 +36,15 @@ pub struct Console {
 
 impl Console {
     /// Builds the shared state. `oidc` absent: nobody can sign in through a browser (benches
-    /// open console sessions in process with [`Console::sign_in_in_process`]).
+    /// open console sessions in process with [`Console::sign_in_in_process`]). `fleet`
+    /// present: the Hosts page, over a link that connects in the background.
     ///
     /// # Errors
-    /// The identity provider cannot be discovered.
+    /// The identity provider cannot be discovered; a fleet credential file cannot be read.
     pub async fn state(
         cfg: &ConsoleConfig,
         oidc: Option<ConsoleOidc>,
+        fleet: Option<FleetConfig>,
         socket: PathBuf,
         tls: bool,
     ) -> Result<Shared, ConsoleError> {
@@ -56,6 +61,10 @@ impl Console {
             ),
             None => None,
         };
+        let fleet = match fleet {
+            Some(f) => Some(FleetView::connect(&f).await.map_err(ConsoleError::Fleet)?),
+            None => None,
+        };
         let agent = AgentLink::new(socket);
         let (audit, _) = broadcast::channel(1024);
         agent.spawn_audit_hub(audit.clone());
@@ -69,6 +78,7 @@ impl Console {
             ),
             oidc,
             audit,
+            fleet,
         }))
     }
 
@@ -117,16 +127,19 @@ async fn serve_tls(listener: TcpListener, state: Shared, tls: Arc<rustls::Server
     }
 }
 
-/// Runs the console from the agent's config until SIGINT or SIGTERM. Blocking.
+/// Runs the console from the agent's config until SIGINT or SIGTERM. Blocking. `fleet` is
+/// the config's `[fleet]`, if any: then the console also shows the fleet's hosts.
 ///
 /// # Errors
 /// The config, the identity provider, the certificate or the listener.
 pub fn run(
     cfg: &ConsoleConfig,
+    fleet: Option<&FleetConfig>,
     config_dir: &Path,
     socket: PathBuf,
     state_dir: &Path,
 ) -> Result<(), ConsoleError> {
+    let fleet = cfg.fleet_link(fleet, config_dir)?;
     let (cfg, oidc) = cfg.checked(config_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -149,7 +162,10 @@ pub fn run(
             None
         };
         let issuer = oidc.issuer.clone();
-        let state = Console::state(&cfg, Some(oidc), socket, tls.is_some()).await?;
+        if let Some(f) = &fleet {
+            tracing::info!(servers = ?f.servers, prefix = %f.subject_prefix, "console: the Hosts page reads the fleet's view");
+        }
+        let state = Console::state(&cfg, Some(oidc), fleet, socket, tls.is_some()).await?;
         let listener =
             TcpListener::bind(cfg.listen)
                 .await

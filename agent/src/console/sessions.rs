@@ -231,7 +231,7 @@ pub async fn list_page(
             tbody #rows data-live=(format!("/live/sessions?{qs}")) { (rows(&list, &admin)) }
         }
     };
-    page("Sessions", &admin, "Sessions", body).into_response()
+    page(&state, "Sessions", &admin, "Sessions", body).into_response()
 }
 
 /// The part of the detail page live updates replace: state, counters, drops, flows.
@@ -398,7 +398,14 @@ pub async fn detail_page(
             tbody { (audit_rows(&trail)) }
         }
     };
-    page(&format!("Session {}", s.id), &admin, "Sessions", body).into_response()
+    page(
+        &state,
+        &format!("Session {}", s.id),
+        &admin,
+        "Sessions",
+        body,
+    )
+    .into_response()
 }
 
 pub async fn confirm_page(
@@ -435,7 +442,7 @@ pub async fn confirm_page(
             }
         }
     };
-    page("Terminate", &admin, "Sessions", body).into_response()
+    page(&state, "Terminate", &admin, "Sessions", body).into_response()
 }
 
 #[derive(Deserialize)]

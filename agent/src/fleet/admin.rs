@@ -230,44 +230,12 @@ impl Admin {
         Ok(out)
     }
 
-    async fn bucket_values<T: serde::de::DeserializeOwned>(
-        &self,
-        bucket: String,
-    ) -> Result<Vec<T>, FleetError> {
-        let kv = self
-            .js
-            .get_key_value(&bucket)
-            .await
-            .map_err(|e| nats("open a view bucket")(format!("{bucket}: {e}")))?;
-        let mut keys = kv
-            .keys()
-            .await
-            .map_err(|e| nats("list a view bucket")(e.to_string()))?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(|e| nats("list a view bucket")(e.to_string()))?);
-        }
-        names.sort();
-        let mut out = Vec::new();
-        for k in names {
-            if let Some(v) = kv
-                .get(&k)
-                .await
-                .map_err(|e| nats("read a view bucket")(e.to_string()))?
-                && let Ok(v) = serde_json::from_slice(&v)
-            {
-                out.push(v);
-            }
-        }
-        Ok(out)
-    }
-
     /// Every host in the view, by name.
     ///
     /// # Errors
     /// The bucket cannot be read.
     pub async fn hosts(&self) -> Result<Vec<HostView>, FleetError> {
-        self.bucket_values(self.names.hosts_bucket()).await
+        hosts_in(&self.js, &self.names).await
     }
 
     /// Every live session on every host (of `user`, email or subject, when given).
@@ -276,7 +244,7 @@ impl Admin {
     /// The bucket cannot be read.
     pub async fn sessions(&self, user: Option<&str>) -> Result<Vec<FleetSession>, FleetError> {
         let per_host: Vec<Vec<FleetSession>> =
-            self.bucket_values(self.names.sessions_bucket()).await?;
+            bucket_values(&self.js, self.names.sessions_bucket()).await?;
         Ok(per_host
             .into_iter()
             .flatten()
@@ -352,6 +320,46 @@ impl Admin {
         }
         Ok(())
     }
+}
+
+/// Every host in the view, by name: what reading the view takes, and nothing more (the web
+/// console reads it with credentials that may do only this).
+///
+/// # Errors
+/// The bucket cannot be read.
+pub async fn hosts_in(js: &jetstream::Context, names: &Names) -> Result<Vec<HostView>, FleetError> {
+    bucket_values(js, names.hosts_bucket()).await
+}
+
+async fn bucket_values<T: serde::de::DeserializeOwned>(
+    js: &jetstream::Context,
+    bucket: String,
+) -> Result<Vec<T>, FleetError> {
+    let kv = js
+        .get_key_value(&bucket)
+        .await
+        .map_err(|e| nats("open a view bucket")(format!("{bucket}: {e}")))?;
+    let mut keys = kv
+        .keys()
+        .await
+        .map_err(|e| nats("list a view bucket")(e.to_string()))?;
+    let mut names = Vec::new();
+    while let Some(k) = keys.next().await {
+        names.push(k.map_err(|e| nats("list a view bucket")(e.to_string()))?);
+    }
+    names.sort();
+    let mut out = Vec::new();
+    for k in names {
+        if let Some(v) = kv
+            .get(&k)
+            .await
+            .map_err(|e| nats("read a view bucket")(e.to_string()))?
+            && let Ok(v) = serde_json::from_slice(&v)
+        {
+            out.push(v);
+        }
+    }
+    Ok(out)
 }
 
 fn outcome_of(payload: &[u8], command: &str) -> Option<HostOutcome> {

@@ -171,6 +171,7 @@ fn main() -> anyhow::Result<()> {
     let state = console_rt.block_on(Console::state(
         &ConsoleConfig::default(),
         None,
+        None,
         socket.clone(),
         false,
     ))?;

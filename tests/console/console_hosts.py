@@ -1,0 +1,70 @@
+"""The console's Hosts page in a real browser (Playwright driving the system's Chromium).
+
+Run by tests/tests/console_hosts.rs, which owns the NATS server, the two fleet hosts, the
+OpenID provider and the console. This script prints `HOSTS` once the page lists both hosts
+and `DONE` at the end (or `FAIL <why>`); it reads `NATS_DOWN` from stdin once the test has
+stopped the NATS server.
+
+Environment, besides console_e2e.py's: HOSTS (the hosts' names, comma separated), VERSION
+(the agents' version) and POLICY_VERSION (the policy version every host has in force).
+"""
+
+import os
+import sys
+
+from playwright.sync_api import expect, sync_playwright
+
+from console_e2e import CHROMIUM, SHOTS, URL, WAIT_MS, hear, say, sign_in
+
+HOSTS = os.environ["HOSTS"].split(",")
+VERSION = os.environ["VERSION"]
+POLICY_VERSION = os.environ["POLICY_VERSION"]
+
+
+def main():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
+        ctx = browser.new_context(
+            ignore_https_errors=True, viewport={"width": 1440, "height": 700}
+        )
+        # Read-only is enough to see the hosts.
+        reader = sign_in(ctx, "reader@corp.example")
+        expect(reader.locator("#role")).to_have_text("read-only")
+        reader.locator("header nav a", has_text="Hosts").click()
+        expect(reader).to_have_url(URL + "/hosts")
+        for host in HOSTS:
+            row = reader.locator(f"#h-{host}")
+            expect(row).to_be_visible(timeout=WAIT_MS)
+            expect(row.locator("td.version")).to_have_text(VERSION)
+            expect(row.locator("td.policy-version")).to_have_text(
+                POLICY_VERSION, timeout=WAIT_MS
+            )
+            expect(row.locator("td.connected")).to_have_text("yes", timeout=WAIT_MS)
+        expect(reader.locator("table.hosts tbody tr")).to_have_count(len(HOSTS))
+        expect(reader.locator("#fleet-error")).to_have_count(0)
+        reader.screenshot(path=os.path.join(SHOTS, "console-hosts.png"), full_page=True)
+        say("HOSTS")
+
+        # NATS gone: the open page turns into the error block by itself...
+        hear("NATS_DOWN")
+        expect(reader.locator("#fleet-error")).to_be_visible(timeout=WAIT_MS)
+        expect(reader.locator("#fleet-error")).to_contain_text("cannot reach")
+        expect(reader.locator("table.hosts")).to_have_count(0)
+        # ...a fresh load says the same, and the rest of the console still works.
+        reader.goto(URL + "/hosts")
+        expect(reader.locator("#fleet-error")).to_contain_text("cannot reach")
+        reader.goto(URL + "/audit")
+        expect(reader.locator("h1")).to_have_text("Audit")
+        expect(reader.locator("#signed-in-as")).to_have_text("reader@corp.example")
+        browser.close()
+    say("DONE")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # the Rust test prints this line as its failure
+        say("FAIL " + " ".join(str(e).split()))
+        sys.exit(1)

@@ -1,0 +1,171 @@
+//! The console's Hosts page, end to end in a real browser: a real nats-server, two fleet
+//! hosts (real agents in namespaces), a pushed policy, and the console configured with
+//! `[fleet]` and its own NATS user, whose permissions are the packaged ones
+//! (packaging/nats-server.conf's CONSOLE block). A read-only administrator signs in through
+//! the real OpenID provider and sees both hosts with their version and policy version; with
+//! NATS stopped the page shows an error block and the rest of the console keeps working.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use flowwarden_tests::{
+    console::{Browser, start_console},
+    nats::{FleetAdmin, FleetHost, NatsServer, wait_for},
+    oidc::{OidcProvider, PrivateCa},
+    privileged::require_root,
+};
+
+const POLICY: &str = r#"
+[[resource]]
+name = "ssh"
+protocol = "tcp"
+ports = [22]
+
+[[rule]]
+name = "ops-ssh"
+groups = ["ops"]
+resources = ["ssh"]
+"#;
+
+const CONSOLE_PASSWORD: &str = "console-test-password";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The packaged `CONSOLE = { … }` permissions, for the fleet named `prefix`.
+fn packaged_console_permissions(prefix: &str) -> String {
+    let conf = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/nats-server.conf"),
+    )
+    .expect("packaging/nats-server.conf");
+    let start = conf
+        .find("  CONSOLE = {")
+        .expect("a CONSOLE block in packaging/nats-server.conf");
+    let len = conf[start..]
+        .find("\n  }\n")
+        .expect("the CONSOLE block's end");
+    let upper = prefix.to_ascii_uppercase().replace('-', "_");
+    conf[start..start + len + 4].replace("FLOWWARDEN_", &format!("{upper}_"))
+}
+
+#[test]
+fn console_lists_the_fleets_hosts_and_says_when_nats_is_gone() {
+    if !require_root("console_lists_the_fleets_hosts_and_says_when_nats_is_gone") {
+        return;
+    }
+    let mut admin = FleetAdmin::new("con-hosts", Vec::new());
+    // Agents and the admin CLI connect without credentials (a user that may do anything);
+    // the console as `fleet-console`, with no more than the packaged permissions.
+    let auth = format!(
+        "authorization {{\n{}\n  users = [\n    {{ user: anyone, password: \"unused\" }}\n    \
+         {{ user: fleet-console, password: \"{CONSOLE_PASSWORD}\", permissions: $CONSOLE }}\n  \
+         ]\n}}\nno_auth_user: anyone\n",
+        packaged_console_permissions(&admin.prefix)
+    );
+    let mut nats = NatsServer::single_with("con-hosts", &auth).expect("nats-server");
+    admin.servers = vec![nats.url()];
+    let (ok, out) = admin.cli(&["init"]);
+    assert!(ok, "fleet init: {out}");
+    let hosts: Vec<FleetHost> = ["ch1", "ch2"]
+        .iter()
+        .map(|name| FleetHost::start(&admin, name, POLICY, &[nats.port], "policy = \"fleet\""))
+        .collect();
+
+    // A policy version other than the default, in force on both.
+    let push = hosts[0].stack.scratch.dir.join("push");
+    std::fs::create_dir_all(&push).unwrap();
+    std::fs::write(push.join("main.toml"), POLICY).unwrap();
+    let pushed = admin.json(&[
+        "policy",
+        "push",
+        push.to_str().unwrap(),
+        "--version",
+        "4",
+        "--wait",
+        "30",
+    ]);
+    assert_eq!(
+        pushed["outcomes"].as_array().map(Vec::len),
+        Some(2),
+        "{pushed}"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "`fleet hosts` shows both at policy version 4",
+        || {
+            let v = admin.json(&["hosts"]);
+            let v = v.as_array().unwrap();
+            v.len() == 2 && v.iter().all(|h| h["policy_version"] == 4)
+        },
+    );
+
+    // The console of ch1, with ch1's [fleet] and a NATS user of its own.
+    let stack = &hosts[0].stack;
+    let ca = PrivateCa::generate(&stack.scratch.dir);
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let provider = OidcProvider::start_for_console(&ca, "k1", &format!("{url}/callback"));
+    let password = stack.scratch.dir.join("console-nats-password");
+    std::fs::write(&password, format!("{CONSOLE_PASSWORD}\n")).unwrap();
+    let mut config = std::fs::read_to_string(&stack.config).unwrap();
+    config.push_str(&format!(
+        r#"
+[console]
+listen = "127.0.0.1:{port}"
+session_secs = 600
+
+[console.oidc]
+issuer = "{issuer}"
+client_id = "flowwarden-console"
+ca_file = "{ca}"
+algorithms = ["ES256"]
+admin_groups = ["flowwarden-console-admins"]
+read_groups = ["flowwarden-console-readers"]
+
+[console.fleet]
+user = "fleet-console"
+password_file = "{password}"
+"#,
+        issuer = provider.issuer,
+        ca = ca.ca_file.display(),
+        password = password.display(),
+    ));
+    std::fs::write(&stack.config, config).unwrap();
+    let console_log = stack.scratch.dir.join("console.log");
+    let console = start_console(&stack.config, &console_log);
+    stack.wait_until(Duration::from_secs(30), "the console listens", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img");
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut browser = Browser::start(
+        "console_hosts.py",
+        &url,
+        &shots,
+        &[
+            ("HOSTS", "ch1,ch2"),
+            ("VERSION", env!("CARGO_PKG_VERSION")),
+            ("POLICY_VERSION", "4"),
+        ],
+    );
+    browser.expect("HOSTS", &console_log);
+    // The console read the view with the packaged permissions, and needed no more.
+    let log = nats.log();
+    assert!(
+        !log.contains("Violation"),
+        "the console's NATS user was refused something:\n{log}"
+    );
+
+    nats.kill();
+    browser.tell("NATS_DOWN stopped");
+    browser.expect("DONE", &console_log);
+    drop(console);
+}
