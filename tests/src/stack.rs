@@ -140,6 +140,24 @@ jwks_file = "keys/dev-jwks.json"
         }
     }
 
+    /// Adds `lines` to the `[table]` of `agent.toml` (right under its header), for callers
+    /// that size maps or raise limits before the agent starts.
+    ///
+    /// # Panics
+    /// The config has no such table.
+    pub fn add_to_table(&self, table: &str, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("reading agent.toml");
+        let header = format!("[{table}]\n");
+        let at = text
+            .find(&header)
+            .unwrap_or_else(|| panic!("agent.toml has no [{table}] table:\n{text}"))
+            + header.len();
+        let mut lines = lines.trim_end().to_owned();
+        lines.push('\n');
+        let text = format!("{}{lines}{}", &text[..at], &text[at..]);
+        std::fs::write(&self.config, text).expect("writing agent.toml");
+    }
+
     pub fn start_agent(&mut self) {
         self.agent = Some(AgentProcess::start(&self.pair.server, &self.config));
     }
