@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -32,6 +33,7 @@ use flowwarden_tests::{
     bench::{
         self, BenchArgs, HasBenchArgs, IdleArgs, Knob, Spec, Stats,
         admissions::{admit, drive, mint},
+        cpu::{machine_ticks, stat_ticks, ticks_per_sec},
         loadavg,
         stats::median,
     },
@@ -55,6 +57,12 @@ const ADMISSION_MAPS: &str = "flow_table_size = 65536\nsession_slots = 65536\n";
 /// limiter (20/s by default) is raised out of the way, as in the admission bench.
 const LIMITS: &str =
     "rate_per_sec = 1000000\nrate_burst = 1000000\nmax_connections_per_source = 1024\n";
+/// The agent's default intervals, in place of the test stack's 100 ms ones: a fleet of idle
+/// agents sweeping and watching ten times a second would load the machine for nothing.
+const SWEEP: &str = "sweep_interval_ms = 1000\n";
+const WATCH: &str = "watch_interval_ms = 250\n";
+/// How long the idle fleet's CPU use is sampled once it is up.
+const IDLE_SAMPLE: Duration = Duration::from_secs(10);
 /// Agents started (and awaited) at once: their eBPF loads share the machine's two cores.
 const START_WAVE: usize = 10;
 /// How long anything a bench waits for may take before the run is called failed.
@@ -68,7 +76,7 @@ const SPEC: Spec = Spec {
     },
     repeat: Knob::Means {
         help: "admissions per rate round (rounds alternate fleet member and standalone agent)",
-        default: 3000,
+        default: 2000,
     },
 };
 
@@ -89,7 +97,7 @@ struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     catch_ups: u64,
     /// Rate rounds per agent (fleet member and standalone, alternating).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     rate_rounds: u64,
     /// Admission client threads of the rate rounds, one keep-alive connection each.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
@@ -226,6 +234,27 @@ fn publish(
     Ok((envelope.id, t0))
 }
 
+/// The idle fleet over [`IDLE_SAMPLE`]: how busy the machine was, and the agents' share,
+/// in cores.
+fn idle_cpu(pids: &[u32]) -> serde_json::Value {
+    let agents = || -> u64 {
+        pids.iter()
+            .map(|p| stat_ticks(Path::new(&format!("/proc/{p}/stat"))))
+            .sum()
+    };
+    let (a0, (busy0, total0)) = (agents(), machine_ticks());
+    std::thread::sleep(IDLE_SAMPLE);
+    let (a1, (busy1, total1)) = (agents(), machine_ticks());
+    let hz = ticks_per_sec();
+    let secs = IDLE_SAMPLE.as_secs_f64();
+    json!({
+        "secs": secs,
+        "machine_busy_percent": 100.0 * (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64,
+        "agents_cores": (a1 - a0) as f64 / hz / secs,
+        "agent_mean_cpu_percent": 100.0 * (a1 - a0) as f64 / hz / secs / pids.len().max(1) as f64,
+    })
+}
+
 /// VmRSS of a process, MiB.
 fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -288,8 +317,10 @@ fn main() -> anyhow::Result<()> {
                 "policy = \"fleet\"",
             );
             h.stack
-                .add_to_table("datapath", if i == 0 { ADMISSION_MAPS } else { SMALL_MAPS });
-            h.stack.add_to_table("admission", LIMITS);
+                .set_in_table("datapath", if i == 0 { ADMISSION_MAPS } else { SMALL_MAPS });
+            h.stack.set_in_table("admission", LIMITS);
+            h.stack.set_in_table("sessions", SWEEP);
+            h.stack.set_in_table("policy", WATCH);
             hosts.push(h);
         }
         for h in &mut hosts[wave[0]..] {
@@ -302,8 +333,10 @@ fn main() -> anyhow::Result<()> {
     }
     // The standalone agent: the same config without [fleet].
     let solo = Stack::prepare("bfsolo", POLICY, "", "");
-    solo.add_to_table("datapath", ADMISSION_MAPS);
-    solo.add_to_table("admission", LIMITS);
+    solo.set_in_table("datapath", ADMISSION_MAPS);
+    solo.set_in_table("admission", LIMITS);
+    solo.set_in_table("sessions", SWEEP);
+    solo.set_in_table("policy", WATCH);
     let mut solo = solo;
     solo.start_agent();
     poll("every host current and connected in the fleet view", || {
@@ -317,6 +350,8 @@ fn main() -> anyhow::Result<()> {
         .map(rss_mib)
         .collect();
     let mem_fleet = available_mib();
+    let pids: Vec<u32> = hosts.iter().filter_map(|h| h.stack.agent().pid()).collect();
+    let idle = idle_cpu(&pids);
     let load_fleet = loadavg();
     eprintln!("fleet of {n} up in {start_secs:.0} s (load {load_fleet})");
 
@@ -449,6 +484,9 @@ fn main() -> anyhow::Result<()> {
                     std::thread::sleep(Duration::from_millis(2));
                 }
             })?;
+            let agent_cpu_ms = h.stack.agent().pid().map_or(f64::NAN, |pid| {
+                stat_ticks(Path::new(&format!("/proc/{pid}/stat"))) as f64 * 1e3 / ticks_per_sec()
+            });
             let status = h.fleet_status();
             let applied = status["commands_applied"].as_u64().unwrap_or(0);
             if applied < args.missed as u64 {
@@ -469,6 +507,7 @@ fn main() -> anyhow::Result<()> {
                 "first_answer_ms": first_answer.map(bench::stats::ms),
                 "admitting_ms": ms,
                 "admissions_held": held,
+                "agent_cpu_ms_until_admitting": agent_cpu_ms,
                 "commands_applied": applied,
             }));
         }
@@ -554,6 +593,7 @@ fn main() -> anyhow::Result<()> {
             "agents_rss_total_mib": agent_rss.iter().sum::<f64>(),
             "mem_available_mib_before": mem_before,
             "mem_available_mib_fleet_up": mem_fleet,
+            "idle_cpu": idle,
         },
         "terminate_user": {
             "runs": runs,
@@ -598,8 +638,11 @@ fn main() -> anyhow::Result<()> {
     });
     let met = |m: bool| if m { "met" } else { "NOT met" };
     println!(
-        "{n} agents up in {start_secs:.0} s; agent RSS p50 {:.0} MiB; load {load_fleet}",
-        Stats::of(agent_rss.iter().copied()).p50
+        "{n} agents up in {start_secs:.0} s; agent RSS p50 {:.0} MiB; idle fleet: machine \
+         {:.0}% busy, agents {:.2} cores; load {load_fleet}",
+        Stats::of(agent_rss.iter().copied()).p50,
+        idle["machine_busy_percent"].as_f64().unwrap_or(f64::NAN),
+        idle["agents_cores"].as_f64().unwrap_or(f64::NAN),
     );
     println!(
         "terminate --user → each agent's revocation: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms \
