@@ -2,6 +2,7 @@
 //! (in the submodules), what every report says about the machine (CPU, load, this process's
 //! memory), and the synthetic sessions the in-process benchmarks admit.
 
+pub mod admissions;
 pub mod args;
 pub mod cpu;
 pub mod inproc;

@@ -362,6 +362,23 @@ impl FleetHost {
     /// # Panics
     /// Any step fails.
     pub fn start(admin: &FleetAdmin, name: &str, policy: &str, ports: &[u16], extra: &str) -> Self {
+        let mut host = Self::prepare(admin, name, policy, ports, extra);
+        host.stack.start_agent();
+        host
+    }
+
+    /// Like [`FleetHost::start`] without starting the agent, for callers that change its
+    /// config first or start many agents at once.
+    ///
+    /// # Panics
+    /// Any step fails.
+    pub fn prepare(
+        admin: &FleetAdmin,
+        name: &str,
+        policy: &str,
+        ports: &[u16],
+        extra: &str,
+    ) -> Self {
         let stack = crate::stack::Stack::prepare(name, policy, "", "");
         let link = FleetLink::new(&stack.pair.server).expect("fleet link");
         let servers: Vec<String> = ports
@@ -371,13 +388,11 @@ impl FleetHost {
         let mut config = std::fs::read_to_string(&stack.config).unwrap();
         config.push_str(&admin.agent_section(name, &servers, extra));
         std::fs::write(&stack.config, config).unwrap();
-        let mut host = Self {
+        Self {
             name: name.to_owned(),
             link,
             stack,
-        };
-        host.stack.start_agent();
-        host
+        }
     }
 
     /// The agent's `status` fleet part.

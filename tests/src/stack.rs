@@ -140,6 +140,37 @@ jwks_file = "keys/dev-jwks.json"
         }
     }
 
+    /// Sets `key = value` lines in the `[table]` of `agent.toml`: a key the table has is
+    /// replaced, others are added under its header. For callers that size maps, raise limits
+    /// or change intervals before the agent starts.
+    ///
+    /// # Panics
+    /// The config has no such table.
+    pub fn set_in_table(&self, table: &str, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("reading agent.toml");
+        let mut out: Vec<String> = text.lines().map(str::to_owned).collect();
+        let header = format!("[{table}]");
+        let start = out
+            .iter()
+            .position(|l| l.trim() == header)
+            .unwrap_or_else(|| panic!("agent.toml has no [{table}] table:\n{text}"));
+        for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+            let key = line.split('=').next().unwrap_or_default().trim();
+            let end = out[start + 1..]
+                .iter()
+                .position(|l| l.trim_start().starts_with('['))
+                .map_or(out.len(), |p| start + 1 + p);
+            let existing = out[start + 1..end]
+                .iter()
+                .position(|l| l.split('=').next().unwrap_or_default().trim() == key);
+            match existing {
+                Some(p) => out[start + 1 + p] = line.to_owned(),
+                None => out.insert(start + 1, line.to_owned()),
+            }
+        }
+        std::fs::write(&self.config, out.join("\n") + "\n").expect("writing agent.toml");
+    }
+
     pub fn start_agent(&mut self) {
         self.agent = Some(AgentProcess::start(&self.pair.server, &self.config));
     }

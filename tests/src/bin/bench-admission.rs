@@ -4,7 +4,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -22,6 +21,7 @@ use flowwarden_tests::{
     agent_proc::{AgentProcess, Scratch},
     bench::{
         self, BenchArgs, HasBenchArgs, IdleArgs, Knob, Spec, Stats,
+        admissions::{admit, drive, mint},
         cpu::{machine_ticks, process_cpu, stat_ticks, ticks_per_sec},
         loadavg,
         stats::median_index,
@@ -152,89 +152,6 @@ impl Bench {
     }
 }
 
-/// ES256 development tokens with distinct subjects.
-fn mint(keys: &Path, count: usize) -> anyhow::Result<Vec<String>> {
-    let kid = dev::kid_of(&keys.join(dev::JWKS_FILE))?;
-    let (key, now) = (keys.join(dev::KEY_FILE), now_ms() / 1000);
-    (0..count)
-        .map(|i| {
-            let mut c = dev::DevClaims::new(&format!("bench-user-{i:07}"));
-            c.email = Some(format!("bench-user-{i:07}@corp.example"));
-            c.groups = vec!["staff".into(), "bench".into()];
-            c.managed = Some(true);
-            Ok(dev::token(&key, &kid, &c, now)?)
-        })
-        .collect()
-}
-
-#[derive(Default)]
-struct Outcome {
-    ok: usize,
-    errors: usize,
-    first_error: Option<String>,
-    /// Closed loop: send to answer. Paced: scheduled send time to answer. Sorted.
-    latencies: Vec<Duration>,
-    elapsed: Duration,
-}
-
-/// One admission, checked: a 201 comes only after the commit, with the one granted resource.
-fn admit(client: &Client, token: &str) -> Result<(), String> {
-    match client.login(token) {
-        Ok(r) if r.grants.len() == 1 => Ok(()),
-        Ok(r) => Err(format!("unexpected grants {:?}", r.grants)),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Each client (one keep-alive connection each) takes the next token until none are left.
-/// With `pace`, token i is due at start + i × pace and its latency counts from then, so a slow
-/// answer cannot hide the requests it delayed (no coordinated omission).
-fn drive(clients: &[Client], tokens: &[String], pace: Option<Duration>) -> Outcome {
-    let next = AtomicUsize::new(0);
-    let start = Instant::now() + Duration::from_millis(20);
-    let parts: Vec<Outcome> = std::thread::scope(|s| {
-        let handles: Vec<_> = clients
-            .iter()
-            .map(|client| {
-                let next = &next;
-                s.spawn(move || {
-                    let mut out = Outcome::default();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(token) = tokens.get(i) else { break };
-                        let due = match pace {
-                            Some(p) => start + p * u32::try_from(i).unwrap_or(u32::MAX),
-                            None => Instant::now(),
-                        };
-                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                        match admit(client, token) {
-                            Ok(()) => out.latencies.push(due.elapsed()),
-                            Err(e) => {
-                                out.errors += 1;
-                                out.first_error.get_or_insert(e);
-                            }
-                        }
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let mut all = Outcome {
-        elapsed: start.elapsed(),
-        ..Outcome::default()
-    };
-    for p in parts {
-        all.errors += p.errors;
-        all.first_error = all.first_error.or(p.first_error);
-        all.latencies.extend(p.latencies);
-    }
-    all.ok = all.latencies.len();
-    all.latencies.sort_unstable();
-    all
-}
-
 /// Clock ticks of the agent, its store writer thread, this process (the clients), and the
 /// machine's busy and total time.
 fn cpu(agent: u32) -> [u64; 5] {
@@ -287,7 +204,7 @@ fn main() -> anyhow::Result<()> {
     let paced_count = (RATE * SECS) as usize;
     let total = warmup + rounds_n * per_round + paced_count;
     eprintln!("minting {total} ES256 tokens…");
-    let tokens = mint(&bench.scratch.dir.join("keys"), total)?;
+    let tokens = mint(&bench.scratch.dir.join("keys"), "bench-user", total)?;
     let pid = bench.agent_pid()?;
     let agent = format!("{}:{ADMISSION_PORT}", bench.pair.server_addr);
 
