@@ -194,6 +194,10 @@ async fn serve(
         "descriptor budget"
     );
     // Shared Signals: identity-provider events end and narrow sessions (see docs/signals.md).
+    // With a fleet, the SETs this agent accepts go to every other agent too.
+    let signal_outbox = fleet
+        .as_ref()
+        .map(|_| crate::fleet::signals::Outbox::new(store.clone()));
     let signals = if config.signals.transmitters.is_empty() {
         None
     } else {
@@ -204,7 +208,8 @@ async fn serve(
                 Arc::clone(&sessions),
                 store.clone(),
             )
-            .context("starting the Shared Signals receiver")?,
+            .context("starting the Shared Signals receiver")?
+            .with_fleet(signal_outbox.clone()),
         );
         receiver.report_status();
         Some(receiver)
@@ -224,7 +229,7 @@ async fn serve(
             config.admission.max_connections_per_source,
         ),
         request_timeout: Duration::from_millis(config.admission.request_timeout_ms),
-        signals,
+        signals: signals.clone(),
         fleet: fleet_state.clone(),
     });
     let core = Arc::new(crate::api::core::Core {
@@ -262,13 +267,15 @@ async fn serve(
     // with its reason.
     let status_socket = crate::api::transport::bind(&socket)?;
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(fleet) = fleet {
+    if let (Some(fleet), Some(outbox)) = (fleet, signal_outbox) {
         fleet
             .start(
                 Arc::clone(&core),
                 Arc::clone(&sessions),
                 store.clone(),
                 config.state.dir.clone(),
+                signals,
+                outbox,
                 &mut tasks,
             )
             .await?;

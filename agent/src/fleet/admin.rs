@@ -167,6 +167,32 @@ impl Admin {
         })
     }
 
+    /// Publishes a SET (a compact JWS, as its transmitter signed it) to the fleet's signals
+    /// stream, as `from` (a relay's name): every agent that trusts its transmitter applies
+    /// it. Answers the stream sequence it was stored at.
+    ///
+    /// # Errors
+    /// The server does not store it.
+    pub async fn publish_set(&self, from: &str, set: Vec<u8>) -> Result<u64, FleetError> {
+        let mut message = Publish::build().payload(set.clone().into());
+        // A SET claims its own identity: a retried publication is stored once. (Unverified
+        // here; every agent checks the signature.)
+        if let Some((iss, jti)) = std::str::from_utf8(&set)
+            .ok()
+            .and_then(crate::signals::set::claimed_id)
+        {
+            message = message.message_id(super::signals::set_id(&iss, &jti));
+        }
+        let ack = self
+            .js
+            .send_publish(self.names.signals(from), message)
+            .await
+            .map_err(|e| nats("publish the SET")(e.to_string()))?
+            .await
+            .map_err(|e| nats("have the SET stored")(e.to_string()))?;
+        Ok(ack.sequence)
+    }
+
     /// Removes a lasting command from the snapshot (a lock removed, say).
     ///
     /// # Errors

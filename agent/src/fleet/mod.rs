@@ -1,7 +1,8 @@
 //! The fleet: many agents joined over NATS JetStream. Signed control commands (terminate,
 //! policy, and every other admin method of the status socket) reach every host, each applied
-//! once; each host publishes its audit events and its live view. Without `[fleet]` in
-//! `agent.toml` none of this runs.
+//! once; each host publishes its audit events and its live view; identity signals (SETs)
+//! accepted by any host are applied on every host. Without `[fleet]` in `agent.toml` none of
+//! this runs.
 
 pub mod admin;
 pub mod command;
@@ -10,6 +11,7 @@ mod control;
 pub mod keys;
 pub mod link;
 pub mod policy;
+pub mod signals;
 pub mod state;
 pub mod view;
 
@@ -81,8 +83,9 @@ impl Membership {
         })
     }
 
-    /// Connects (in the background, with backoff) and starts the control, events and view
-    /// tasks on `tasks`.
+    /// Connects (in the background, with backoff) and starts the control, events, view and
+    /// signals tasks on `tasks`. `outbox` is where `receiver` (this agent's Shared Signals
+    /// receiver, if it has one) leaves the SETs it accepted.
     ///
     /// # Errors
     /// A credential file cannot be read.
@@ -92,6 +95,8 @@ impl Membership {
         sessions: Arc<Sessions>,
         store: Store,
         state_dir: PathBuf,
+        receiver: Option<Arc<crate::signals::Receiver>>,
+        outbox: signals::Outbox,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<(), FleetError> {
         let state = Arc::clone(&self.state);
@@ -126,6 +131,15 @@ impl Membership {
         let names = link::Names::new(&self.config.subject_prefix);
         let js = async_nats::jetstream::new(client);
         tracing::info!(host = %state.host, servers = ?self.config.servers, keys = self.keys.len(), strict = self.config.strict, "fleet: joining");
+        let relay = Arc::new(signals::Relay {
+            receiver,
+            outbox,
+            store: store.clone(),
+            state: Arc::clone(&state),
+            names: names.clone(),
+        });
+        tasks.spawn(Arc::clone(&relay).publish(js.clone()));
+        tasks.spawn(relay.consume(js.clone()));
         let control = control::Control {
             core,
             store: store.clone(),
