@@ -76,6 +76,14 @@ impl NatsServer {
         Ok(s)
     }
 
+    /// Like [`NatsServer::single`], with `extra` lines in its configuration (an
+    /// `authorization` block, say).
+    pub fn single_with(tag: &str, extra: &str) -> anyhow::Result<Self> {
+        let mut s = Self::configure(tag, "n1", &[], None, extra)?;
+        s.start()?;
+        Ok(s)
+    }
+
     fn configure(
         tag: &str,
         name: &str,

@@ -2,7 +2,9 @@
 //! SET pushed to one host acts on every host that trusts its transmitter; one published
 //! straight to the fleet's signals stream (by a relay) acts too; a forged one changes nothing
 //! anywhere and is audited as refused on every host; a replay through the fleet is a no-op;
-//! a host with no such transmitter refuses it (audited) and acts on nothing.
+//! a host with no such transmitter refuses it (audited) and acts on nothing. The NATS
+//! permissions of `packaging/nats-server.conf` carry all this, and keep each agent and relay
+//! to its own subject.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -308,5 +310,108 @@ fn a_set_pushed_to_one_host_acts_on_every_host_and_a_forged_one_on_none() {
         );
     }
     assert_eq!(state(&c, &bob[2]), "active", "host C trusts no transmitter");
-    assert_eq!(state(&c, &alice[2]), "active", "host C trusts no transmitter");
+    assert_eq!(
+        state(&c, &alice[2]),
+        "active",
+        "host C trusts no transmitter"
+    );
+}
+
+/// The `authorization` block of `packaging/nats-server.conf`, with its `web-1` agent user
+/// copied for each of `hosts`.
+fn packaged_authorization(hosts: &[&str]) -> String {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/nats-server.conf");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let auth = &text[text
+        .find("authorization {")
+        .expect("an authorization block")..];
+    let start = auth
+        .find("    { user: agent-web-1")
+        .expect("the web-1 agent user");
+    let end = auth.find("    # A relay").expect("the relay user");
+    let agent = &auth[start..end];
+    let agents: String = hosts.iter().map(|h| agent.replace("web-1", h)).collect();
+    format!("{}{agents}{}", &auth[..start], &auth[end..])
+}
+
+#[test]
+fn the_packaged_server_permissions_carry_signals_and_keep_each_publisher_to_its_subject() {
+    if !require_root(
+        "the_packaged_server_permissions_carry_signals_and_keep_each_publisher_to_its_subject",
+    ) {
+        return;
+    }
+    let nats = NatsServer::single_with("fleet-ssf-perm", &packaged_authorization(&["fpa", "fpb"]))
+        .expect("nats-server with the packaged permissions");
+    let mut admin = FleetAdmin::new("fleet-ssf-perm", vec![nats.url()]);
+    // The packaged permissions name the default prefix.
+    admin.prefix = "flowwarden".into();
+    let tx = Transmitter::new("fleet-ssf-perm");
+    let secret = |name: &str, password: &str| {
+        let p = tx.dir.join(format!("{name}.password"));
+        std::fs::write(&p, password).unwrap();
+        p.display().to_string()
+    };
+    let admin_pw = secret("fleet-admin", "CHANGE-ME-admin");
+    let as_user = |user: &str, file: &str, args: &[&str]| {
+        let mut full = vec!["--user", user, "--password-file", file];
+        full.extend_from_slice(args);
+        admin.cli(&full)
+    };
+    let (ok, out) = as_user("fleet-admin", &admin_pw, &["init"]);
+    assert!(ok, "init as fleet-admin: {out}");
+    let hosts: Vec<FleetHost> = ["fpa", "fpb"]
+        .iter()
+        .map(|h| {
+            let pw = secret(h, &format!("CHANGE-ME-{h}"));
+            let extra = format!(
+                "user = \"agent-{h}\"\npassword_file = \"{pw}\"\n{}",
+                tx.section
+            );
+            FleetHost::start(&admin, h, POLICY, &[nats.port], &extra)
+        })
+        .collect();
+    let (a, b) = (&hosts[0], &hosts[1]);
+    let alice_b = login(b, "alice@corp.example");
+    let bob_b = login(b, "bob@corp.example");
+
+    // Host A publishes what it accepted; host B consumes it, as their own users.
+    let (token, _) = tx.sign("session-revoked", "alice@corp.example");
+    wait_for(WAIT, "host A accepts the push", || {
+        push(a, &tx.authorization, &token).0 == 202
+    });
+    wait_for(WAIT, "alice's session on host B ends", || {
+        state(b, &alice_b) == "terminated"
+    });
+
+    // The relay user publishes on its own subject, and nowhere else.
+    let relay_pw = secret("ssf-relay-1", "CHANGE-ME-relay-1");
+    let (bob_set, _) = tx.sign("session-revoked", "bob@corp.example");
+    let file = tx.dir.join("bob.jwt");
+    std::fs::write(&file, &bob_set).unwrap();
+    let file = file.to_str().unwrap();
+    let (ok, out) = as_user(
+        "ssf-relay-1",
+        &relay_pw,
+        &["signal", "publish", file, "--from", "fpa"],
+    );
+    assert!(!ok, "the relay posed as host fpa: {out}");
+    assert_eq!(state(b, &bob_b), "active");
+    let (ok, out) = as_user(
+        "ssf-relay-1",
+        &relay_pw,
+        &["signal", "publish", file, "--from", "ssf-relay-1"],
+    );
+    assert!(ok, "the relay publishes on its own subject: {out}");
+    wait_for(WAIT, "bob's session on host B ends", || {
+        state(b, &bob_b) == "terminated"
+    });
+    // An agent's user may not publish as another host either.
+    let (ok, out) = as_user(
+        "agent-fpa",
+        &tx.dir.join("fpa.password").display().to_string(),
+        &["signal", "publish", file, "--from", "fpb"],
+    );
+    assert!(!ok, "agent fpa posed as host fpb: {out}");
 }

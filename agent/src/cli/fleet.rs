@@ -294,8 +294,13 @@ async fn run_async(args: FleetArgs) -> anyhow::Result<()> {
         _ => 1,
     };
     let config = link.config()?;
-    // Creating what is missing with one replica never changes what exists.
-    let fleet = Admin::connect(&config, replicas).await?;
+    // Creating what is missing with one replica never changes what exists. A relay of SETs
+    // only publishes: its NATS user may do nothing else.
+    let fleet = if matches!(args.command, FleetCommand::Signal { .. }) {
+        Admin::connect_only(&config).await?
+    } else {
+        Admin::connect(&config, replicas).await?
+    };
     let wait = Duration::from_secs(link.wait);
     match args.command {
         FleetCommand::Keygen { .. } => unreachable!("handled without a connection"),

@@ -58,10 +58,20 @@ impl Admin {
     /// # Errors
     /// No server reachable, credentials unreadable, JetStream refused.
     pub async fn connect(config: &FleetConfig, replicas: usize) -> Result<Self, FleetError> {
+        let fleet = Self::connect_only(config).await?;
+        link::ensure(&fleet.js, &fleet.names, replicas).await?;
+        Ok(fleet)
+    }
+
+    /// Connects without looking up or creating anything: for a publisher (a relay of
+    /// identity signals) whose NATS user may publish on its own subject and nothing else.
+    ///
+    /// # Errors
+    /// No server reachable, credentials unreadable.
+    pub async fn connect_only(config: &FleetConfig) -> Result<Self, FleetError> {
         let client = link::connect(config, "flowwarden-admin".into(), true, |_| {}).await?;
         let js = jetstream::new(client.clone());
         let names = Names::new(&config.subject_prefix);
-        link::ensure(&js, &names, replicas).await?;
         Ok(Self { client, js, names })
     }
 

@@ -114,11 +114,9 @@ impl Relay {
                     delay = Duration::from_millis(200);
                     // A permit stored by `put` meanwhile wakes this at once; the timeout
                     // only guards against a wake lost to a bug.
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(30),
-                        self.outbox.wake.notified(),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(30), self.outbox.wake.notified())
+                            .await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "fleet: cannot publish accepted SETs; retrying");
@@ -184,11 +182,14 @@ impl Relay {
     }
 
     async fn follow(&self, js: &jetstream::Context) -> Result<(), FleetError> {
-        let stream = js.get_stream(self.names.signals_stream()).await.map_err(|e| {
-            nats("find the signals stream (run `flowwarden fleet init` to create it)")(
-                e.to_string(),
-            )
-        })?;
+        let stream = js
+            .get_stream(self.names.signals_stream())
+            .await
+            .map_err(|e| {
+                nats("find the signals stream (run `flowwarden fleet init` to create it)")(
+                    e.to_string(),
+                )
+            })?;
         // The server keeps this host's position: whatever was acked is not delivered again,
         // and what was delivered and not acked (the agent stopped mid-way) is.
         let durable = self.names.durable(&self.state.host);

@@ -393,7 +393,11 @@ mod tests {
             Some(dev::DEV_TRANSMITTER)
         );
         assert_eq!(claimed_issuer("not a token"), None);
-        assert_eq!(claimed_issuer("a.e30.c"), None, "an empty payload has no iss");
+        assert_eq!(
+            claimed_issuer("a.e30.c"),
+            None,
+            "an empty payload has no iss"
+        );
         let huge = format!("a.{}.c", "A".repeat(MAX_SET_BYTES));
         assert_eq!(claimed_issuer(&huge), None);
     }
