@@ -195,9 +195,7 @@ async fn serve(
     );
     // Shared Signals: identity-provider events end and narrow sessions (see docs/signals.md).
     // With a fleet, the SETs this agent accepts go to every other agent too.
-    let signal_outbox = fleet
-        .as_ref()
-        .map(|_| crate::fleet::signals::Outbox::new(store.clone()));
+    let signal_outbox = fleet.as_ref().map(|f| f.outbox.clone());
     let signals = if config.signals.transmitters.is_empty() {
         None
     } else {
@@ -267,7 +265,7 @@ async fn serve(
     // with its reason.
     let status_socket = crate::api::transport::bind(&socket)?;
     let mut tasks = tokio::task::JoinSet::new();
-    if let (Some(fleet), Some(outbox)) = (fleet, signal_outbox) {
+    if let Some(fleet) = fleet {
         fleet
             .start(
                 Arc::clone(&core),
@@ -275,7 +273,6 @@ async fn serve(
                 store.clone(),
                 config.state.dir.clone(),
                 signals,
-                outbox,
                 &mut tasks,
             )
             .await?;

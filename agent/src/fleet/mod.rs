@@ -53,6 +53,8 @@ pub struct Membership {
     pub config: FleetConfig,
     pub keys: Vec<keys::AdminPublicKey>,
     pub state: Arc<FleetState>,
+    /// Where this agent's signals receiver leaves the SETs it accepted, for the fleet.
+    pub outbox: signals::Outbox,
 }
 
 impl Membership {
@@ -80,12 +82,14 @@ impl Membership {
             config,
             keys,
             state,
+            outbox: signals::Outbox::new(store.clone()),
         })
     }
 
     /// Connects (in the background, with backoff) and starts the control, events, view and
-    /// signals tasks on `tasks`. `outbox` is where `receiver` (this agent's Shared Signals
-    /// receiver, if it has one) leaves the SETs it accepted.
+    /// signals tasks on `tasks`. `receiver` is this agent's Shared Signals receiver, if it
+    /// has one (built [`with_fleet`](crate::signals::Receiver::with_fleet) with this
+    /// membership's `outbox`).
     ///
     /// # Errors
     /// A credential file cannot be read.
@@ -96,7 +100,6 @@ impl Membership {
         store: Store,
         state_dir: PathBuf,
         receiver: Option<Arc<crate::signals::Receiver>>,
-        outbox: signals::Outbox,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<(), FleetError> {
         let state = Arc::clone(&self.state);
@@ -133,7 +136,7 @@ impl Membership {
         tracing::info!(host = %state.host, servers = ?self.config.servers, keys = self.keys.len(), strict = self.config.strict, "fleet: joining");
         let relay = Arc::new(signals::Relay {
             receiver,
-            outbox,
+            outbox: self.outbox,
             store: store.clone(),
             state: Arc::clone(&state),
             names: names.clone(),
