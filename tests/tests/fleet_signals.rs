@@ -415,3 +415,56 @@ fn the_packaged_server_permissions_carry_signals_and_keep_each_publisher_to_its_
     );
     assert!(!ok, "agent fpa posed as host fpb: {out}");
 }
+
+#[test]
+fn a_set_accepted_while_the_fleet_is_away_reaches_it_when_it_is_back_even_across_a_crash() {
+    if !require_root(
+        "a_set_accepted_while_the_fleet_is_away_reaches_it_when_it_is_back_even_across_a_crash",
+    ) {
+        return;
+    }
+    let mut nats = NatsServer::single("fleet-ssf-away").expect("nats-server");
+    let admin = FleetAdmin::new("fleet-ssf-away", vec![nats.url()]);
+    let (ok, out) = admin.cli(&["init"]);
+    assert!(ok, "{out}");
+    let tx = Transmitter::new("fleet-ssf-away");
+    let mut a = FleetHost::start(&admin, "fwa", POLICY, &[nats.port], &tx.section);
+    let b = FleetHost::start(&admin, "fwb", POLICY, &[nats.port], &tx.section);
+    wait_for(WAIT * 3, "both hosts current", || {
+        let hosts = admin.json(&["hosts"]);
+        hosts.as_array().is_some_and(|h| {
+            h.len() == 2
+                && h.iter()
+                    .all(|h| h["current"] == true && h["connected"] == true)
+        })
+    });
+    let alice_b = login(&b, "alice@corp.example");
+
+    // The fleet's server goes away; host A still accepts (and applies) a SET…
+    nats.kill();
+    let (token, jti) = tx.sign("session-revoked", "alice@corp.example");
+    let (status, body) = push(&a, &tx.authorization, &token);
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        received(&a, &jti)
+            .iter()
+            .any(|(o, _)| o.starts_with("terminated") || o == "ignored"),
+        "host A applied it"
+    );
+    // …and crashes before it could publish it.
+    a.stack.agent_mut().kill9();
+    a.stack.start_agent();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(state(&b, &alice_b), "active", "nothing reached host B yet");
+
+    nats.start().expect("nats-server again");
+    wait_for(WAIT * 2, "alice's session on host B ends", || {
+        state(&b, &alice_b) == "terminated"
+    });
+    let on_b = received(&b, &jti);
+    assert!(
+        on_b.iter().any(|(o, d)| o.starts_with("terminated")
+            && d.contains(&format!("via the fleet ({}.signals.fwa)", admin.prefix))),
+        "{on_b:?}"
+    );
+}
