@@ -373,6 +373,13 @@ fn the_packaged_server_permissions_carry_signals_and_keep_each_publisher_to_its_
         })
         .collect();
     let (a, b) = (&hosts[0], &hosts[1]);
+    for h in &hosts {
+        // Each host has caught up on the control stream under its packaged user (it admits
+        // no one before).
+        wait_for(WAIT * 3, "the host is current", || {
+            h.fleet_status()["current"] == true
+        });
+    }
     let alice_b = login(b, "alice@corp.example");
     let bob_b = login(b, "bob@corp.example");
 

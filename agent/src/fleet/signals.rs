@@ -193,13 +193,14 @@ impl Relay {
         // The server keeps this host's position: whatever was acked is not delivered again,
         // and what was delivered and not acked (the agent stopped mid-way) is.
         let durable = self.names.durable(&self.state.host);
+        let deliver_policy = self.first_delivery();
         let consumer = stream
             .get_or_create_consumer(
                 &durable,
                 pull::Config {
                     durable_name: Some(durable.clone()),
                     filter_subject: self.names.signals_subjects(),
-                    deliver_policy: DeliverPolicy::All,
+                    deliver_policy,
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(30),
                     max_ack_pending: 1_000,
@@ -235,6 +236,24 @@ impl Relay {
             what: "read the signals stream",
             detail: "the subscription ended".into(),
         })
+    }
+
+    /// Where a host that joins starts on the signals stream: at what it could still accept
+    /// (a SET older than its widest `iat` window would only be refused as stale), or at new
+    /// SETs when it trusts no transmitter. Only for a new consumer: an existing one resumes.
+    fn first_delivery(&self) -> DeliverPolicy {
+        let widest = self
+            .receiver
+            .as_ref()
+            .and_then(|r| r.transmitters().iter().map(|t| t.cfg.iat_window_secs).max());
+        let Some(window) = widest else {
+            return DeliverPolicy::New;
+        };
+        let since_ms = crate::sessions::model::now_ms().saturating_sub(window * 1000);
+        async_nats::datetime::from_nanos(i128::from(since_ms) * 1_000_000)
+            .map_or(DeliverPolicy::All, |start_time| {
+                DeliverPolicy::ByStartTime { start_time }
+            })
     }
 
     /// Feeds one SET from the fleet to the receiver. `Err` only when it should come again.
