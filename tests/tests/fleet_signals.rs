@@ -311,6 +311,20 @@ fn a_set_pushed_to_one_host_acts_on_every_host_and_a_forged_one_on_none() {
     }
     assert_eq!(state(&c, &bob[2]), "active", "host C trusts no transmitter");
     assert_eq!(
+        a.fleet_status()["signals_published"],
+        1,
+        "host A published its one push"
+    );
+    assert_eq!(
+        b.fleet_status()["signals_published"],
+        0,
+        "host B was pushed nothing"
+    );
+    // The push, the forged SET, the replay and the relayed SET.
+    wait_for(WAIT, "host C counts what it received", || {
+        c.fleet_status()["signals_received"] == 4
+    });
+    assert_eq!(
         state(&c, &alice[2]),
         "active",
         "host C trusts no transmitter"

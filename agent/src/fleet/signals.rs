@@ -153,6 +153,9 @@ impl Relay {
             })?;
             tracing::debug!(jti = %pending.jti, iss = %pending.iss, "fleet: SET published");
             self.forget(&key).await?;
+            self.state
+                .signals_published
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -221,7 +224,12 @@ impl Relay {
             // Acked only once what the SET did is durable (or its refusal recorded); a SET
             // the agent could not act on is delivered again.
             let ack = match self.handle(&message.payload, via).await {
-                Ok(()) => AckKind::Ack,
+                Ok(()) => {
+                    self.state
+                        .signals_received
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    AckKind::Ack
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "fleet: a SET from the fleet was not applied; it will be delivered again");
                     AckKind::Nak(Some(RETRY_FAILED))
