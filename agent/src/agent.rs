@@ -194,6 +194,8 @@ async fn serve(
         "descriptor budget"
     );
     // Shared Signals: identity-provider events end and narrow sessions (see docs/signals.md).
+    // With a fleet, the SETs this agent accepts go to every other agent too.
+    let signal_outbox = fleet.as_ref().map(|f| f.outbox.clone());
     let signals = if config.signals.transmitters.is_empty() {
         None
     } else {
@@ -204,7 +206,8 @@ async fn serve(
                 Arc::clone(&sessions),
                 store.clone(),
             )
-            .context("starting the Shared Signals receiver")?,
+            .context("starting the Shared Signals receiver")?
+            .with_fleet(signal_outbox.clone()),
         );
         receiver.report_status();
         receiver.spawn_key_refresh();
@@ -225,7 +228,7 @@ async fn serve(
             config.admission.max_connections_per_source,
         ),
         request_timeout: Duration::from_millis(config.admission.request_timeout_ms),
-        signals,
+        signals: signals.clone(),
         fleet: fleet_state.clone(),
     });
     let core = Arc::new(crate::api::core::Core {
@@ -270,6 +273,7 @@ async fn serve(
                 Arc::clone(&sessions),
                 store.clone(),
                 config.state.dir.clone(),
+                signals,
                 &mut tasks,
             )
             .await?;

@@ -73,6 +73,10 @@ const NOT_RUN: &[(&str, &str)] = &[
         "needs NATS JetStream servers: tests/tests/fleet.rs and fleet_cluster.rs run these commands against real ones",
     ),
     (
+        "flowwarden fleet signal publish set.jwt --from ssf-relay-1",
+        "needs NATS JetStream servers and agents that trust the transmitter: tests/tests/fleet_signals.rs publishes SETs this way",
+    ),
+    (
         "cargo xtask demo",
         "the demo itself; run by hand, it exits non-zero when a step does not behave as narrated",
     ),

@@ -1,5 +1,5 @@
 //! `flowwarden fleet`: the administrator's view of and commands to every host, over NATS
-//! JetStream: keygen, init, hosts, sessions, terminate, policy push, audit.
+//! JetStream: keygen, init, hosts, sessions, terminate, policy push, locks, signals, audit.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -92,6 +92,11 @@ pub enum FleetCommand {
         #[command(subcommand)]
         command: FleetLock,
     },
+    /// Identity signals on every host: publish a SET to the fleet's signals stream.
+    Signal {
+        #[command(subcommand)]
+        command: FleetSignal,
+    },
     /// Every host's audit events, from the fleet's events stream.
     Audit {
         /// Keep printing new events.
@@ -100,6 +105,23 @@ pub enum FleetCommand {
         /// How many of the latest events to print first.
         #[arg(long, default_value_t = 50)]
         last: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum FleetSignal {
+    /// Publish a SET (a compact JWS signed by a transmitter the agents trust) for every agent
+    /// to apply as if its transmitter had pushed it. Not signed with an admin key: the
+    /// agents check the transmitter's signature.
+    Publish {
+        /// The file holding the SET, or `-` for standard input.
+        set: PathBuf,
+        /// The last token of the subject it is published on (`<prefix>.signals.<from>`): who
+        /// relays it.
+        #[arg(long, default_value = "admin")]
+        from: String,
         #[arg(long)]
         json: bool,
     },
@@ -184,6 +206,9 @@ impl FleetArgs {
             | FleetCommand::Init { json, .. }
             | FleetCommand::Hosts { json }
             | FleetCommand::Audit { json, .. }
+            | FleetCommand::Signal {
+                command: FleetSignal::Publish { json, .. },
+            }
             | FleetCommand::Sessions {
                 command: FleetSessions::List { json, .. } | FleetSessions::Terminate { json, .. },
             }
@@ -269,8 +294,13 @@ async fn run_async(args: FleetArgs) -> anyhow::Result<()> {
         _ => 1,
     };
     let config = link.config()?;
-    // Creating what is missing with one replica never changes what exists.
-    let fleet = Admin::connect(&config, replicas).await?;
+    // Creating what is missing with one replica never changes what exists. A relay of SETs
+    // only publishes: its NATS user may do nothing else.
+    let fleet = if matches!(args.command, FleetCommand::Signal { .. }) {
+        Admin::connect_only(&config).await?
+    } else {
+        Admin::connect(&config, replicas).await?
+    };
     let wait = Duration::from_secs(link.wait);
     match args.command {
         FleetCommand::Keygen { .. } => unreachable!("handled without a connection"),
@@ -433,6 +463,39 @@ async fn run_async(args: FleetArgs) -> anyhow::Result<()> {
             report(&issued, false)
         }
         FleetCommand::Lock { command } => lock(&fleet, link, command, wait).await,
+        FleetCommand::Signal {
+            command: FleetSignal::Publish { set, from, json },
+        } => {
+            if !crate::fleet::config::valid_token(&from) {
+                bail!("--from {from:?} must be letters, digits, - and _ only (a subject token)");
+            }
+            let bytes = if set.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                    .context("reading the SET from standard input")?;
+                b
+            } else {
+                std::fs::read(&set).with_context(|| format!("reading {}", set.display()))?
+            };
+            let text = std::str::from_utf8(&bytes)
+                .map(str::trim)
+                .ok()
+                .filter(|t| t.split('.').count() == 3)
+                .with_context(|| {
+                    format!(
+                        "{} is not a SET: expected a compact JWS (three base64url parts separated by dots)",
+                        set.display()
+                    )
+                })?;
+            let seq = fleet.publish_set(&from, text.as_bytes().to_vec()).await?;
+            let subject = fleet.names.signals(&from);
+            if json {
+                return output::json(&json!({"subject": subject, "stream_seq": seq}));
+            }
+            output::text(&format!(
+                "SET published on {subject} (signals stream seq {seq}); each agent's audit shows what it did\n"
+            ))
+        }
         FleetCommand::Audit { follow, last, json } => {
             let mut failed = None;
             fleet

@@ -58,10 +58,20 @@ impl Admin {
     /// # Errors
     /// No server reachable, credentials unreadable, JetStream refused.
     pub async fn connect(config: &FleetConfig, replicas: usize) -> Result<Self, FleetError> {
+        let fleet = Self::connect_only(config).await?;
+        link::ensure(&fleet.js, &fleet.names, replicas).await?;
+        Ok(fleet)
+    }
+
+    /// Connects without looking up or creating anything: for a publisher (a relay of
+    /// identity signals) whose NATS user may publish on its own subject and nothing else.
+    ///
+    /// # Errors
+    /// No server reachable, credentials unreadable.
+    pub async fn connect_only(config: &FleetConfig) -> Result<Self, FleetError> {
         let client = link::connect(config, "flowwarden-admin".into(), true, |_| {}).await?;
         let js = jetstream::new(client.clone());
         let names = Names::new(&config.subject_prefix);
-        link::ensure(&js, &names, replicas).await?;
         Ok(Self { client, js, names })
     }
 
@@ -165,6 +175,32 @@ impl Admin {
             outcomes: outcomes.into_values().collect(),
             waiting_for,
         })
+    }
+
+    /// Publishes a SET (a compact JWS, as its transmitter signed it) to the fleet's signals
+    /// stream, as `from` (a relay's name): every agent that trusts its transmitter applies
+    /// it. Answers the stream sequence it was stored at.
+    ///
+    /// # Errors
+    /// The server does not store it.
+    pub async fn publish_set(&self, from: &str, set: Vec<u8>) -> Result<u64, FleetError> {
+        let mut message = Publish::build().payload(set.clone().into());
+        // A SET claims its own identity: a retried publication is stored once. (Unverified
+        // here; every agent checks the signature.)
+        if let Some((iss, jti)) = std::str::from_utf8(&set)
+            .ok()
+            .and_then(crate::signals::set::claimed_id)
+        {
+            message = message.message_id(super::signals::set_id(&iss, &jti));
+        }
+        let ack = self
+            .js
+            .send_publish(self.names.signals(from), message)
+            .await
+            .map_err(|e| nats("publish the SET")(e.to_string()))?
+            .await
+            .map_err(|e| nats("have the SET stored")(e.to_string()))?;
+        Ok(ack.sequence)
     }
 
     /// Removes a lasting command from the snapshot (a lock removed, say).

@@ -29,6 +29,10 @@ impl Names {
     pub fn events_stream(&self) -> String {
         format!("{}_EVENTS", self.upper)
     }
+    /// Identity signals (SETs, as their transmitter signed them) that every agent applies.
+    pub fn signals_stream(&self) -> String {
+        format!("{}_SIGNALS", self.upper)
+    }
     /// Commands still in force (lock adds, user terminations, the last policy), signed, by
     /// command id: what an agent whose position was purged resynchronises from.
     pub fn snapshot_bucket(&self) -> String {
@@ -57,11 +61,18 @@ impl Names {
     pub fn events_subjects(&self) -> String {
         format!("{}.events.>", self.prefix)
     }
+    /// Where `from` (a host that accepted the SET, or a relay's own name) publishes a SET.
+    pub fn signals(&self, from: &str) -> String {
+        format!("{}.signals.{from}", self.prefix)
+    }
+    pub fn signals_subjects(&self) -> String {
+        format!("{}.signals.>", self.prefix)
+    }
     /// Every host's events of one kind.
     pub fn events_of_kind(&self, kind: &str) -> String {
         format!("{}.events.*.{kind}", self.prefix)
     }
-    /// The durable consumer of one host on the control stream.
+    /// The durable consumer of one host on the control stream (and on the signals stream).
     pub fn durable(&self, host: &str) -> String {
         format!("agent-{host}")
     }
@@ -169,6 +180,21 @@ pub async fn ensure(
     })
     .await
     .map_err(|e| nats("create the events stream")(e.to_string()))?;
+    js.get_or_create_stream(stream::Config {
+        name: names.signals_stream(),
+        subjects: vec![names.signals_subjects()],
+        num_replicas: replicas,
+        // Every agent that accepts a SET publishes it, with its issuer and jti as message id:
+        // the copies that arrive within the window are stored once.
+        duplicate_window: Duration::from_secs(120),
+        // A SET older than the longest iat window a receiver may allow is refused anyway.
+        max_age: Duration::from_secs(crate::signals::config::MAX_IAT_WINDOW_SECS),
+        max_message_size: 64 * 1024,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats("create the signals stream")(e.to_string()))?;
     for (bucket, history) in [
         (names.snapshot_bucket(), 1),
         (names.hosts_bucket(), 1),
@@ -204,5 +230,7 @@ mod tests {
             "fw-test.events.web-1.session_admitted"
         );
         assert_eq!(n.snapshot_bucket(), "FW_TEST_SNAPSHOT");
+        assert_eq!(n.signals_stream(), "FW_TEST_SIGNALS");
+        assert_eq!(n.signals("web-1"), "fw-test.signals.web-1");
     }
 }

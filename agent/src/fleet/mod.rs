@@ -1,7 +1,8 @@
 //! The fleet: many agents joined over NATS JetStream. Signed control commands (terminate,
 //! policy, and every other admin method of the status socket) reach every host, each applied
-//! once; each host publishes its audit events and its live view. Without `[fleet]` in
-//! `agent.toml` none of this runs.
+//! once; each host publishes its audit events and its live view; identity signals (SETs)
+//! accepted by any host are applied on every host. Without `[fleet]` in `agent.toml` none of
+//! this runs.
 
 pub mod admin;
 pub mod command;
@@ -10,6 +11,7 @@ mod control;
 pub mod keys;
 pub mod link;
 pub mod policy;
+pub mod signals;
 pub mod state;
 pub mod view;
 
@@ -51,6 +53,8 @@ pub struct Membership {
     pub config: FleetConfig,
     pub keys: Vec<keys::AdminPublicKey>,
     pub state: Arc<FleetState>,
+    /// Where this agent's signals receiver leaves the SETs it accepted, for the fleet.
+    pub outbox: signals::Outbox,
 }
 
 impl Membership {
@@ -78,11 +82,14 @@ impl Membership {
             config,
             keys,
             state,
+            outbox: signals::Outbox::new(store.clone()),
         })
     }
 
-    /// Connects (in the background, with backoff) and starts the control, events and view
-    /// tasks on `tasks`.
+    /// Connects (in the background, with backoff) and starts the control, events, view and
+    /// signals tasks on `tasks`. `receiver` is this agent's Shared Signals receiver, if it
+    /// has one (built [`with_fleet`](crate::signals::Receiver::with_fleet) with this
+    /// membership's `outbox`).
     ///
     /// # Errors
     /// A credential file cannot be read.
@@ -92,6 +99,7 @@ impl Membership {
         sessions: Arc<Sessions>,
         store: Store,
         state_dir: PathBuf,
+        receiver: Option<Arc<crate::signals::Receiver>>,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<(), FleetError> {
         let state = Arc::clone(&self.state);
@@ -126,6 +134,15 @@ impl Membership {
         let names = link::Names::new(&self.config.subject_prefix);
         let js = async_nats::jetstream::new(client);
         tracing::info!(host = %state.host, servers = ?self.config.servers, keys = self.keys.len(), strict = self.config.strict, "fleet: joining");
+        let relay = Arc::new(signals::Relay {
+            receiver,
+            outbox: self.outbox,
+            store: store.clone(),
+            state: Arc::clone(&state),
+            names: names.clone(),
+        });
+        tasks.spawn(Arc::clone(&relay).publish(js.clone()));
+        tasks.spawn(relay.consume(js.clone()));
         let control = control::Control {
             core,
             store: store.clone(),

@@ -37,6 +37,13 @@ pub struct FleetStatus {
     /// The policy bundle version in force (0: local policy only).
     pub policy_version: u64,
     pub events_published: u64,
+    /// SETs this agent accepted from its transmitters and published to the fleet.
+    #[serde(default)]
+    pub signals_published: u64,
+    /// SETs from the fleet's signals stream handed to this agent's receiver (applied,
+    /// duplicates and refusals alike: its audit says which).
+    #[serde(default)]
+    pub signals_received: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
@@ -58,6 +65,8 @@ pub struct FleetState {
     pub last_event_ms: AtomicU64,
     pub policy_version: AtomicU64,
     pub events_published: AtomicU64,
+    pub signals_published: AtomicU64,
+    pub signals_received: AtomicU64,
     pub server: Mutex<String>,
     pub last_error: Mutex<Option<String>>,
 }
@@ -80,6 +89,8 @@ impl FleetState {
             last_event_ms: AtomicU64::new(0),
             policy_version: AtomicU64::new(0),
             events_published: AtomicU64::new(0),
+            signals_published: AtomicU64::new(0),
+            signals_received: AtomicU64::new(0),
             server: Mutex::new(String::new()),
             last_error: Mutex::new(None),
         }
@@ -161,6 +172,8 @@ impl FleetState {
             last_event_ms: self.last_event_ms.load(Ordering::Relaxed),
             policy_version: self.policy_version.load(Ordering::Relaxed),
             events_published: self.events_published.load(Ordering::Relaxed),
+            signals_published: self.signals_published.load(Ordering::Relaxed),
+            signals_received: self.signals_received.load(Ordering::Relaxed),
             last_error: self
                 .last_error
                 .lock()
@@ -173,7 +186,7 @@ impl FleetState {
     pub fn metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let s = self.status();
-        let gauges: [(&str, &str, u64); 8] = [
+        let gauges: [(&str, &str, u64); 10] = [
             (
                 "flowwarden_fleet_connected",
                 "1 when connected to a fleet server",
@@ -213,6 +226,16 @@ impl FleetState {
                 "flowwarden_fleet_events_published_total",
                 "audit events published to the fleet",
                 s.events_published,
+            ),
+            (
+                "flowwarden_fleet_signals_published_total",
+                "SETs accepted from a transmitter and published to the fleet",
+                s.signals_published,
+            ),
+            (
+                "flowwarden_fleet_signals_received_total",
+                "SETs from the fleet handed to the signals receiver",
+                s.signals_received,
             ),
         ];
         for (name, help, value) in gauges {

@@ -21,13 +21,33 @@ pub mod subject;
 use std::path::PathBuf;
 
 pub use config::{Delivery, SignalsConfig, SubjectMapping, TransmitterConfig};
-pub use receiver::{Outcome, Receipt, Receiver};
+pub use receiver::{NotAccepted, Outcome, Receipt, Receiver};
 pub use status::{SignalsStatus, TransmitterStatus, signals_status};
 
 /// The `Content-Type` of a pushed SET (RFC 8935 2).
 pub const SET_MEDIA_TYPE: &str = "application/secevent+jwt";
 /// Where transmitters push SETs on the admission listener.
 pub const PUSH_PATH: &str = "/v1/ssf/events";
+
+/// How a SET reached this agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// From its transmitter: pushed or polled on this agent's own stream.
+    Transmitter,
+    /// From the fleet's signals stream, on this subject (`<prefix>.signals.<host or relay>`):
+    /// accepted by another agent, or published there by a relay. Checked all the same.
+    Fleet { subject: String },
+}
+
+impl Via {
+    /// How audit records say where a SET came from (empty for a transmitter's own stream).
+    pub fn describe(&self) -> String {
+        match self {
+            Via::Transmitter => String::new(),
+            Via::Fleet { subject } => format!("via the fleet ({subject})"),
+        }
+    }
+}
 
 /// The error codes of RFC 8935 2.4 and SSF 1.0 (`invalid_state`), sent as `err`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

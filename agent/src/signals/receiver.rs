@@ -10,7 +10,7 @@ use std::{
 use serde_json::{Map, Value};
 
 use super::{
-    ErrCode, SignalError, SignalsConfig, TransmitterConfig,
+    ErrCode, SignalError, SignalsConfig, TransmitterConfig, Via,
     events::{Event, short_name},
     keys::transmitter_keys,
     set::{self, Expect, Refused, Set},
@@ -109,6 +109,9 @@ pub struct Receiver {
     /// changed claims.
     mappings: HashMap<String, ClaimMapping>,
     last_prune_ms: Mutex<u64>,
+    /// With a fleet: where the SETs accepted from this agent's transmitters go, for every
+    /// other agent to apply.
+    fleet: Option<crate::fleet::signals::Outbox>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -185,6 +188,7 @@ impl Receiver {
                 .map(|i| (i.issuer.clone(), i.claims.clone()))
                 .collect(),
             last_prune_ms: Mutex::new(now),
+            fleet: None,
         })
     }
 
@@ -214,6 +218,13 @@ impl Receiver {
         });
     }
 
+    /// Hands every SET accepted from a transmitter to the fleet as well.
+    #[must_use]
+    pub fn with_fleet(mut self, outbox: Option<crate::fleet::signals::Outbox>) -> Self {
+        self.fleet = outbox;
+        self
+    }
+
     pub fn transmitters(&self) -> &[Transmitter] {
         &self.transmitters
     }
@@ -228,18 +239,60 @@ impl Receiver {
         index: usize,
         token: String,
     ) -> Result<Receipt, NotAccepted> {
+        self.receive_via(index, token, Via::Transmitter).await
+    }
+
+    /// Like [`Receiver::receive`], for a SET that arrived `via` the fleet too. A SET from
+    /// the transmitter is also handed to the fleet (when there is one) before it is
+    /// acknowledged; one from the fleet is not handed back.
+    ///
+    /// # Errors
+    /// As [`Receiver::receive`].
+    pub async fn receive_via(
+        self: &Arc<Self>,
+        index: usize,
+        token: String,
+        via: Via,
+    ) -> Result<Receipt, NotAccepted> {
+        let receipt = self.receive_once(index, &token, via.clone()).await?;
+        if via == Via::Transmitter
+            && let Some(outbox) = &self.fleet
+            && !is_stream_event(&receipt.event)
+        {
+            // Duplicates too: a crash after the SET was applied and before it reached the
+            // outbox makes the transmitter deliver it again, as a duplicate.
+            let iss = &self.transmitters[index].cfg.issuer;
+            if let Err(e) = outbox.put(iss, &receipt.jti, &token).await {
+                tracing::error!(jti = %receipt.jti, error = %e, "cannot hand a SET to the fleet; not acknowledged");
+                return Err(NotAccepted::Failed(SignalError::Store(e)));
+            }
+        }
+        Ok(receipt)
+    }
+
+    async fn receive_once(
+        self: &Arc<Self>,
+        index: usize,
+        token: &str,
+        via: Via,
+    ) -> Result<Receipt, NotAccepted> {
         let this = Arc::clone(self);
-        let validated = tokio::task::spawn_blocking(move || this.validate(index, &token))
+        let owned = token.to_owned();
+        let validated = tokio::task::spawn_blocking(move || this.validate(index, &owned))
             .await
             .map_err(|_| NotAccepted::Failed(SignalError::Interrupted))?;
         let t = &self.transmitters[index];
-        let set = match validated {
+        let mut set = match validated {
             Ok(set) => set,
-            Err(refused) => {
+            Err(mut refused) => {
+                if via != Via::Transmitter {
+                    refused.description = format!("{}: {}", via.describe(), refused.description);
+                }
                 self.refused(index, &refused).await;
                 return Err(refused.into());
             }
         };
+        set.via = via;
         let event = short_name(&set.event_type);
         let key = (set.iss.clone(), set.jti.clone());
         let replay = {
@@ -261,6 +314,7 @@ impl Receiver {
                 "duplicate",
                 "a replay of a SET already applied",
             );
+            tracing::debug!(jti = %set.jti, via = %set.via.describe(), "a replayed SET");
             if let Err(e) = self.store.submit(vec![Write::Audit(audit)]).await {
                 tracing::warn!(error = %e, "cannot record a replayed SET");
             }
@@ -270,7 +324,14 @@ impl Receiver {
                 outcome: Outcome::Duplicate,
             });
         }
-        let acted = self.act(index, &set, &event).await;
+        let acted = if set.via != Via::Transmitter && is_stream_event(&event) {
+            // Verification and stream-updated events concern the stream of the agent that
+            // received them, not this agent's.
+            let why = "a stream event from the fleet: it concerns another agent's stream".into();
+            self.ignore(index, &set, &event, why).await
+        } else {
+            self.act(index, &set, &event).await
+        };
         match acted {
             Ok(outcome) => {
                 let forget = now_ms() + t.cfg.iat_window_secs * 2000;
@@ -334,6 +395,10 @@ impl Receiver {
     }
 
     fn audit_event(&self, set: &Set, event: &str, outcome: &str, detail: &str) -> AuditEvent {
+        let detail = match &set.via {
+            Via::Transmitter => detail.to_owned(),
+            via => format!("{detail} ({})", via.describe()),
+        };
         let mut e = AuditEvent::new(AuditKind::SignalReceived {
             jti: set.jti.clone(),
             iss: set.iss.clone(),
@@ -344,7 +409,7 @@ impl Receiver {
                 .map_or_else(|| "none".into(), Subject::describe),
             outcome: outcome.to_owned(),
         });
-        e.detail = detail.to_owned();
+        e.detail = detail;
         e
     }
 
@@ -813,6 +878,11 @@ impl Receiver {
         }
         found
     }
+}
+
+/// Whether an event (by its short name) is about the stream it came on rather than a subject.
+fn is_stream_event(event: &str) -> bool {
+    matches!(event, "verification" | "stream-updated")
 }
 
 /// Merges changed claims into a session's identity, and re-derives the typed fields (email,

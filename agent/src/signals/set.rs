@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    ErrCode,
+    ErrCode, Via,
     subject::{BadSubject, Subject},
 };
 use crate::auth::{Alg, IssuerKeys, KeyOutcome, OnDemand};
@@ -58,6 +58,8 @@ pub struct Set {
     pub subject: Option<Subject>,
     /// When the transmitter says the event happened (`event_timestamp`), else `iat`.
     pub event_time: u64,
+    /// How it reached this agent (set by the receiver; the token does not say).
+    pub via: Via,
 }
 
 /// What a SET is checked against.
@@ -228,7 +230,31 @@ pub(crate) fn validate(token: &str, want: &Expect<'_>, now: u64) -> Result<Set, 
         event: event.clone(),
         subject,
         event_time,
+        via: Via::Transmitter,
     })
+}
+
+/// The claims a SET's payload holds, unverified: only to pick the transmitter whose keys then
+/// check it (a SET from the fleet arrives without the stream that names its transmitter), and
+/// to name it before it is checked.
+fn claimed(token: &str) -> Option<Map<String, Value>> {
+    if token.len() > MAX_SET_BYTES {
+        return None;
+    }
+    let payload = b64(token.trim().split('.').nth(1)?)?;
+    serde_json::from_slice(&payload).ok()
+}
+
+/// The `iss` a SET claims, unverified (see [`claimed`]).
+pub(crate) fn claimed_issuer(token: &str) -> Option<String> {
+    claimed(token)?.get("iss")?.as_str().map(str::to_owned)
+}
+
+/// The (`iss`, `jti`) a SET claims, unverified (see [`claimed`]).
+pub fn claimed_id(token: &str) -> Option<(String, String)> {
+    let claims = claimed(token)?;
+    let text = |k: &str| claims.get(k)?.as_str().map(str::to_owned);
+    Some((text("iss")?, text("jti")?))
 }
 
 /// The signature with the transmitter's key of that `kid`; an unknown kid (or a key the
@@ -356,6 +382,24 @@ mod tests {
         assert_eq!(set.event_type, revoked().event_uri());
         assert_eq!(set.subject, Some(Subject::Email("alice@corp.test".into())));
         assert_eq!(set.iat, NOW);
+    }
+
+    #[test]
+    fn the_claimed_issuer_is_read_without_trusting_it() {
+        let f = fixture();
+        let token = f.key.sign(&revoked(), NOW).expect("sign");
+        assert_eq!(
+            claimed_issuer(&token).as_deref(),
+            Some(dev::DEV_TRANSMITTER)
+        );
+        assert_eq!(claimed_issuer("not a token"), None);
+        assert_eq!(
+            claimed_issuer("a.e30.c"),
+            None,
+            "an empty payload has no iss"
+        );
+        let huge = format!("a.{}.c", "A".repeat(MAX_SET_BYTES));
+        assert_eq!(claimed_issuer(&huge), None);
     }
 
     #[test]

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::{Store, StoreError, Write, db_error};
 
 /// Key → JSON value. Keys: `applied/<command id>` ([`AppliedRecord`]),
-/// `position/<stream>` (`u64`), `policy/version` (`u64`).
+/// `position/<stream>` (`u64`), `policy/version` (`u64`), and [`SIGNAL_OUTBOX`]`<id>` (a SET
+/// accepted here, not yet stored by the fleet's signals stream).
 pub(super) const FLEET: TableDefinition<&str, &[u8]> = TableDefinition::new("fleet");
 
 /// The position of the control stream: the stream sequence of the last command handled.
@@ -18,6 +19,9 @@ pub const CONTROL_POSITION: &str = "position/control";
 pub const EVENTS_POSITION: &str = "position/events";
 /// The version of the last policy bundle put in force.
 pub const POLICY_VERSION: &str = "policy/version";
+
+/// The prefix of the SETs waiting to be published to the fleet's signals stream.
+pub const SIGNAL_OUTBOX: &str = "signal-out/";
 
 /// One applied command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +43,13 @@ pub fn put<T: Serialize>(key: &str, value: &T) -> Write {
     Write::Fleet {
         key: key.to_owned(),
         value: serde_json::to_vec(value).unwrap_or_default(),
+    }
+}
+
+/// The write that removes a fleet value.
+pub fn remove(key: &str) -> Write {
+    Write::FleetRemove {
+        key: key.to_owned(),
     }
 }
 
@@ -86,6 +97,32 @@ impl Store {
         self.fleet_value(&applied_key(command))
     }
 
+    /// Every fleet value whose key starts with `prefix`, in key order, as stored (raw bytes).
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn fleet_values_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(|path, txn| {
+            let table = match txn.open_table(FLEET) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(db_error(path, "open the fleet table")(e)),
+            };
+            let mut out = Vec::new();
+            for row in table
+                .range(prefix..)
+                .map_err(db_error(path, "read the fleet table"))?
+            {
+                let (k, v) = row.map_err(db_error(path, "read the fleet table"))?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
     /// How many commands were ever applied.
     ///
     /// # Errors
@@ -131,6 +168,24 @@ mod tests {
         assert_eq!(store.fleet_applied("c1").unwrap(), Some(record));
         assert_eq!(store.fleet_value::<u64>(CONTROL_POSITION).unwrap(), Some(7));
         assert_eq!(store.fleet_applied_count().unwrap(), 1);
+        store
+            .commit(vec![
+                put(&format!("{SIGNAL_OUTBOX}b"), &"set-b"),
+                put(&format!("{SIGNAL_OUTBOX}a"), &"set-a"),
+                put("signal-outz", &"not under the prefix"),
+            ])
+            .unwrap();
+        let under: Vec<String> = store
+            .fleet_values_under(SIGNAL_OUTBOX)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(under, ["signal-out/a", "signal-out/b"]);
+        store
+            .commit(vec![remove(&format!("{SIGNAL_OUTBOX}a")), remove("absent")])
+            .unwrap();
+        assert_eq!(store.fleet_values_under(SIGNAL_OUTBOX).unwrap().len(), 1);
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -84,6 +84,10 @@ pub enum Write {
         key: String,
         value: Vec<u8>,
     },
+    /// Remove a value from the fleet table; removing an absent one is not an error.
+    FleetRemove {
+        key: String,
+    },
     /// A lock, denied token or cut-off (the `locks` table).
     Locks(LockWrite),
     /// The signals receiver's state (seen SETs, applied signals, device posture, poll

@@ -279,6 +279,12 @@ impl Writer {
                     .insert(key.as_str(), value.as_slice())
                     .map_err(db_error(path, "write the fleet table"))?;
             }
+            Write::FleetRemove { key } => {
+                tables
+                    .fleet
+                    .remove(key.as_str())
+                    .map_err(db_error(path, "remove from the fleet table"))?;
+            }
             Write::Locks(w) => super::locks::apply(path, &mut tables.locks, w)?,
         }
         Ok(None)
