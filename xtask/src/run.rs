@@ -28,6 +28,7 @@ const BENCHES: &[&str] = &[
     "throughput",
     "locks",
     "console",
+    "signals",
 ];
 
 pub fn test(filter: Option<&str>) -> Result<()> {
