@@ -29,6 +29,7 @@ const BENCHES: &[&str] = &[
     "locks",
     "console",
     "fleet",
+    "signals",
 ];
 
 pub fn test(filter: Option<&str>) -> Result<()> {

@@ -273,9 +273,63 @@ impl DevSet {
     }
 }
 
+/// A transmitter's push connection to one agent: one TLS connection kept alive across
+/// pushes (certificate pinned by fingerprint), as a transmitter streaming SETs keeps one.
+pub struct Pusher {
+    http: ureq::Agent,
+    url: String,
+    agent: String,
+}
+
+impl Pusher {
+    /// A pusher to the agent's push endpoint at `host:port`, trusting exactly the certificate
+    /// with `fingerprint`. Nothing is connected until the first push.
+    ///
+    /// # Errors
+    /// The fingerprint is malformed.
+    pub fn new(agent: &str, fingerprint: &str) -> Result<Self, DevSsfError> {
+        let tls = crate::admission::client::pinned_config(fingerprint)
+            .map_err(|e| DevSsfError::Event(e.to_string()))?;
+        let http = ureq::AgentBuilder::new()
+            .tls_config(std::sync::Arc::new(tls))
+            .timeout(std::time::Duration::from_secs(15))
+            .build();
+        Ok(Self {
+            http,
+            url: format!("https://{agent}{}", super::PUSH_PATH),
+            agent: agent.to_owned(),
+        })
+    }
+
+    /// POSTs `body` with this `Authorization` value (none when empty) and `Content-Type`;
+    /// answers the HTTP status and body.
+    ///
+    /// # Errors
+    /// The agent cannot be reached.
+    pub fn push(
+        &self,
+        authorization: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<(u16, String), DevSsfError> {
+        let mut call = self.http.post(&self.url).set("Content-Type", content_type);
+        if !authorization.is_empty() {
+            call = call.set("Authorization", authorization);
+        }
+        match call.send_bytes(body) {
+            Ok(r) => Ok((r.status(), r.into_string().unwrap_or_default())),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
+            Err(e) => Err(DevSsfError::Event(format!(
+                "cannot reach the agent at {}: {e}",
+                self.agent
+            ))),
+        }
+    }
+}
+
 /// POSTs `body` to an agent's push endpoint (`host:port`, certificate pinned by
-/// `fingerprint`) with this `Authorization` value (none when empty) and `Content-Type`;
-/// answers the HTTP status and body.
+/// `fingerprint`) with this `Authorization` value (none when empty) and `Content-Type`, on a
+/// connection of its own; answers the HTTP status and body.
 ///
 /// # Errors
 /// The agent cannot be reached, or the fingerprint is malformed.
@@ -286,25 +340,7 @@ pub fn push(
     content_type: &str,
     body: &[u8],
 ) -> Result<(u16, String), DevSsfError> {
-    let tls = crate::admission::client::pinned_config(fingerprint)
-        .map_err(|e| DevSsfError::Event(e.to_string()))?;
-    let http = ureq::AgentBuilder::new()
-        .tls_config(std::sync::Arc::new(tls))
-        .timeout(std::time::Duration::from_secs(15))
-        .build();
-    let mut call = http
-        .post(&format!("https://{agent}{}", super::PUSH_PATH))
-        .set("Content-Type", content_type);
-    if !authorization.is_empty() {
-        call = call.set("Authorization", authorization);
-    }
-    match call.send_bytes(body) {
-        Ok(r) => Ok((r.status(), r.into_string().unwrap_or_default())),
-        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
-        Err(e) => Err(DevSsfError::Event(format!(
-            "cannot reach the agent at {agent}: {e}"
-        ))),
-    }
+    Pusher::new(agent, fingerprint)?.push(authorization, content_type, body)
 }
 
 /// SHA-256 of `bytes` (for tests that build hostile SETs by hand).

@@ -684,9 +684,20 @@ impl Receiver {
                 if !matched.is_empty() {
                     what.push("token denied".into());
                     let locks = Arc::clone(self.sessions.locks());
+                    // Only a session of the same issuer and subject can hold a denied token:
+                    // the denial key (a hash of the claims) is computed for those alone, not
+                    // for every live session under the table's lock.
+                    let subjects: HashSet<(&str, &str)> = identities
+                        .iter()
+                        .map(|(iss, sub)| (iss.as_str(), sub.as_str()))
+                        .collect();
                     let racers: Vec<SessionId> = self
                         .sessions
-                        .live_matching(|s| locks.is_denied(&s.identity.denial_key()))
+                        .live_matching(|s| {
+                            let id = &s.identity;
+                            subjects.contains(&(id.issuer.as_str(), id.subject.as_str()))
+                                && locks.is_denied(&id.denial_key())
+                        })
                         .iter()
                         .map(|s| s.id)
                         .collect();

@@ -50,7 +50,7 @@ name = "web"
 protocol = "tcp"
 ports = [8080]
 
-# Operators reach the shells, from a managed device only.
+# Operators reach the shells, from a managed device that complies with the device policy.
 [[rule]]
 name = "remote-shell"     # unique across all files
 resources = ["ssh", "mosh"]
@@ -58,6 +58,7 @@ groups = ["ops"]
 
 [rule.device]
 managed = true            # a token without this claim never matches
+compliant = true          # the identity provider can withdraw it (act 7)
 
 # Developers reach the web service, and nothing else.
 [[rule]]
@@ -66,7 +67,21 @@ resources = ["web"]
 groups = ["developers"]
 "#;
 
-/// The line of [`POLICY`] that the policy change of step 6 rewrites.
+/// The identity provider's Shared Signals stream: the agent trusts the development
+/// transmitter's RS256 key and push credential, written into `ssf/` of the agent's directory
+/// (paths are relative to agent.toml) before it starts.
+const SIGNALS: &str = r#"
+[[signals.transmitter]]
+issuer = "https://ssf.flowwarden.dev"
+audience = "flowwarden"
+algorithms = ["RS256"]
+jwks_file = "ssf/ssf-jwks.json"
+push_authorization_file = "ssf/authorization"
+"#;
+/// alice's laptop, as her tokens and the identity provider's events name it.
+const LAPTOP: &str = "laptop-0042";
+
+/// The line of [`POLICY`] that the policy change of act 8 rewrites.
 const SHELL_GROUPS: &str = r#"groups = ["ops"]"#;
 const SHELL_GROUPS_CHANGED: &str = r#"groups = ["sre"]"#;
 
@@ -208,13 +223,28 @@ fn run(interrupted: &AtomicBool, created: &mut Created) -> anyhow::Result<()> {
     ensure!(!interrupted.load(Ordering::Relaxed), "interrupted");
 
     say("1. A client and a server, each in its own network namespace, joined by a veth pair");
-    let mut stack = Stack::start("demo", POLICY, "");
+    let mut stack = Stack::prepare("demo", POLICY, "", SIGNALS);
     created.paths.extend([
         stack.pair.client.path(),
         stack.pair.server.path(),
         stack.pin_dir.clone(),
         stack.scratch.dir.clone(),
     ]);
+    // The stand-in identity provider's event signing key and push credential (act 7).
+    let ssf = stack.scratch.dir.join("ssf");
+    let (ok, out) = flowwarden_tests::stack::cli(&[
+        "dev",
+        "ssf",
+        "keygen",
+        "--dir",
+        &ssf.display().to_string(),
+    ]);
+    ensure!(ok, "dev ssf keygen failed: {out}");
+    std::fs::write(
+        ssf.join("authorization"),
+        format!("Bearer ssf-{}", flowwarden::signals::dev::random_jti()),
+    )?;
+    stack.start_agent();
     let demo = Demo {
         stack: &stack,
         interrupted,
@@ -234,7 +264,7 @@ fn run(interrupted: &AtomicBool, created: &mut Created) -> anyhow::Result<()> {
     }
     result?;
 
-    say("7. Cleaning up: stop the agent, remove the datapath, delete the namespaces");
+    say("9. Cleaning up: stop the agent, remove the datapath, delete the namespaces");
     tell("The agent gets SIGTERM and stops. A stopped agent leaves enforcement in place (it");
     tell("opens nothing by stopping), so the datapath is removed on purpose:");
     ensure!(stack.agent_mut().stop(), "the agent did not stop cleanly");
@@ -380,7 +410,7 @@ impl Demo<'_> {
             "--group",
             "ops",
             "--device-id",
-            "laptop-0042",
+            LAPTOP,
             "--managed",
             "true",
             "--compliant",
@@ -596,7 +626,7 @@ impl Demo<'_> {
             "lock",
             "add",
             "--device",
-            "laptop-0042",
+            LAPTOP,
             "--reason",
             "laptop reported stolen",
             "--show-reason",
@@ -626,11 +656,49 @@ impl Demo<'_> {
         self.fw_show(&["lock", "remove", &lock])?;
         self.check()?;
 
-        say("7. A policy change severs a live connection too, within a second");
+        say("7. The identity provider reports her laptop non-compliant: her shell closes");
+        tell("The shells need a compliant device (rule remote-shell). The identity provider");
+        tell("streams security events to the agent (Shared Signals: CAEP and RISC events, signed,");
+        tell("pushed to /v1/ssf/events; [[signals.transmitter]] in agent.toml trusts its key).");
+        tell("alice logs in again and opens ssh:");
+        let alice3 = self.login(&fingerprint, &token_file, &alice_dir)?;
+        let mut counter = self.counter(&sshd, &ssh_line(COUNTER))?;
+        tell("\nHer laptop's disk encryption gets switched off. Device management tells the");
+        tell("identity provider, which pushes a CAEP device-compliance-change for the laptop");
+        tell("(`idp$`: `flowwarden dev ssf` stands in for the provider, with its own key):");
+        self.device_status(&fingerprint, "not-compliant")?;
+        let pushed = Instant::now();
+        let exit = self.wait_exit(&mut counter, Duration::from_secs(5))?;
+        let stderr = counter.stderr.lock().unwrap().clone();
+        let Some((_, exited)) = exit.filter(|(s, _)| !s.success()) else {
+            bail!("ssh survived the non-compliant device ({exit:?}, stderr {stderr:?})");
+        };
+        note(&format!(
+            "ssh exited {} ms after the agent accepted the event, saying:",
+            exited.saturating_duration_since(pushed).as_millis()
+        ));
+        note(&format!("  {}", stderr.trim()));
+        drop(counter);
+        self.wait_until(Duration::from_secs(3), "the session ends", || {
+            self.fw_json(&["sessions", "show", &alice3])
+                .is_ok_and(|s| s["state"] == "terminated")
+        })?;
+        tell("\nHer session lost both shells, which left it nothing: it ended, naming the event:");
+        let shown = self.fw_show(&["sessions", "show", &alice3])?;
+        ensure!(
+            shown.contains("device-compliance-change"),
+            "sessions show does not name the event"
+        );
+        tell("\nEncryption back on, the provider reports the laptop compliant again; her next");
+        tell("login gets her shells back:");
+        self.device_status(&fingerprint, "compliant")?;
+        self.check()?;
+
+        say("8. A policy change severs a live connection too, within a second");
         tell("alice logs in again and opens ssh:");
         let alice2 = self.login(&fingerprint, &token_file, &alice_dir)?;
         ensure!(
-            alice2 != alice && alice2 != fresh,
+            ![&alice, &fresh, &alice3].contains(&&alice2),
             "login reused an ended session"
         );
         client_cmd(&ssh_line(COUNTER));
@@ -960,6 +1028,71 @@ impl Demo<'_> {
             ran.stderr
         );
         note(ran.stderr.trim());
+        Ok(())
+    }
+
+    /// Opens the live counter over ssh (shown) and waits for its first lines.
+    fn counter(&self, sshd: &Sshd, shown: &str) -> anyhow::Result<SshSession> {
+        let pair = &self.stack.pair;
+        client_cmd(shown);
+        let mut counter =
+            SshSession::spawn(sshd.ssh(&pair.client, pair.server_addr.into(), COUNTER));
+        self.wait_until(Duration::from_secs(15), "counter lines over ssh", || {
+            counter.line_count() >= 3 || matches!(counter.child.try_wait(), Ok(Some(_)))
+        })?;
+        ensure!(
+            counter.line_count() >= 3,
+            "ssh ended early: {}",
+            counter.stderr.lock().unwrap()
+        );
+        note("…");
+        Ok(counter)
+    }
+
+    /// The stand-in identity provider pushes a CAEP device-compliance-change for alice's
+    /// laptop with `status` (`compliant` or `not-compliant`), shown; the agent must accept it.
+    fn device_status(&self, fingerprint: &str, status: &str) -> anyhow::Result<()> {
+        let ssf = self.stack.scratch.dir.join("ssf");
+        let agent = format!("{}:{ADMISSION_PORT}", self.stack.pair.server_addr);
+        let (dir, auth) = (
+            ssf.display().to_string(),
+            ssf.join("authorization").display().to_string(),
+        );
+        let args = [
+            "dev",
+            "ssf",
+            "push",
+            "--dir",
+            &dir,
+            "--event",
+            "device-compliance-change",
+            "--device",
+            LAPTOP,
+            "--status",
+            status,
+            "--agent",
+            &agent,
+            "--fingerprint",
+            fingerprint,
+            "--authorization-file",
+            &auth,
+        ];
+        println!("    idp$ flowwarden {}", args.map(quote).join(" "));
+        // From the client side of the veth, as a provider elsewhere on the network would.
+        let mut push = self
+            .stack
+            .pair
+            .client
+            .command(&self.bin.display().to_string());
+        push.args(args);
+        let ran = self.run_polled(push, Duration::from_secs(20))?;
+        ensure!(
+            ran.status.success() && ran.stdout.contains("202"),
+            "the agent did not accept the event: {}{}",
+            ran.stdout,
+            ran.stderr
+        );
+        note(&ran.stdout);
         Ok(())
     }
 
