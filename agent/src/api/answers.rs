@@ -202,7 +202,13 @@ pub enum ExplainView {
     /// For an identity (`user` or `session`).
     Identity {
         user: String,
-        session: SessionId,
+        /// The session whose identity is explained; absent when the identity is that of the
+        /// user's last admission the policy denied (`refused_at_ms`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<SessionId>,
+        /// When the refused admission whose identity is explained happened (no session).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused_at_ms: Option<u64>,
         source: IpAddr,
         explanations: Vec<ExplanationView>,
         /// Locks and cut-offs that would refuse this identity's next login (see

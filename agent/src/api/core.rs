@@ -477,11 +477,22 @@ impl Core {
                 ));
             }
         };
-        let Some(s) = session else {
-            return Err(rpc(
-                NOT_FOUND,
-                "no session of that user or id: explain needs an identity the agent has seen",
-            ));
+        // A user who was only ever refused: the identity their last refused admission
+        // presented (kept in memory since the agent started).
+        let refused = match (&session, e.session, e.user.as_deref()) {
+            (None, None, Some(user)) => self.sessions.last_refused(user),
+            _ => None,
+        };
+        let (identity, source, session_id, refused_at_ms) = match (&session, &refused) {
+            (Some(s), _) => (&s.identity, s.source, Some(s.id), None),
+            (None, Some(r)) => (&r.identity, r.source, None, Some(r.at_ms)),
+            (None, None) => {
+                return Err(rpc(
+                    NOT_FOUND,
+                    "no session or refused admission of that user, or no such session: explain \
+                     needs an identity the agent has seen since it started",
+                ));
+            }
         };
         let policy = self.policy.current();
         let resources: Vec<String> = match e.resource {
@@ -494,13 +505,14 @@ impl Core {
                 .collect(),
         };
         Ok(ExplainView::Identity {
-            refused_by: self.sessions.locks().would_refuse(&s.identity, s.source),
-            user: s.identity.user().to_owned(),
-            session: s.id,
-            source: s.source,
+            refused_by: self.sessions.locks().would_refuse(identity, source),
+            user: identity.user().to_owned(),
+            session: session_id,
+            refused_at_ms,
+            source,
             explanations: resources
                 .iter()
-                .map(|r| policy.explain(&s.identity, Some(s.source), r).into())
+                .map(|r| policy.explain(identity, Some(source), r).into())
                 .collect(),
         })
     }

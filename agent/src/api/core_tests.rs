@@ -128,3 +128,43 @@ async fn sessions_list_filters_by_user_and_lists_everyone_unfiltered() {
         .unwrap();
     assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
 }
+
+#[tokio::test]
+async fn explain_for_a_user_who_was_only_ever_refused_uses_the_refused_identity() {
+    let h = harness(16);
+    let core = core(&h);
+    let params = json!({"user": "mallory@corp.example"});
+    // Never seen: nothing to explain from, and the error says so.
+    let unknown = call(&core, Access::Read, "policy.explain", params.clone())
+        .await
+        .unwrap_err();
+    assert!(unknown.contains("refused admission"), "{unknown}");
+
+    // Refused by the policy (not in the staff group): explain answers from the identity that
+    // admission presented, with no session, and names why the rule does not apply.
+    let refused = h
+        .sessions
+        .admit(
+            crate::identity::test_identity("mallory@corp.example", &["contractors"]),
+            "198.51.100.9".parse().unwrap(),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(crate::sessions::SessionError::Denied { .. })),
+        "{refused:?}"
+    );
+    let answer = call(&core, Access::Read, "policy.explain", params)
+        .await
+        .unwrap();
+    assert_eq!(answer["user"], "mallory@corp.example", "{answer}");
+    assert!(answer.get("session").is_none(), "{answer}");
+    assert!(answer["refused_at_ms"].as_u64().is_some(), "{answer}");
+    assert_eq!(answer["source"], "198.51.100.9", "{answer}");
+    let ssh = &answer["explanations"][0];
+    assert_eq!(ssh["resource"], "ssh", "{answer}");
+    assert_eq!(ssh["allowed"], false, "{answer}");
+    assert!(
+        ssh["reasons"].to_string().contains("staff"),
+        "the refusal names the rule's groups: {answer}"
+    );
+}

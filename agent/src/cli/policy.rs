@@ -150,11 +150,19 @@ fn render_explain(v: &ExplainView) -> String {
         ExplainView::Identity {
             user,
             session,
+            refused_at_ms,
             explanations,
             refused_by,
             ..
         } => {
-            line(format!("{user} (session {session}):"));
+            match (session, refused_at_ms) {
+                (Some(session), _) => line(format!("{user} (session {session}):")),
+                (None, Some(at)) => line(format!(
+                    "{user} (no session; the identity of the admission refused {}):",
+                    super::table::ago(*at, crate::sessions::model::now_ms())
+                )),
+                (None, None) => line(format!("{user}:")),
+            }
             for r in refused_by {
                 line(format!("  refused before policy: {r}"));
             }

@@ -77,8 +77,12 @@ pub async fn page(
         @match explained {
             None => {}
             Some(Err(e)) => p.error { (e.to_string()) }
-            Some(Ok(ExplainView::Identity { user, session, source, explanations, refused_by })) => {
-                p { "Identity of " strong { (user) } " as session " a href=(format!("/sessions/{session}")) { (session) } " from " (source) " holds it:" }
+            Some(Ok(ExplainView::Identity { user, session, source, explanations, refused_by, .. })) => {
+                @if let Some(session) = session {
+                    p { "Identity of " strong { (user) } " as session " a href=(format!("/sessions/{session}")) { (session) } " from " (source) " holds it:" }
+                } @else {
+                    p { "Identity of " strong { (user) } " as their last refused admission from " (source) " presented it (no session):" }
+                }
                 @for r in &refused_by { p.error { "Refused before policy: " (r) } }
                 table.explain {
                     thead { tr { th { "resource" } th { "allowed" } th { "rule" } th { "why" } } }

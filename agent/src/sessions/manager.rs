@@ -148,7 +148,22 @@ pub struct Sessions {
     locks: Arc<crate::locks::Locks>,
     /// Device id → compliance, as identity providers reported it by signal (see `signals`).
     pub(super) device_posture: std::sync::RwLock<HashMap<String, bool>>,
+    /// The identity of each user's last admission the policy denied (claims, never the
+    /// token), in memory only and bounded, so that `policy explain --user` can explain a
+    /// user who was only ever refused.
+    refused: Mutex<HashMap<String, Refused>>,
 }
+
+/// A user's last admission the policy denied: the identity it presented, from where, when.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub identity: Identity,
+    pub source: IpAddr,
+    pub at_ms: u64,
+}
+
+/// How many users' last refused admissions are kept for `policy explain`.
+const REFUSED_KEPT: usize = 10_000;
 
 /// The reason code of an admission refused because every session slot is held.
 pub const SESSION_TABLE_FULL: &str = "session_table_full";
@@ -186,7 +201,40 @@ impl Sessions {
             policy,
             config,
             device_posture: Default::default(),
+            refused: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The last admission of `user` that the policy denied, if the agent saw one since start.
+    pub fn last_refused(&self, user: &str) -> Option<Refused> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&user.to_lowercase())
+            .cloned()
+    }
+
+    fn remember_refused(&self, identity: Identity, source: IpAddr) {
+        let mut kept = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let user = identity.user().to_lowercase();
+        if kept.len() >= REFUSED_KEPT && !kept.contains_key(&user) {
+            // Full: the oldest goes (a scan, only when full and a new user is refused).
+            if let Some(oldest) = kept
+                .iter()
+                .min_by_key(|(_, r)| r.at_ms)
+                .map(|(u, _)| u.clone())
+            {
+                kept.remove(&oldest);
+            }
+        }
+        kept.insert(
+            user,
+            Refused {
+                identity,
+                source,
+                at_ms: now_ms(),
+            },
+        );
     }
 
     pub(super) fn table(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<Session>>> {
@@ -301,6 +349,7 @@ impl Sessions {
                 e.user = Some(identity.user().to_owned());
                 e.source = Some(source);
                 self.record(vec![e]).await?;
+                self.remember_refused(identity, source);
                 return Err(SessionError::Denied { reason });
             }
         };

@@ -97,7 +97,32 @@ impl Sessions {
     /// # Errors
     /// The kernel fails.
     pub fn enforce_policy(&self, policy: &Policy) -> Result<PolicyChange, SessionError> {
-        let reason = "policy change";
+        self.reevaluate_live(policy, false)
+    }
+
+    /// As [`Sessions::enforce_policy`], after an identity provider's signal changed sessions'
+    /// identities: a session it leaves with nothing ends as an identity event, not as a
+    /// policy change (`sessions show` and the audit name the signal).
+    ///
+    /// # Errors
+    /// The kernel fails.
+    pub(super) fn enforce_identity_change(
+        &self,
+        policy: &Policy,
+    ) -> Result<PolicyChange, SessionError> {
+        self.reevaluate_live(policy, true)
+    }
+
+    fn reevaluate_live(
+        &self,
+        policy: &Policy,
+        by_signal: bool,
+    ) -> Result<PolicyChange, SessionError> {
+        let (reason, by) = if by_signal {
+            ("identity provider signal", "signal")
+        } else {
+            ("policy change", "policy")
+        };
         let now = now_ms();
         let sever = self.config.on_policy_change == OnPolicyChange::Sever;
         let mut outcome = PolicyOutcome::default();
@@ -191,15 +216,21 @@ impl Sessions {
         let (ended, end_writes) = self.end(
             &emptied,
             SessionState::Terminated,
-            EndCause::PolicyChange {
-                reason: reason.to_owned(),
+            if by_signal {
+                EndCause::IdentityEvent {
+                    reason: reason.to_owned(),
+                }
+            } else {
+                EndCause::PolicyChange {
+                    reason: reason.to_owned(),
+                }
             },
             AuditKind::SessionTerminated {
-                by: "policy".into(),
+                by: by.into(),
                 reason: reason.to_owned(),
             },
-            "policy",
-            "policy change left nothing to reach",
+            by,
+            &format!("{reason} left nothing to reach"),
         )?;
         outcome.sessions_terminated = ended.len();
         Ok(PolicyChange {

@@ -116,7 +116,7 @@ impl Sessions {
                 }
             }
             let policy = this.policy.current();
-            let change = this.enforce_policy(&policy)?;
+            let change = this.enforce_identity_change(&policy)?;
             Ok::<_, SessionError>((change, before))
         })
         .await
