@@ -929,8 +929,8 @@ impl Demo<'_> {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
-    /// `flowwarden login` on the client, shown with its human output; the new session's id.
-    fn login(&self, fingerprint: &str, token_file: &Path, cache: &Path) -> anyhow::Result<String> {
+    /// Runs `flowwarden login` on the client (shown), whatever the agent answers.
+    fn run_login(&self, fingerprint: &str, token_file: &Path, cache: &Path) -> anyhow::Result<Ran> {
         let agent = format!("{}:{ADMISSION_PORT}", self.stack.pair.server_addr);
         let token = token_file.display().to_string();
         let args = [
@@ -950,7 +950,12 @@ impl Demo<'_> {
             .command(&self.bin.display().to_string());
         // Her cache (session, reconnect seed) stays in the demo's scratch directory.
         login.args(args).env("XDG_CACHE_HOME", cache);
-        let ran = self.run_polled(login, Duration::from_secs(20))?;
+        self.run_polled(login, Duration::from_secs(20))
+    }
+
+    /// `flowwarden login` on the client, shown with its human output; the new session's id.
+    fn login(&self, fingerprint: &str, token_file: &Path, cache: &Path) -> anyhow::Result<String> {
+        let ran = self.run_login(fingerprint, token_file, cache)?;
         ensure!(
             ran.status.success(),
             "login failed: {}{}",
@@ -1002,25 +1007,7 @@ impl Demo<'_> {
         cache: &Path,
         code: &str,
     ) -> anyhow::Result<()> {
-        let agent = format!("{}:{ADMISSION_PORT}", self.stack.pair.server_addr);
-        let token = token_file.display().to_string();
-        let args = [
-            "login",
-            "--agent",
-            &agent,
-            "--fingerprint",
-            fingerprint,
-            "--token-file",
-            &token,
-        ];
-        client_cmd(&format!("flowwarden {}", args.map(quote).join(" ")));
-        let mut login = self
-            .stack
-            .pair
-            .client
-            .command(&self.bin.display().to_string());
-        login.args(args).env("XDG_CACHE_HOME", cache);
-        let ran = self.run_polled(login, Duration::from_secs(20))?;
+        let ran = self.run_login(fingerprint, token_file, cache)?;
         ensure!(
             !ran.status.success() && ran.stderr.contains(code),
             "login was not refused {code}: {}{}",
