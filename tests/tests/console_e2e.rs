@@ -6,13 +6,14 @@
 //! screenshots in docs/img.
 
 use std::{
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use flowwarden_tests::{
     console::{Browser, start_console},
+    nats::free_port,
     oidc::{OidcProvider, PrivateCa},
     privileged::require_root,
     ssh::{SshSession, Sshd},
@@ -34,13 +35,6 @@ resources = ["ssh"]
 
 /// Prints a line every 10 ms for as long as its output goes somewhere.
 const TICKER: &str = "while date +%s%N; do sleep 0.01; done";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 fn session_id(login_output: &str) -> String {
     let start = login_output

@@ -5,15 +5,11 @@
 //! the real OpenID provider and sees both hosts with their version and policy version; with
 //! NATS stopped the page shows an error block and the rest of the console keeps working.
 
-use std::{
-    net::{TcpListener, TcpStream},
-    path::Path,
-    time::Duration,
-};
+use std::{net::TcpStream, path::Path, time::Duration};
 
 use flowwarden_tests::{
     console::{Browser, start_console},
-    nats::{FleetAdmin, FleetHost, NatsServer, wait_for},
+    nats::{FleetAdmin, FleetHost, NatsServer, free_port, wait_for},
     oidc::{OidcProvider, PrivateCa},
     privileged::require_root,
 };
@@ -31,13 +27,6 @@ resources = ["ssh"]
 "#;
 
 const CONSOLE_PASSWORD: &str = "console-test-password";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// The packaged `CONSOLE = { … }` permissions, for the fleet named `prefix`.
 fn packaged_console_permissions(prefix: &str) -> String {
