@@ -3,7 +3,10 @@
 //! through the one termination path (kernel revocation first, sockets destroyed, durable
 //! record), and is made durable before it is acknowledged.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +18,8 @@ use super::{
 use crate::{
     audit::event::{AuditEvent, AuditKind},
     sessions::{
-        Ended, Sessions, Target,
-        model::{Session, SessionId, now_ms},
+        Ended, Ending, Lookup, Name, Sessions, Target,
+        model::{EndCause, Session, SessionId, now_ms},
     },
     store::{LockWrite, Write},
 };
@@ -56,6 +59,15 @@ pub struct TerminateOptions {
     pub deny_tokens: bool,
     /// Set a cut-off at now for each ended session's `iss`+`sub` (`issued_before_cutoff`).
     pub cutoff: bool,
+}
+
+/// How the ending a signal makes sticks (see [`Sessions::end_for_signal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SignalSticky {
+    /// Deny the ended sessions' tokens until they expire.
+    pub deny_tokens: bool,
+    /// Set a cut-off at this time (seconds since the epoch) for each identity.
+    pub cutoff_at_secs: Option<u64>,
 }
 
 /// What a termination did.
@@ -114,6 +126,24 @@ pub(super) fn target_matches(target: &LockTarget, s: &Session) -> bool {
     }
 }
 
+/// Where the sessions a lock on `target` may match are: the identity index for a user,
+/// subject, group or device; the session itself; the sessions from an address; every
+/// session for a wider prefix or a token. `target_matches` decides among them.
+pub(super) fn lookup_of(target: &LockTarget) -> Lookup<'_> {
+    match target {
+        LockTarget::User(u) => Lookup::Named(vec![Name::User(u)]),
+        LockTarget::Subject { sub, .. } => Lookup::Named(vec![Name::Subject(sub)]),
+        LockTarget::Group(g) => Lookup::Named(vec![Name::Group(g)]),
+        LockTarget::Device(d) => Lookup::Named(vec![Name::Device(d)]),
+        LockTarget::Session(id) => Lookup::Sessions(vec![*id]),
+        LockTarget::Source(p) => match super::model::parse_prefix(p) {
+            Ok(net) if net.prefix_len() == net.max_prefix_len() => Lookup::Source(net.addr()),
+            _ => Lookup::Everywhere,
+        },
+        LockTarget::Token(_) => Lookup::Everywhere,
+    }
+}
+
 fn event(kind: AuditKind, detail: String) -> AuditEvent {
     let mut e = AuditEvent::new(kind);
     e.detail = detail;
@@ -167,17 +197,19 @@ impl Sessions {
             Some(r) => format!("locked by {} ({}): {r}", lock.id, lock.target),
             None => format!("locked by {} ({})", lock.id, lock.target),
         };
-        let ended = match self
-            .end_where(|s| target_matches(&lock.target, s), by, &why)
-            .await
-        {
-            Ok(ended) => ended,
+        let ending = match self.end_where(
+            &lookup_of(&lock.target),
+            |s| target_matches(&lock.target, s),
+            by,
+            &why,
+        ) {
+            Ok(ending) => ending,
             Err(e) => {
                 self.locks().write().remove_lock(lock.id);
                 return Err(e);
             }
         };
-        let flows = self.flows_cut(&ended);
+        let flows = self.flows_cut(&ending.ended);
         let mut ev = event(
             AuditKind::LockAdded {
                 lock: lock.id.to_string(),
@@ -192,23 +224,30 @@ impl Sessions {
                 lock.expires_at_ms
                     .map(|at| format!(", expires at {at} ms"))
                     .unwrap_or_default(),
-                ended.len()
+                ending.ended.len()
             ),
         );
         if let LockTarget::User(u) = &lock.target {
             ev.user = Some(u.clone());
         }
-        if let Err(e) = self
-            .commit(vec![
-                Write::Locks(LockWrite::PutLock(lock.clone())),
-                Write::Audit(ev),
-            ])
-            .await
-        {
-            self.locks().write().remove_lock(lock.id);
-            return Err(e.into());
+        // The lock and the endings it made in one commit: acknowledged, both hold after a
+        // crash; not acknowledged, the lock is withdrawn (the sessions stay ended).
+        let committed = ending
+            .commit(
+                self,
+                vec![
+                    Write::Locks(LockWrite::PutLock(lock.clone())),
+                    Write::Audit(ev),
+                ],
+            )
+            .await;
+        match committed {
+            Ok(ended) => Ok(LockAdded { lock, ended, flows }),
+            Err(e) => {
+                self.locks().write().remove_lock(lock.id);
+                Err(e.into())
+            }
         }
-        Ok(LockAdded { lock, ended, flows })
     }
 
     /// Removes a lock. Durable first: a lock whose removal failed still holds.
@@ -273,9 +312,10 @@ impl Sessions {
         let now = now_ms();
         let at = req.at_secs.unwrap_or(now / 1000);
         let user = self
-            .all()
-            .iter()
-            .find(|s| s.identity.issuer == iss && s.identity.subject == sub)
+            .sessions_where(&Lookup::Named(vec![Name::Subject(&sub)]), |s| {
+                s.identity.issuer == iss && s.identity.subject == sub
+            })
+            .first()
             .map_or_else(|| sub.clone(), |s| s.identity.user().to_owned());
         let cutoff = Cutoff {
             iss,
@@ -293,6 +333,7 @@ impl Sessions {
         );
         let ended = self
             .end_where(
+                &Lookup::Named(vec![Name::Subject(&cutoff.sub)]),
                 |s| {
                     s.identity.issuer == cutoff.iss
                         && s.identity.subject == cutoff.sub
@@ -300,9 +341,11 @@ impl Sessions {
                 },
                 by,
                 &why,
+            )?
+            .commit(
+                self,
+                vec![Write::Locks(LockWrite::PutCutoff(cutoff.clone()))],
             )
-            .await?;
-        self.commit(vec![Write::Locks(LockWrite::PutCutoff(cutoff.clone()))])
             .await?;
         Ok(CutoffSet { cutoff, ended })
     }
@@ -321,11 +364,7 @@ impl Sessions {
         reason: &str,
     ) -> Result<Terminated, LocksError> {
         let target = target.canonical()?;
-        let chosen: Vec<Arc<Session>> = self
-            .all()
-            .into_iter()
-            .filter(|s| s.is_live() && target_matches(&target, s))
-            .collect();
+        let chosen = self.live_where(&lookup_of(&target), |s| target_matches(&target, s));
         self.terminate_chosen(chosen, opts, by, reason).await
     }
 
@@ -350,17 +389,15 @@ impl Sessions {
                 out
             }
             Target::User(user) => {
-                let all = self.all();
-                let live: Vec<Arc<Session>> = all
-                    .iter()
-                    .filter(|s| s.is_live() && s.identity.is(user))
-                    .cloned()
-                    .collect();
+                let named = self.sessions_where(&Lookup::Named(vec![Name::User(user)]), |s| {
+                    s.identity.is(user)
+                });
+                let live: Vec<Arc<Session>> =
+                    named.iter().filter(|s| s.is_live()).cloned().collect();
                 if live.is_empty() && opts.cutoff {
                     // No live session: the cut-off still applies to the identities the agent
                     // has seen under that name (their newest session says which).
-                    let mut seen: Vec<Arc<Session>> =
-                        all.into_iter().filter(|s| s.identity.is(user)).collect();
+                    let mut seen = named;
                     seen.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
                     seen.dedup_by(|a, b| {
                         a.identity.issuer == b.identity.issuer
@@ -430,11 +467,7 @@ impl Sessions {
             .filter(|s| s.is_live())
             .map(|s| s.id)
             .collect();
-        let mut ended = if live.is_empty() {
-            Vec::new()
-        } else {
-            self.terminate(&Target::Sessions(live), by, &why).await?
-        };
+        let mut ending = self.end_terminated(&live, by, &why)?;
         // Then any other live session the new denials or cut-offs refuse (an admission with
         // the same token, or an older one, that raced this call). Only sessions of the same
         // subjects can hold such a token, so the denial key is computed for those alone.
@@ -443,30 +476,29 @@ impl Sessions {
                 .iter()
                 .map(|s| (s.identity.issuer.as_str(), s.identity.subject.as_str()))
                 .collect();
-            let extra = self
-                .end_where(
-                    |s| {
-                        let id = &s.identity;
-                        if !subjects.contains(&(id.issuer.as_str(), id.subject.as_str())) {
-                            return false;
-                        }
-                        cutoffs.iter().any(|c| {
-                            id.issuer == c.iss
-                                && id.subject == c.sub
-                                && id.token_issued_at.is_none_or(|iat| iat <= c.cutoff_secs)
-                        }) || denied_keys.contains(&id.denial_key())
-                    },
-                    by,
-                    &why,
-                )
-                .await?;
-            ended.extend(extra);
+            let names: Vec<Name<'_>> = subjects.iter().map(|(_, sub)| Name::Subject(sub)).collect();
+            let racers = self.end_where(
+                &Lookup::Named(names),
+                |s| {
+                    let id = &s.identity;
+                    if !subjects.contains(&(id.issuer.as_str(), id.subject.as_str())) {
+                        return false;
+                    }
+                    cutoffs.iter().any(|c| {
+                        id.issuer == c.iss
+                            && id.subject == c.sub
+                            && id.token_issued_at.is_none_or(|iat| iat <= c.cutoff_secs)
+                    }) || denied_keys.contains(&id.denial_key())
+                },
+                by,
+                &why,
+            )?;
+            ending.join(racers);
         }
-        let flows = self.flows_cut(&ended);
+        let flows = self.flows_cut(&ending.ended);
         let denied = denied_keys.len();
-        if !writes.is_empty() {
-            self.commit(writes).await?;
-        }
+        // The endings, denials and cut-offs in one commit.
+        let ended = ending.commit(self, writes).await?;
         Ok(Terminated {
             ended,
             flows,
@@ -504,38 +536,167 @@ impl Sessions {
                 }
             }
         }
-        let mut ended = Vec::new();
+        let mut ending = Ending::default();
         for (_, (lock, ids)) in by_lock {
             let why = match &lock.reason {
                 Some(r) => format!("locked by {} ({}): {r}", lock.id, lock.target),
                 None => format!("locked by {} ({})", lock.id, lock.target),
             };
-            let ids: Vec<SessionId> = ids
-                .into_iter()
-                .filter(|id| self.get(*id).is_some())
-                .collect();
-            ended.extend(self.terminate(&Target::Sessions(ids), by, &why).await?);
+            ending.join(self.end_terminated(&ids, by, &why)?);
         }
-        Ok(ended)
+        Ok(ending.commit(self, Vec::new()).await?)
     }
 
-    /// Ends the live sessions `pick` chooses through the one termination path.
-    async fn end_where(
+    /// Ends the live sessions among those `lookup` points at that `pick` chooses, through
+    /// the one termination path; durable once the ending is committed.
+    fn end_where(
         self: &Arc<Self>,
+        lookup: &Lookup<'_>,
         pick: impl Fn(&Session) -> bool,
         by: &str,
         reason: &str,
-    ) -> Result<Vec<Ended>, LocksError> {
-        let ids: Vec<SessionId> = self
-            .all()
+    ) -> Result<Ending, LocksError> {
+        let ids: Vec<SessionId> = self.live_where(lookup, pick).iter().map(|s| s.id).collect();
+        self.end_terminated(&ids, by, reason)
+    }
+
+    /// Ends these sessions as an administrator's termination (those already ended are left
+    /// alone); durable once the ending is committed.
+    fn end_terminated(
+        self: &Arc<Self>,
+        ids: &[SessionId],
+        by: &str,
+        reason: &str,
+    ) -> Result<Ending, LocksError> {
+        if ids.is_empty() {
+            return Ok(Ending::default());
+        }
+        let cause = EndCause::Terminated {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let kind = AuditKind::SessionTerminated {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        Ok(self.end_now(ids, cause, kind, by, reason)?)
+    }
+
+    /// Ends the live sessions an identity provider's signal names and makes the ending
+    /// stick as `sticky` says: their tokens denied, and/or a cut-off at the event's time
+    /// for each of `identities` (those of the sessions, and one the signal named without a
+    /// live session). Any other live session of those identities that the new denials or
+    /// cut-offs refuse (a racing login) ends too. The sessions end as an identity event;
+    /// the endings, denials, cut-offs and `extra` (the SET's own record, made from the
+    /// sessions ended) are durable in one commit when it returns, so that a SET is
+    /// acknowledged with all of its effect or none of it.
+    ///
+    /// # Errors
+    /// The kernel or the store fails.
+    pub async fn end_for_signal(
+        self: &Arc<Self>,
+        chosen: &[Arc<Session>],
+        identities: &BTreeSet<(String, String)>,
+        sticky: SignalSticky,
+        by: &str,
+        reason: &str,
+        extra: impl FnOnce(&[Ended]) -> Vec<Write>,
+    ) -> Result<Terminated, LocksError> {
+        let now = now_ms();
+        let mut writes = Vec::new();
+        let mut denied_keys: HashSet<String> = HashSet::new();
+        let mut cutoffs: Vec<Cutoff> = Vec::new();
+        {
+            // In the index before anything ends: the same token (or an older one) cannot log
+            // straight back in meanwhile.
+            let mut index = self.locks().write();
+            if sticky.deny_tokens {
+                for s in chosen {
+                    let d = denial_of(s, by, reason, now);
+                    if denied_keys.insert(d.key.clone()) {
+                        index.insert_denial(d.clone());
+                        writes.push(Write::Locks(LockWrite::PutDenial(d)));
+                    }
+                }
+            }
+            if let Some(at) = sticky.cutoff_at_secs {
+                for (iss, sub) in identities {
+                    let user = chosen
+                        .iter()
+                        .find(|s| s.identity.issuer == *iss && s.identity.subject == *sub)
+                        .map_or_else(|| sub.clone(), |s| s.identity.user().to_owned());
+                    let c = Cutoff {
+                        iss: iss.clone(),
+                        sub: sub.clone(),
+                        user,
+                        cutoff_secs: at,
+                        by: by.to_owned(),
+                        reason: reason.to_owned(),
+                        at_ms: now,
+                    };
+                    index.insert_cutoff(c.clone());
+                    writes.push(Write::Locks(LockWrite::PutCutoff(c.clone())));
+                    cutoffs.push(c);
+                }
+            }
+        }
+        let cause = EndCause::IdentityEvent {
+            reason: reason.to_owned(),
+        };
+        let kind = AuditKind::SessionTerminated {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let live: Vec<SessionId> = chosen
             .iter()
-            .filter(|s| s.is_live() && pick(s))
+            .filter(|s| s.is_live())
             .map(|s| s.id)
             .collect();
-        if ids.is_empty() {
-            return Ok(Vec::new());
+        let mut ending = if live.is_empty() {
+            Ending::default()
+        } else {
+            self.end_now(&live, cause.clone(), kind.clone(), by, reason)?
+        };
+        if !denied_keys.is_empty() || !cutoffs.is_empty() {
+            // Only a session of the same issuer and subject can hold a denied token or one
+            // under the cut-off: the denial key (a hash of the claims) is computed for those
+            // alone, found through the identity index.
+            let names: Vec<Name<'_>> = identities
+                .iter()
+                .map(|(_, sub)| Name::Subject(sub))
+                .collect();
+            let subjects: HashSet<(&str, &str)> = identities
+                .iter()
+                .map(|(iss, sub)| (iss.as_str(), sub.as_str()))
+                .collect();
+            let racers: Vec<SessionId> = self
+                .live_where(&Lookup::Named(names), |s| {
+                    let id = &s.identity;
+                    subjects.contains(&(id.issuer.as_str(), id.subject.as_str()))
+                        && (cutoffs.iter().any(|c| {
+                            id.issuer == c.iss
+                                && id.subject == c.sub
+                                && id.token_issued_at.is_none_or(|iat| iat <= c.cutoff_secs)
+                        }) || (!denied_keys.is_empty()
+                            && denied_keys.contains(&id.denial_key())))
+                })
+                .iter()
+                .map(|s| s.id)
+                .collect();
+            if !racers.is_empty() {
+                ending.join(self.end_now(&racers, cause, kind, by, reason)?);
+            }
         }
-        Ok(self.terminate(&Target::Sessions(ids), by, reason).await?)
+        writes.extend(extra(&ending.ended));
+        let flows = self.flows_cut(&ending.ended);
+        let denied = denied_keys.len();
+        let ended = ending.commit(self, writes).await?;
+        Ok(Terminated {
+            ended,
+            flows,
+            denied,
+            cutoffs,
+        })
     }
 
     /// The flows of these ended sessions the kernel still holds (revoked: every packet of

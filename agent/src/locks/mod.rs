@@ -37,7 +37,9 @@ pub mod wire;
 
 use std::{net::IpAddr, sync::RwLock};
 
-pub use actions::{CutoffRequest, CutoffSet, LockAdded, NewLock, TerminateOptions, Terminated};
+pub use actions::{
+    CutoffRequest, CutoffSet, LockAdded, NewLock, SignalSticky, TerminateOptions, Terminated,
+};
 use index::{Index, Subject};
 pub use model::{Cutoff, Denial, Lock, LockId, LockState, LockTarget, Refusal};
 use serde::{Deserialize, Serialize};

@@ -20,6 +20,7 @@ use crate::{
     identity::Identity,
     policy::PolicyHandle,
     sessions::{
+        by_identity::{ByIdentity, Lookup, Name},
         model::{EndCause, ReconnectState, Session, SessionEnd, SessionId, SessionState, now_ms},
         reevaluation::{Heirs, heirs_among},
     },
@@ -139,6 +140,9 @@ pub struct Sessions {
     /// whole table. Changed only while the table lock is held (table first, then this), so
     /// the two agree for anyone holding the table lock.
     by_source: Mutex<foldhash::HashMap<IpAddr, FromSource>>,
+    /// Every session in the table by the identity values locks and signals name, kept like
+    /// `by_source` (changed only under the table lock, table first).
+    by_identity: Mutex<ByIdentity>,
     pub(super) enforcer: Arc<Enforcer>,
     pub(super) store: Store,
     pub(super) audit: Audit,
@@ -187,14 +191,17 @@ impl Sessions {
         sessions: Vec<Session>,
     ) -> Self {
         let mut by_source: foldhash::HashMap<IpAddr, FromSource> = Default::default();
+        let mut by_identity = ByIdentity::default();
         for s in &sessions {
             file(&mut by_source, s.id, s.source);
+            by_identity.file(s.id, &s.identity);
         }
         let locks = Arc::new(crate::locks::Locks::load(&store));
         Self {
             locks,
             table: Mutex::new(sessions.into_iter().map(|s| (s.id, Arc::new(s))).collect()),
             by_source: Mutex::new(by_source),
+            by_identity: Mutex::new(by_identity),
             enforcer,
             store,
             audit,
@@ -248,6 +255,11 @@ impl Sessions {
     /// Files `id` under `source` (call with the table lock held).
     fn file_source(&self, id: SessionId, source: IpAddr) {
         file(&mut self.by_source(), id, source);
+    }
+
+    /// The identity index (take it with the table lock held, table first).
+    pub(super) fn by_identity(&self) -> MutexGuard<'_, ByIdentity> {
+        self.by_identity.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes `id` off `source`'s list (call with the table lock held).
@@ -369,6 +381,7 @@ impl Sessions {
             let mut table = self.table();
             table.remove(&session.id);
             self.unfile_source(session.id, source);
+            self.by_identity().unfile(session.id, &session.identity);
             drop(table);
             for g in &session.grants {
                 let _ = self.enforcer.withdraw(session.id, source, g.resource_id);
@@ -433,6 +446,7 @@ impl Sessions {
         let session = Arc::new(session);
         table.insert(session.id, Arc::clone(&session));
         self.file_source(session.id, source);
+        self.by_identity().file(session.id, &session.identity);
         Ok(Ok((session, reconnect_seed)))
     }
 
@@ -545,46 +559,74 @@ impl Sessions {
         };
         let ids: Vec<SessionId> = {
             let table = self.table();
-            let ids = match target {
+            match target {
                 Target::Sessions(ids) => {
                     if let Some(missing) = ids.iter().find(|id| !table.contains_key(id)) {
                         return Err(SessionError::NotFound(*missing));
                     }
                     ids.clone()
                 }
-                Target::User(user) => table
-                    .values()
-                    .filter(|s| s.is_live() && s.identity.is(user))
-                    .map(|s| s.id)
+                Target::User(user) => self
+                    .by_identity()
+                    .named(&[Name::User(user)])
+                    .into_iter()
+                    .filter(|id| {
+                        table
+                            .get(id)
+                            .is_some_and(|s| s.is_live() && s.identity.is(user))
+                    })
                     .collect(),
-            };
-            // The revocation before anything else: one store per session into the kernel's
-            // session table, which waits for no map writer. `end` below finds it done.
-            for id in &ids {
+            }
+        };
+        Ok(self
+            .end_now(&ids, cause, kind, by, reason)?
+            .commit(self, Vec::new())
+            .await?)
+    }
+
+    /// The first half of a termination, for callers that make more durable with it (a
+    /// lock, a denial, a signal's record) in the same commit: the revocations go into the
+    /// kernel before anything else (one store per session into the kernel's session table,
+    /// which waits for no map writer), then the grants, then the table; the local sockets are
+    /// being torn down on a blocking thread when it returns. Nothing is durable until
+    /// [`Ending::commit`].
+    ///
+    /// # Errors
+    /// The kernel fails; sessions already revoked stay revoked.
+    pub(crate) fn end_now(
+        self: &Arc<Self>,
+        ids: &[SessionId],
+        cause: EndCause,
+        kind: AuditKind,
+        by: &str,
+        reason: &str,
+    ) -> Result<Ending, SessionError> {
+        {
+            let table = self.table();
+            for id in ids {
                 if table.get(id).is_some_and(|s| s.is_live()) {
                     self.enforcer.revoke(*id)?;
                 }
             }
-            ids
-        };
+        }
         // The rest of the kernel work costs what these sessions hold (their grants, found
         // through the source index), a few map writes: done here. The socket teardown (one
         // sock_diag request per flow) runs on a blocking thread while the store commits.
         let (ended, writes) =
-            self.end_sessions(&ids, SessionState::Terminated, cause, kind, by, reason)?;
-        let teardown = (!ended.is_empty()).then(|| {
+            self.end_sessions(ids, SessionState::Terminated, cause, kind, by, reason)?;
+        let mut teardown = Vec::new();
+        if !ended.is_empty() {
             let enforcer = Arc::clone(&self.enforcer);
             let ids: HashSet<u64> = ended.iter().map(|e| e.id.0).collect();
-            tokio::task::spawn_blocking(move || tear_down_ended(&enforcer, ids))
-        });
-        let persisted = self.persist(writes).await;
-        if let Some(teardown) = teardown {
-            // The kernel already drops every packet; a teardown that died lost only the
-            // prompt notice to both ends.
-            let _ = teardown.await;
+            teardown.push(tokio::task::spawn_blocking(move || {
+                tear_down_ended(&enforcer, ids);
+            }));
         }
-        persisted?;
-        Ok(ended)
+        Ok(Ending {
+            ended,
+            writes,
+            teardown,
+        })
     }
 
     /// Moves live sessions to a final state in memory and the kernel, and tears down their
@@ -726,6 +768,44 @@ impl Sessions {
         self.table().get(&id).cloned()
     }
 
+    /// The sessions (live or ended) among those `lookup` points at that `pick` chooses, as
+    /// they are now: a lock or a signal naming one user looks at that user's sessions, not at
+    /// every session in the table.
+    pub fn sessions_where(
+        &self,
+        lookup: &Lookup<'_>,
+        pick: impl Fn(&Session) -> bool,
+    ) -> Vec<Arc<Session>> {
+        let table = self.table();
+        let chosen = |id: &SessionId| table.get(id).filter(|s| pick(s)).cloned();
+        match lookup {
+            Lookup::Everywhere => table.values().filter(|s| pick(s)).cloned().collect(),
+            Lookup::Sessions(ids) => ids.iter().filter_map(chosen).collect(),
+            Lookup::Source(ip) => {
+                let by_source = self.by_source();
+                by_source
+                    .get(ip)
+                    .map_or(&[][..], FromSource::ids)
+                    .iter()
+                    .filter_map(chosen)
+                    .collect()
+            }
+            Lookup::Named(names) => {
+                let ids = self.by_identity().named(names);
+                ids.iter().filter_map(chosen).collect()
+            }
+        }
+    }
+
+    /// The live sessions among those `lookup` points at that `pick` chooses, as they are now.
+    pub fn live_where(
+        &self,
+        lookup: &Lookup<'_>,
+        pick: impl Fn(&Session) -> bool,
+    ) -> Vec<Arc<Session>> {
+        self.sessions_where(lookup, |s| s.is_live() && pick(s))
+    }
+
     /// Every session the agent holds (live and ended), shared rather than copied.
     pub fn all(&self) -> Vec<Arc<Session>> {
         self.table().values().cloned().collect()
@@ -733,6 +813,51 @@ impl Sessions {
 
     pub fn live_count(&self) -> usize {
         self.table().values().filter(|s| s.is_live()).count()
+    }
+}
+
+/// Sessions ended in the kernel and the table whose record is not durable yet: what
+/// [`Sessions::end_now`] hands back, to be committed with whatever else makes the ending
+/// stick.
+#[derive(Debug, Default)]
+#[must_use = "an ending is durable only once committed"]
+pub struct Ending {
+    pub ended: Vec<Ended>,
+    writes: Vec<Write>,
+    teardown: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Ending {
+    /// Adds another ending's sessions, to be committed together.
+    pub fn join(&mut self, other: Ending) {
+        self.ended.extend(other.ended);
+        self.writes.extend(other.writes);
+        self.teardown.extend(other.teardown);
+    }
+
+    /// Makes the endings durable with `extra` in one commit, and waits for the socket
+    /// teardown; answers the sessions ended.
+    ///
+    /// # Errors
+    /// The store fails: the sessions stay ended in the kernel and the table, nothing of it
+    /// (nor of `extra`) is durable.
+    pub async fn commit(
+        mut self,
+        sessions: &Sessions,
+        extra: Vec<Write>,
+    ) -> Result<Vec<Ended>, StoreError> {
+        self.writes.extend(extra);
+        let persisted = if self.writes.is_empty() {
+            Ok(())
+        } else {
+            sessions.persist(std::mem::take(&mut self.writes)).await
+        };
+        for teardown in self.teardown.drain(..) {
+            // The kernel already drops every packet; a teardown that died lost only the
+            // prompt notice to both ends.
+            let _ = teardown.await;
+        }
+        persisted.map(|()| self.ended)
     }
 }
 

@@ -9,9 +9,9 @@ use std::{
 };
 
 use super::{
-    Ended, PolicyOutcome, SessionError, Sessions,
+    PolicyOutcome, SessionError, Sessions,
     manager::event,
-    model::{EndCause, Session, SessionId, SessionState, now_ms},
+    model::{Session, SessionId, now_ms},
 };
 use crate::{
     audit::event::AuditKind,
@@ -32,54 +32,6 @@ pub struct IdentityChange {
 }
 
 impl Sessions {
-    /// The live sessions `pick` selects, as they are now.
-    pub fn live_matching(&self, pick: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
-        self.table()
-            .values()
-            .filter(|s| s.is_live() && pick(s))
-            .cloned()
-            .collect()
-    }
-
-    /// Ends live sessions because an identity provider said so: the revocation in the kernel
-    /// first, then the grants, then one durable commit holding the ends and the `extra` writes
-    /// made from them (the SET's own record), so that the SET is acknowledged only with its
-    /// effect on disk.
-    ///
-    /// # Errors
-    /// The kernel or the store fails.
-    pub async fn end_for_signal(
-        self: &Arc<Self>,
-        ids: Vec<SessionId>,
-        by: String,
-        reason: String,
-        extra: impl FnOnce(&[Ended]) -> Vec<Write>,
-    ) -> Result<Vec<Ended>, SessionError> {
-        let this = Arc::clone(self);
-        let (ended, mut writes) = tokio::task::spawn_blocking(move || {
-            this.end(
-                &ids,
-                SessionState::Terminated,
-                EndCause::IdentityEvent {
-                    reason: reason.clone(),
-                },
-                AuditKind::SessionTerminated {
-                    by: by.clone(),
-                    reason: reason.clone(),
-                },
-                &by,
-                &reason,
-            )
-        })
-        .await
-        .map_err(|_| SessionError::Interrupted {
-            what: "ending sessions for a signal",
-        })??;
-        writes.extend(extra(&ended));
-        self.persist(writes).await?;
-        Ok(ended)
-    }
-
     /// Changes the identity of the live sessions `ids` with `update` (new claims, a device's
     /// new posture), then re-evaluates every live session against the policy in force, as a
     /// policy change does: grants the policy no longer allows are withdrawn and their flows
@@ -111,7 +63,12 @@ impl Sessions {
                         entry.grants.iter().map(|g| g.resource.clone()).collect(),
                     );
                     let s = Arc::make_mut(entry);
+                    // Refiled under its new names: a lock or a signal naming its new group
+                    // or device must find it, and its old ones no longer.
+                    let mut by_identity = this.by_identity();
+                    by_identity.unfile(s.id, &s.identity);
                     update(&mut s.identity);
+                    by_identity.file(s.id, &s.identity);
                     s.updated_at_ms = now_ms();
                 }
             }

@@ -21,9 +21,9 @@ use crate::{
     audit::event::{AuditEvent, AuditKind},
     auth::{Alg, AuthConfig, ClaimMapping, IssuerKeys},
     identity::{Claims, Identity},
-    locks::{CutoffRequest, LockTarget, NewLock},
+    locks::{LockTarget, NewLock, SignalSticky},
     sessions::{
-        Sessions,
+        Ended, Lookup, Name, Sessions,
         model::{Session, SessionId, now_ms},
     },
     store::{AppliedSignal, DevicePosture, SeenSet, SignalWrite, Store, Write},
@@ -41,6 +41,15 @@ enum Sticky {
     Cutoff,
     /// A user lock, until an administrator removes it.
     Lock,
+}
+
+/// What a SET that ends sessions and locks their user works from.
+struct Ends<'a> {
+    matched: &'a [Arc<Session>],
+    identities: &'a BTreeSet<(String, String)>,
+    user: Option<&'a Subject>,
+    by: &'a str,
+    reason: &'a str,
 }
 
 /// One configured transmitter, ready to receive.
@@ -563,6 +572,7 @@ impl Receiver {
                     set,
                     event,
                     &matching,
+                    role,
                     label,
                     vec![posture],
                     move |i| {
@@ -578,6 +588,7 @@ impl Receiver {
                     set,
                     event,
                     &matching,
+                    role,
                     "claims_updated",
                     Vec::new(),
                     move |i| {
@@ -595,6 +606,7 @@ impl Receiver {
                     set,
                     event,
                     &matching,
+                    role,
                     "assurance_updated",
                     Vec::new(),
                     move |i| {
@@ -636,9 +648,11 @@ impl Receiver {
         Ok(outcome)
     }
 
-    /// Terminates every live session the subject names, after making the ending stick
-    /// (`sticky`: their tokens denied, a per-user cut-off, or a user lock), durable with the
-    /// SET's record.
+    /// Terminates every live session the subject names and makes the ending stick
+    /// (`sticky`: their tokens denied, a per-user cut-off, or a user lock). For a denial or
+    /// a cut-off, the endings, what makes them stick and the SET's record are one commit:
+    /// the SET is acknowledged with all of its effect durable, or with none of it (and the
+    /// transmitter delivers it again).
     async fn end_matching(
         &self,
         index: usize,
@@ -647,106 +661,148 @@ impl Receiver {
         matching: &(dyn Fn(&Session) -> bool + Sync),
         sticky: Sticky,
     ) -> Result<Outcome, SignalError> {
-        let matched = self.sessions.live_matching(matching);
+        let lookup = set
+            .subject
+            .as_ref()
+            .map_or(Lookup::Everywhere, |s| s.lookup(Role::User));
+        let matched = self.sessions.live_where(&lookup, matching);
         let user = set.subject.as_ref().and_then(|s| s.user(Role::User));
-        // The identities the subject names: those of the sessions it matched, and the one an
-        // iss_sub subject spells out even when it has no live session.
+        // The identities the subject names: those of the sessions it matched, the one an
+        // iss_sub subject spells out, and, for an email with no live session, those the agent
+        // has seen under that email (a cut-off still keeps their older tokens out).
         let mut identities: BTreeSet<(String, String)> = matched
             .iter()
             .map(|s| (s.identity.issuer.clone(), s.identity.subject.clone()))
             .collect();
-        if let Some(Subject::IssSub { iss, sub }) = user {
-            identities.insert((iss.clone(), sub.clone()));
+        match user {
+            Some(Subject::IssSub { iss, sub }) => {
+                identities.insert((iss.clone(), sub.clone()));
+            }
+            Some(Subject::Email(email)) if identities.is_empty() => {
+                let seen =
+                    self.sessions
+                        .sessions_where(&Lookup::Named(vec![Name::User(email)]), |s| {
+                            s.identity
+                                .email
+                                .as_deref()
+                                .is_some_and(|e| e.eq_ignore_ascii_case(email))
+                        });
+                identities.extend(
+                    seen.iter()
+                        .map(|s| (s.identity.issuer.clone(), s.identity.subject.clone())),
+                );
+            }
+            _ => {}
         }
         let by = format!("signal {}", set.iss);
         let reason = format!("{event} (SET {})", set.jti);
-        let ids: Vec<SessionId> = matched.iter().map(|s| s.id).collect();
-        // The sessions end first (revocation in the kernel, then the record), so that they
-        // end as an identity event; what makes the ending stick follows, and it ends any
-        // session a racing login opened meanwhile with what it now refuses. The SET is
-        // recorded as seen last: a crash before that makes the transmitter deliver it again,
-        // and applying it again changes nothing more.
-        let record_ids = ids.clone();
-        self.sessions
-            .end_for_signal(ids, by.clone(), reason.clone(), |_| {
-                record_ids
-                    .iter()
-                    .map(|id| Self::applied(set, event, *id, "terminated"))
-                    .collect()
+        let sticky = match sticky {
+            Sticky::Lock => {
+                let ends = Ends {
+                    matched: &matched,
+                    identities: &identities,
+                    user,
+                    by: &by,
+                    reason: &reason,
+                };
+                return self.end_and_lock(index, set, event, ends).await;
+            }
+            Sticky::DenyTokens => SignalSticky {
+                deny_tokens: !matched.is_empty(),
+                cutoff_at_secs: user.is_some().then_some(set.event_time),
+            },
+            Sticky::Cutoff => SignalSticky {
+                deny_tokens: false,
+                cutoff_at_secs: Some(set.event_time),
+            },
+        };
+        let sticky = SignalSticky {
+            cutoff_at_secs: sticky.cutoff_at_secs.filter(|_| !identities.is_empty()),
+            ..sticky
+        };
+        if matched.is_empty() && sticky.cutoff_at_secs.is_none() {
+            return self
+                .ignore(
+                    index,
+                    set,
+                    event,
+                    "no live session matches the subject".into(),
+                )
+                .await;
+        }
+        let mut what = vec!["terminated"];
+        if sticky.deny_tokens {
+            what.push("token denied");
+        }
+        if sticky.cutoff_at_secs.is_some() {
+            what.push("cut-off");
+        }
+        let outcome = Outcome::Applied {
+            sessions: matched.len(),
+            what: what.join("; "),
+        };
+        let set_writes = self.set_writes(index, set, event, &outcome);
+        let done = self
+            .sessions
+            .end_for_signal(&matched, &identities, sticky, &by, &reason, |ended| {
+                let mut writes = Self::applied_to(set, event, ended);
+                writes.extend(set_writes);
+                writes
             })
             .await?;
+        tracing::info!(jti = %set.jti, iss = %set.iss, event, sessions = done.ended.len(), "signal ended sessions");
+        Ok(outcome)
+    }
+
+    /// Terminates the sessions the subject names as an identity event, then locks the user
+    /// (`account-disabled`, `account-purged`) until an administrator removes the lock.
+    async fn end_and_lock(
+        &self,
+        index: usize,
+        set: &Set,
+        event: &str,
+        ends: Ends<'_>,
+    ) -> Result<Outcome, SignalError> {
+        self.sessions
+            .end_for_signal(
+                ends.matched,
+                ends.identities,
+                SignalSticky::default(),
+                ends.by,
+                ends.reason,
+                |ended| Self::applied_to(set, event, ended),
+            )
+            .await?;
         let mut what = vec!["terminated".to_owned()];
-        match sticky {
-            Sticky::DenyTokens => {
-                for s in &matched {
-                    self.sessions.deny_session_token(s.id, &by, &reason).await?;
-                }
-                if !matched.is_empty() {
-                    what.push("token denied".into());
-                    let locks = Arc::clone(self.sessions.locks());
-                    // Only a session of the same issuer and subject can hold a denied token:
-                    // the denial key (a hash of the claims) is computed for those alone, not
-                    // for every live session under the table's lock.
-                    let subjects: HashSet<(&str, &str)> = identities
-                        .iter()
-                        .map(|(iss, sub)| (iss.as_str(), sub.as_str()))
-                        .collect();
-                    let racers: Vec<SessionId> = self
-                        .sessions
-                        .live_matching(|s| {
-                            let id = &s.identity;
-                            subjects.contains(&(id.issuer.as_str(), id.subject.as_str()))
-                                && locks.is_denied(&id.denial_key())
-                        })
-                        .iter()
-                        .map(|s| s.id)
-                        .collect();
-                    if !racers.is_empty() {
-                        self.sessions
-                            .end_for_signal(racers, by.clone(), reason.clone(), |_| Vec::new())
-                            .await?;
-                    }
-                }
-                if user.is_some() {
-                    self.cut_off(&identities, set, &by, &reason, &mut what)
-                        .await?;
-                }
-            }
-            Sticky::Cutoff => {
-                self.cut_off(&identities, set, &by, &reason, &mut what)
-                    .await?
-            }
-            Sticky::Lock => {
-                let targets: Vec<LockTarget> = match user {
-                    Some(Subject::Email(e)) => vec![LockTarget::User(e.clone())],
-                    Some(Subject::Opaque(id)) => vec![LockTarget::User(id.clone())],
-                    _ => identities
-                        .iter()
-                        .map(|(iss, sub)| LockTarget::Subject {
-                            iss: iss.clone(),
-                            sub: sub.clone(),
-                        })
-                        .collect(),
-                };
-                for target in targets {
-                    let added = self
-                        .sessions
-                        .add_lock(
-                            NewLock {
-                                target,
-                                ttl_secs: None,
-                                reason: Some(reason.clone()),
-                                show_reason: false,
-                                on_behalf_of: None,
-                            },
-                            &by,
-                        )
-                        .await?;
-                    what.push(format!("locked {}", added.lock.id));
-                }
-            }
+        let targets: Vec<LockTarget> = match ends.user {
+            Some(Subject::Email(e)) => vec![LockTarget::User(e.clone())],
+            Some(Subject::Opaque(id)) => vec![LockTarget::User(id.clone())],
+            _ => ends
+                .identities
+                .iter()
+                .map(|(iss, sub)| LockTarget::Subject {
+                    iss: iss.clone(),
+                    sub: sub.clone(),
+                })
+                .collect(),
+        };
+        for target in targets {
+            let added = self
+                .sessions
+                .add_lock(
+                    NewLock {
+                        target,
+                        ttl_secs: None,
+                        reason: Some(ends.reason.to_owned()),
+                        show_reason: false,
+                        on_behalf_of: None,
+                    },
+                    ends.by,
+                )
+                .await?;
+            what.push(format!("locked {}", added.lock.id));
         }
-        if matched.is_empty() && what.len() == 1 {
+        if ends.matched.is_empty() && what.len() == 1 {
             return self
                 .ignore(
                     index,
@@ -757,41 +813,20 @@ impl Receiver {
                 .await;
         }
         let outcome = Outcome::Applied {
-            sessions: matched.len(),
+            sessions: ends.matched.len(),
             what: what.join("; "),
         };
-        tracing::info!(jti = %set.jti, iss = %set.iss, event, sessions = matched.len(), "signal ended sessions");
+        tracing::info!(jti = %set.jti, iss = %set.iss, event, sessions = ends.matched.len(), "signal ended sessions and locked");
         self.commit_outcome(index, set, event, outcome, Vec::new())
             .await
     }
 
-    /// A cut-off at the event's time for each identity: its tokens issued until then are
-    /// refused, and its sessions on them end.
-    async fn cut_off(
-        &self,
-        identities: &BTreeSet<(String, String)>,
-        set: &Set,
-        by: &str,
-        reason: &str,
-        what: &mut Vec<String>,
-    ) -> Result<(), SignalError> {
-        for (iss, sub) in identities {
-            self.sessions
-                .set_cutoff(
-                    CutoffRequest {
-                        iss: iss.clone(),
-                        sub: sub.clone(),
-                        at_secs: Some(set.event_time),
-                        reason: reason.to_owned(),
-                    },
-                    by,
-                )
-                .await?;
-        }
-        if !identities.is_empty() {
-            what.push("cut-off".into());
-        }
-        Ok(())
+    /// The per-session records of a SET that ended these sessions.
+    fn applied_to(set: &Set, event: &str, ended: &[Ended]) -> Vec<Write> {
+        ended
+            .iter()
+            .map(|e| Self::applied(set, event, e.id, "terminated"))
+            .collect()
     }
 
     /// Changes what the identity provider said about the sessions the subject names, then
@@ -803,13 +838,18 @@ impl Receiver {
         set: &Set,
         event: &str,
         matching: &(dyn Fn(&Session) -> bool + Sync),
+        role: Role,
         label: &str,
         extra: Vec<Write>,
         update: impl Fn(&mut Identity) + Send + 'static,
     ) -> Result<Outcome, SignalError> {
+        let lookup = set
+            .subject
+            .as_ref()
+            .map_or(Lookup::Everywhere, |s| s.lookup(role));
         let ids: Vec<SessionId> = self
             .sessions
-            .live_matching(matching)
+            .live_where(&lookup, matching)
             .iter()
             .map(|s| s.id)
             .collect();

@@ -4,7 +4,10 @@
 use serde_json::{Map, Value};
 
 use super::config::SubjectMapping;
-use crate::{identity::Identity, sessions::model::Session};
+use crate::{
+    identity::Identity,
+    sessions::{Lookup, Name, model::Session},
+};
 
 /// Longest identifier value taken from a SET; longer ones are refused, not truncated.
 const MAX_ID_CHARS: usize = 1024;
@@ -199,6 +202,26 @@ impl Subject {
         }
     }
 
+    /// Where the sessions this subject may name are to be looked for: the identity index
+    /// for an email, an `iss_sub` or a device (a complex subject's user member first, then
+    /// its device member); every session for what the index does not cover (a claim of the
+    /// transmitter's mapping). [`Subject::matches`] decides among them.
+    pub fn lookup(&self, role: Role) -> Lookup<'_> {
+        match (role, self) {
+            (_, Subject::Complex(c)) => [(&c.user, Role::User), (&c.device, Role::Device)]
+                .into_iter()
+                .filter_map(|(member, role)| member.as_ref().map(|m| m.lookup(role)))
+                .find(|l| *l != Lookup::Everywhere)
+                .unwrap_or(Lookup::Everywhere),
+            (Role::User, Subject::Email(e)) => Lookup::Named(vec![Name::User(e)]),
+            (Role::User, Subject::IssSub { sub, .. }) => Lookup::Named(vec![Name::Subject(sub)]),
+            (Role::Device, Subject::Opaque(v) | Subject::IssSub { sub: v, .. }) => {
+                Lookup::Named(vec![Name::Device(v)])
+            }
+            _ => Lookup::Everywhere,
+        }
+    }
+
     /// Whether `session` is one this subject names; a simple subject names a `role`.
     pub fn matches(&self, session: &Session, role: Role, map: &SubjectMapping) -> bool {
         match self {
@@ -342,6 +365,56 @@ mod tests {
                 u
             ),
             "every member must match"
+        );
+    }
+
+    /// The index lookup must be a superset of what `matches` accepts: every session a
+    /// subject matches is filed under the names its lookup gives.
+    #[test]
+    fn each_subject_is_looked_for_under_a_name_of_the_session_it_matches() {
+        let named = |v: Value, role: Role| -> Lookup<'static> {
+            let subject: &'static Subject =
+                Box::leak(Box::new(Subject::parse(&v).expect("parses")));
+            subject.lookup(role)
+        };
+        assert_eq!(
+            named(
+                json!({"format": "email", "email": "ALICE@corp.test"}),
+                Role::User
+            ),
+            Lookup::Named(vec![Name::User("ALICE@corp.test")])
+        );
+        assert_eq!(
+            named(
+                json!({"format": "iss_sub", "iss": "https://idp.test", "sub": "u-1"}),
+                Role::User
+            ),
+            Lookup::Named(vec![Name::Subject("u-1")])
+        );
+        assert_eq!(
+            named(json!({"format": "opaque", "id": "laptop-7"}), Role::Device),
+            Lookup::Named(vec![Name::Device("laptop-7")])
+        );
+        assert_eq!(
+            named(json!({"format": "opaque", "id": "u-1"}), Role::User),
+            Lookup::Everywhere,
+            "an opaque user id is a claim of the mapping's choosing"
+        );
+        assert_eq!(
+            named(
+                json!({"format": "complex",
+                       "session": {"format": "opaque", "id": "s-9"},
+                       "device": {"format": "opaque", "id": "laptop-7"}}),
+                Role::User
+            ),
+            Lookup::Named(vec![Name::Device("laptop-7")])
+        );
+        assert_eq!(
+            named(
+                json!({"format": "complex", "session": {"format": "opaque", "id": "s-9"}}),
+                Role::User
+            ),
+            Lookup::Everywhere
         );
     }
 

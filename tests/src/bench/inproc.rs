@@ -77,6 +77,11 @@ impl InProcessAgent {
             .worker_threads(2)
             .enable_all()
             .build()?;
+        // The agent's first sweep, within a second of its start, completes the flow index's
+        // first walk; until one has, finding a session's flows walks the whole flow table
+        // (see `enforce::flow_index`), which no running agent does after its first second.
+        rt.block_on(sessions.sweep())
+            .context("the first sweep, which completes the flow index")?;
         Ok(Self {
             rt,
             sessions,

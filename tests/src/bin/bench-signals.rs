@@ -285,7 +285,11 @@ fn main() -> anyhow::Result<()> {
     let scans: Vec<Duration> = (0..runs)
         .map(|_| {
             let started = Instant::now();
-            std::hint::black_box(agent.sessions.live_matching(|_| false));
+            std::hint::black_box(
+                agent
+                    .sessions
+                    .live_where(&flowwarden::sessions::Lookup::Everywhere, |_| false),
+            );
             started.elapsed()
         })
         .collect();
@@ -363,7 +367,7 @@ fn main() -> anyhow::Result<()> {
                    last is answered; rate = SETs / wall time, every acknowledged SET's \
                    session checked revoked in the kernel afterwards. References (same run, \
                    `runs` each): Store::commit of one audit record (fsync), and one \
-                   Sessions::live_matching pass over the table matching nothing",
+                   Sessions::live_where pass over the whole table matching nothing",
         "sessions": live,
         "sessions_live_after": left,
         "pushed_one_at_a_time_ms": {
