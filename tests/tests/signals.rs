@@ -641,6 +641,51 @@ fn hostile_sets_are_refused_with_their_error_and_change_nothing() {
             .contains(&("session-revoked".into(), "duplicate".into())),
         "the replay after kill -9 is recognised"
     );
+
+    // Without the push credential, a flood is audited only within its source's admission
+    // budget (burst 40, 20 a second), then answered 429 with no record: nobody without the
+    // credential writes the audit log at will. The transmitter itself is never limited.
+    let refused_records = |s: &Signals| {
+        let (ok, out) = s.stack.ctl(&[
+            "audit",
+            "--kind",
+            "signal_refused",
+            "--limit",
+            "100000",
+            "--json",
+        ]);
+        assert!(ok, "audit: {out}");
+        out.lines().filter(|l| l.contains('{')).count()
+    };
+    let carol = s.login("carol@corp.example", &[], "carol");
+    let before = refused_records(&s);
+    let started = std::time::Instant::now();
+    let mut limited = 0;
+    for _ in 0..300 {
+        let (status, body) = s.post("Bearer flood", set_type, good_token.as_bytes());
+        match status {
+            429 => {
+                assert_eq!(body["err"], "rate_limited", "{body}");
+                limited += 1;
+            }
+            400 => assert_eq!(body["err"], "authentication_failed", "{body}"),
+            other => panic!("an unauthenticated push answered {other}: {body}"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let recorded = refused_records(&s) - before;
+    let budget = 40 + (20.0 * secs).ceil() as usize;
+    assert!(limited > 0, "300 pushes in {secs:.1} s were never limited");
+    assert!(
+        recorded <= budget,
+        "{recorded} refusals audited in {secs:.1} s, more than the budget of {budget}"
+    );
+    s.push(&DevSet::new("session-revoked", email("carol@corp.example")));
+    assert_eq!(
+        s.state(&carol),
+        "terminated",
+        "the transmitter is not limited"
+    );
 }
 
 fn aws_lc_rs_hmac(key: &[u8], msg: &[u8]) -> Vec<u8> {

@@ -234,7 +234,10 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 impl Admission {
     async fn handle(&self, req: Request<Incoming>, source: IpAddr) -> Response<Full<Bytes>> {
         if req.uri().path() == crate::signals::PUSH_PATH {
-            return crate::signals::push::handle(self.signals.as_ref(), req).await;
+            return crate::signals::push::handle(self.signals.as_ref(), req, || {
+                self.limiter.allow(source)
+            })
+            .await;
         }
         let ask = request::read(
             req.method(),

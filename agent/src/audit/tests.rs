@@ -161,6 +161,7 @@ fn query_filters_and_limits() {
                 at_ms: 1,
                 by: "uid 0".into(),
                 reason: "test".into(),
+                end: None,
             },
         )])
         .expect("commit");

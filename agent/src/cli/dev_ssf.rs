@@ -75,7 +75,7 @@ pub struct EventArgs {
     pub dir: PathBuf,
     /// session-revoked, credential-change, device-compliance-change, token-claims-change,
     /// assurance-level-change, account-disabled, account-purged, credential-compromise,
-    /// verification, or a full event type URI.
+    /// verification, stream-updated, or a full event type URI.
     #[arg(long)]
     pub event: String,
     #[arg(long, default_value = DEV_TRANSMITTER)]
@@ -103,7 +103,8 @@ pub struct EventArgs {
     /// Subject: a tenant id (complex subject's tenant member).
     #[arg(long)]
     pub tenant: Option<String>,
-    /// device-compliance-change: compliant or not-compliant.
+    /// device-compliance-change: compliant or not-compliant; stream-updated: enabled, paused
+    /// or disabled.
     #[arg(long)]
     pub status: Option<String>,
     /// credential-change: create, revoke, update or delete.
@@ -184,7 +185,13 @@ impl EventArgs {
         set.jti = self.jti.clone();
         let e = &mut set.event;
         if let Some(s) = &self.status {
-            e.insert("current_status".into(), s.clone().into());
+            // SSF's stream-updated names it `status`; CAEP's device change `current_status`.
+            let member = if self.event.ends_with("stream-updated") {
+                "status"
+            } else {
+                "current_status"
+            };
+            e.insert(member.into(), s.clone().into());
         }
         if let Some(c) = &self.change_type {
             e.insert("change_type".into(), c.clone().into());
@@ -380,4 +387,52 @@ fn jti_of(set: &str) -> Option<String> {
         .ok()?;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
     v["jti"].as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use serde_json::json;
+
+    use super::*;
+    use crate::signals::events::Event;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        event: EventArgs,
+    }
+
+    fn event(args: &[&str]) -> (DevSet, Event) {
+        let cli = Cli::parse_from([&["dev-ssf", "--dir", "/nonexistent"], args].concat());
+        let set = cli.event.set().expect("a SET");
+        let parsed = Event::read(&set.event_uri(), &set.event).expect("the agent reads it");
+        (set, parsed)
+    }
+
+    /// `--status` goes where each event type carries it, so that the agent reads it back.
+    #[test]
+    fn status_is_the_member_each_event_reads() {
+        let (set, parsed) = event(&["--event", "stream-updated", "--status", "disabled"]);
+        assert_eq!(set.event.get("status"), Some(&json!("disabled")));
+        assert_eq!(
+            parsed,
+            Event::StreamUpdated {
+                status: "disabled".into()
+            }
+        );
+        let (set, parsed) = event(&[
+            "--event",
+            "device-compliance-change",
+            "--device",
+            "laptop-7",
+            "--status",
+            "not-compliant",
+        ]);
+        assert_eq!(
+            set.event.get("current_status"),
+            Some(&json!("not-compliant"))
+        );
+        assert_eq!(parsed, Event::DeviceCompliance { compliant: false });
+    }
 }

@@ -24,7 +24,7 @@ use crate::{
         model::{EndCause, ReconnectState, Session, SessionEnd, SessionId, SessionState, now_ms},
         reevaluation::{Heirs, heirs_among},
     },
-    store::{RevocationRecord, Store, StoreError, Write},
+    store::{RecordedEnd, RevocationRecord, Store, StoreError, Write},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -688,13 +688,21 @@ impl Sessions {
                 user: s.identity.user().to_owned(),
                 source: s.source,
             });
-            writes.push(Write::PutSession(Arc::clone(entry)));
+            // The revocation record holds the end: the session's own row (a random page of
+            // a large table) is not rewritten, and reading the store applies the end to it.
             writes.push(Write::PutRevocation(
                 *id,
                 RevocationRecord {
                     at_ms: now,
                     by: by.to_owned(),
                     reason: reason.to_owned(),
+                    end: Some(RecordedEnd {
+                        state,
+                        end: SessionEnd {
+                            at_ms: now,
+                            cause: cause.clone(),
+                        },
+                    }),
                 },
             ));
             writes.push(Write::Audit(event(kind.clone(), entry, reason)));

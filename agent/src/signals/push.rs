@@ -91,9 +91,14 @@ fn is_set_media_type(value: &str) -> bool {
 }
 
 /// Answers one pushed SET. `receiver` is `None` when no push transmitter is configured.
+/// `allow` takes a token of the source's admission budget: a push that is not authenticated
+/// as a configured transmitter is audited only while its source has budget left, and
+/// answered `429` without a record beyond it, so that nobody who lacks the push credential
+/// can write the audit log at will. A transmitter's own pushes are never limited.
 pub async fn handle(
     receiver: Option<&Arc<Receiver>>,
     req: Request<Incoming>,
+    allow: impl FnOnce() -> bool,
 ) -> Response<Full<Bytes>> {
     let Some(receiver) = receiver else {
         return answer(
@@ -122,6 +127,20 @@ pub async fn handle(
         _ => None,
     };
     let Some(index) = index else {
+        if !allow() {
+            tracing::debug!("unauthenticated SET push refused: its source is over its budget");
+            return answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(&PushError {
+                    err: "rate_limited".into(),
+                    description: "too many pushes without the stream's credential from this \
+                                  address: wait a moment and send the configured \
+                                  Authorization header"
+                        .into(),
+                }),
+                false,
+            );
+        }
         let r = refused(
             ErrCode::AuthenticationFailed,
             "send exactly one Authorization header, the value the stream was configured with",

@@ -31,6 +31,7 @@ pub(super) fn revocation(by: &str) -> RevocationRecord {
         at_ms: 1_700_000_100_000,
         by: by.into(),
         reason: "left the company".into(),
+        end: None,
     }
 }
 
@@ -363,4 +364,64 @@ fn a_late_live_record_never_revives_a_revoked_session() {
     let store = open(&path);
     assert_eq!(store.sessions().expect("read"), [a_ended, b_ended, c]);
     assert!(store.check_integrity().expect("check").is_healthy());
+}
+
+/// A termination commits only the revocation record holding the end: the session's row still
+/// says live, and every read (and so every restart) sees the session ended. A fuller ended row
+/// written later wins; a live row arriving after the revocation never revives it.
+#[test]
+fn a_session_ended_by_its_revocation_record_reads_ended_and_stays_so() {
+    use crate::sessions::model::{EndCause, SessionEnd};
+
+    let dir = TempDir::new("recorded-end");
+    let path = dir.state_file();
+    let store = open(&path);
+    let a = session(0xa, "alice@corp.example");
+    assert!(a.is_live());
+    store
+        .commit(vec![Write::PutSession(a.clone().into())])
+        .expect("commit");
+    let end = SessionEnd {
+        at_ms: 1_700_000_200_000,
+        cause: EndCause::IdentityEvent {
+            reason: "session-revoked (SET 1)".into(),
+        },
+    };
+    let record = RevocationRecord {
+        end: Some(RecordedEnd {
+            state: SessionState::Terminated,
+            end: end.clone(),
+        }),
+        ..revocation("signal https://idp")
+    };
+    store
+        .commit(vec![
+            Write::PutRevocation(a.id, record),
+            // A live record of the session queued behind its end (a sweep, a reconnect).
+            Write::PutSession(a.clone().into()),
+        ])
+        .expect("commit");
+    let mut ended = a.clone();
+    ended.state = SessionState::Terminated;
+    ended.updated_at_ms = end.at_ms;
+    ended.ended = Some(end);
+    assert_eq!(store.session(a.id).expect("read"), Some(ended.clone()));
+    assert_eq!(store.sessions().expect("read"), [ended.clone()]);
+    drop(store);
+    let store = open(&path);
+    assert_eq!(
+        store.sessions().expect("read"),
+        [ended],
+        "after a restart too"
+    );
+
+    // A record without an end (written before ends were recorded) leaves the row as it is.
+    let b = session(0xb, "bob@corp.example");
+    store
+        .commit(vec![
+            Write::PutSession(b.clone().into()),
+            Write::PutRevocation(b.id, revocation("uid 0")),
+        ])
+        .expect("commit");
+    assert_eq!(store.session(b.id).expect("read"), Some(b));
 }

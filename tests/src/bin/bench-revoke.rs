@@ -22,15 +22,15 @@ use flowwarden::{
     audit::event::{AuditEvent, AuditKind},
     datapath::{Maps, Revocation, monotonic_ns},
     enforce::sockets::{FlowSockets, destroy_tcp, destroy_tcp_in},
-    sessions::model::{Session, SessionId, now_ms},
-    store::{RevocationRecord, Store, Write},
+    sessions::model::{SessionId, now_ms},
+    store::{RecordedEnd, RevocationRecord, Store, Write},
 };
 use flowwarden_tests::{
     agent_proc::release_agent,
     bench::{self, BenchArgs, HasBenchArgs, Idle, IdleArgs, Knob, Spec, Stats, loadavg},
     privileged::require_root,
     ssh::Sshd,
-    stack::{ISSUER, Stack, TokenSpec},
+    stack::{Stack, TokenSpec},
     tcp::{accept, connect, listen},
 };
 use serde::Serialize;
@@ -373,27 +373,13 @@ impl Drop for Reaped {
     }
 }
 
-/// What a terminate commits: the ended session, its revocation and the audit event.
+/// What a terminate commits: the revocation record holding the session's end (the session's
+/// own row is not rewritten) and the audit event.
 fn terminate_writes(id: u64, source: IpAddr) -> anyhow::Result<Vec<Write>> {
-    let (now, user, exp) = (now_ms(), "bench@corp.example", now_ms() / 1000 + 3600);
-    let identity = json!({
-        "issuer": ISSUER, "subject": user, "email": user, "groups": ["ops"], "device": {},
-        "claims": {"sub": user, "email": user, "groups": ["ops"], "exp": exp},
-        "token_sha256": "0".repeat(64), "token_expires_at": exp, "token_issued_at": null,
-    });
-    let session: Session = serde_json::from_value(json!({
-        "id": SessionId(id), "state": "terminated", "identity": identity, "source": source,
-        "previous_sources": [], "created_at_ms": now, "updated_at_ms": now,
-        "expires_at_ms": now + 3_600_000, "dormant_since_ms": null, "reconnect": null,
-        "grants": [{"resource": "stream", "resource_id": 1, "rule": "ops"}],
-        "settings": {"max_duration_secs": 3600, "idle_timeout_secs": 900,
-                     "dormant_timeout_secs": 3600, "reconnect": false},
-        "ended": {"at_ms": now, "cause": "terminated", "by": "uid 0", "reason": "bench"},
-    }))
-    .context("building a session record")?;
+    let (now, user) = (now_ms(), "bench@corp.example");
     let (by, reason) = ("uid 0".to_owned(), "bench".to_owned());
     let event = AuditEvent {
-        session: Some(session.id),
+        session: Some(SessionId(id)),
         user: Some(user.into()),
         source: Some(source),
         detail: reason.clone(),
@@ -402,13 +388,18 @@ fn terminate_writes(id: u64, source: IpAddr) -> anyhow::Result<Vec<Write>> {
             reason: reason.clone(),
         })
     };
+    let end: RecordedEnd = serde_json::from_value(json!({
+        "state": "terminated",
+        "end": {"at_ms": now, "cause": "terminated", "by": by, "reason": reason},
+    }))
+    .context("building a session end")?;
     let record = RevocationRecord {
         at_ms: now,
         by,
         reason,
+        end: Some(end),
     };
     Ok(vec![
-        Write::PutSession(session.into()),
         Write::PutRevocation(SessionId(id), record),
         Write::Audit(event),
     ])
