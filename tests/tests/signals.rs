@@ -651,7 +651,7 @@ fn hostile_sets_are_refused_with_their_error_and_change_nothing() {
             "--kind",
             "signal_refused",
             "--limit",
-            "100000",
+            "10000",
             "--json",
         ]);
         assert!(ok, "audit: {out}");
