@@ -158,3 +158,58 @@ password_file = "{password}"
     browser.expect("DONE", &console_log);
     drop(console);
 }
+
+/// `config check` checks `[console]` as `flowwarden console` does at start: `[console.fleet]`
+/// without `[fleet]`, or with half a credential, is refused naming the field; a config
+/// without a console is not asked for one.
+#[test]
+fn config_check_checks_the_console_table() {
+    let scratch = flowwarden_tests::agent_proc::Scratch::new("consolecheck");
+    let config = scratch.dir.join("agent.toml");
+    let base = format!(
+        "[policy]\ndir = \"{}\"\n",
+        scratch.dir.join("policies").display()
+    );
+    let check = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        flowwarden_tests::stack::cli(&["config", "check", "--config", config.to_str().unwrap()])
+    };
+    let (ok, out) = check(&base);
+    assert!(ok, "no console at all: {out}");
+    let key = scratch.dir.join("admin.key");
+    let (ok, out) = flowwarden_tests::stack::cli(&[
+        "fleet",
+        "keygen",
+        "--out",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "fleet keygen: {out}");
+    let public: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let fleet = format!(
+        "[fleet]\nservers = [\"nats://127.0.0.1:4222\"]\nadmin_keys = [{}]\n",
+        public["public_key"]
+    );
+    let oidc = "[console.oidc]\nissuer = \"https://idp.corp.example\"\nclient_id = \"fw\"\n";
+    let (ok, out) = check(&format!("{base}{fleet}{oidc}"));
+    assert!(ok, "a console and a fleet: {out}");
+    for (extra, field) in [
+        ("[console.fleet]\nuser = \"console\"\n", "console.fleet"),
+        (
+            "[console.fleet]\ncreds_file = \"console.creds\"\n",
+            "console.fleet",
+        ),
+        ("[console]\nsession_secs = 5\n", "console.session_secs"),
+    ] {
+        let with_fleet = !extra.contains("creds_file");
+        let text = if with_fleet {
+            format!("{base}{fleet}{extra}{oidc}")
+        } else {
+            // [console.fleet] without [fleet].
+            format!("{base}{extra}{oidc}")
+        };
+        let (ok, out) = check(&text);
+        assert!(!ok, "{extra}: accepted: {out}");
+        assert!(out.contains(field), "{extra}: {out}");
+    }
+}

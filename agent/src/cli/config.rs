@@ -28,6 +28,19 @@ pub fn run(command: ConfigCommand) -> anyhow::Result<()> {
             .validate()
             .map_err(|e| anyhow::anyhow!("{}: [fleet]: {e}", config.display()))?;
     }
+    // What `flowwarden console` checks at start: [console.fleet] always (it is a mistake
+    // without [fleet]), the rest once the console is configured at all ([console.oidc]).
+    let base = config
+        .parent()
+        .map_or_else(|| PathBuf::from("."), std::path::Path::to_path_buf);
+    c.console
+        .fleet_link(c.fleet.as_ref(), &base)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    if c.console.oidc.is_some() {
+        c.console
+            .checked(&base)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    }
     let policy = crate::policy::load_policy(&c.policy.dir)?;
     outln!(
         "{}: ok ({} issuers; {} resources and {} rules from {})",

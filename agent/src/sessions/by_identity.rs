@@ -52,23 +52,20 @@ enum Kind {
     Group = 4,
 }
 
-/// The sessions under one key: nearly always one (an email, a subject), held without an
-/// allocation of its own; a group or a shared device holds many, in a set so that ending
-/// 100,000 sessions of one group costs 100,000 removals, not 100,000 list scans.
-#[derive(Debug)]
-enum Bucket {
-    One(SessionId),
-    Many(foldhash::HashSet<SessionId>),
-}
-
 /// The index. Keys are 64-bit hashes of (kind, value) under a per-process random seed: a
 /// hash, not a copy of the string, because 100,000 sessions would otherwise hold a copy of
 /// every email, subject and group once more; a random seed, so that nobody can choose
 /// identities that collide on purpose.
+///
+/// Nearly every key names one session (an email, a subject): those are a plain key → id
+/// entry, 16 bytes. A key that names several (a group, a shared device) moves to `many`, in
+/// a set, so that ending 100,000 sessions of one group costs 100,000 removals, not 100,000
+/// list scans. A key is in one map or the other, never both.
 #[derive(Debug, Default)]
 pub(super) struct ByIdentity {
     seed: foldhash::quality::RandomState,
-    buckets: foldhash::HashMap<u64, Bucket>,
+    one: foldhash::HashMap<u64, SessionId>,
+    many: foldhash::HashMap<u64, foldhash::HashSet<SessionId>>,
 }
 
 impl ByIdentity {
@@ -124,17 +121,19 @@ impl ByIdentity {
 
     pub(super) fn file(&mut self, id: SessionId, identity: &Identity) {
         for key in self.keys_of(identity) {
-            match self.buckets.get_mut(&key) {
+            if let Some(set) = self.many.get_mut(&key) {
+                set.insert(id);
+                continue;
+            }
+            match self.one.get(&key) {
                 None => {
-                    self.buckets.insert(key, Bucket::One(id));
+                    self.one.insert(key, id);
                 }
-                Some(Bucket::One(first)) if *first == id => {}
-                Some(Bucket::One(first)) => {
+                Some(first) if *first == id => {}
+                Some(first) => {
                     let set = [*first, id].into_iter().collect();
-                    self.buckets.insert(key, Bucket::Many(set));
-                }
-                Some(Bucket::Many(set)) => {
-                    set.insert(id);
+                    self.one.remove(&key);
+                    self.many.insert(key, set);
                 }
             }
         }
@@ -143,26 +142,20 @@ impl ByIdentity {
     /// Takes `id` off the keys `identity` filed it under (the identity it was filed with).
     pub(super) fn unfile(&mut self, id: SessionId, identity: &Identity) {
         for key in self.keys_of(identity) {
-            let empty = match self.buckets.get_mut(&key) {
-                Some(Bucket::One(only)) => *only == id,
-                Some(Bucket::Many(set)) => {
-                    set.remove(&id);
-                    match set.len() {
-                        0 => true,
-                        1 => {
-                            let last = set.iter().next().copied();
-                            if let Some(last) = last {
-                                self.buckets.insert(key, Bucket::One(last));
-                            }
-                            false
-                        }
-                        _ => false,
-                    }
-                }
-                None => false,
+            if self.one.get(&key) == Some(&id) {
+                self.one.remove(&key);
+                continue;
+            }
+            let Some(set) = self.many.get_mut(&key) else {
+                continue;
             };
-            if empty {
-                self.buckets.remove(&key);
+            set.remove(&id);
+            if set.len() <= 1 {
+                let last = set.iter().next().copied();
+                self.many.remove(&key);
+                if let Some(last) = last {
+                    self.one.insert(key, last);
+                }
             }
         }
     }
@@ -176,10 +169,10 @@ impl ByIdentity {
         keys.dedup();
         let several = keys.len() > 1;
         for key in keys {
-            match self.buckets.get(&key) {
-                Some(Bucket::One(id)) => out.push(*id),
-                Some(Bucket::Many(set)) => out.extend(set.iter().copied()),
-                None => {}
+            if let Some(id) = self.one.get(&key) {
+                out.push(*id);
+            } else if let Some(set) = self.many.get(&key) {
+                out.extend(set.iter().copied());
             }
         }
         if several {
@@ -191,7 +184,7 @@ impl ByIdentity {
 
     #[cfg(test)]
     pub(super) fn key_count(&self) -> usize {
-        self.buckets.len()
+        self.one.len() + self.many.len()
     }
 }
 
