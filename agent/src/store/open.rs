@@ -25,8 +25,13 @@ use super::{
 use crate::sessions::model::Session;
 
 /// redb's page cache. Its default (1 GiB) is sized for a database server, not for an agent whose
-/// hot state is a few thousand sessions.
-const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// hot state is a few thousand sessions. The pages it does not hold are read back from the
+/// kernel's page cache (a `pread`, microseconds). With 100,000 sessions (bench scale and bench
+/// signals, one quiet afternoon, with 1,000,000 flows): 64 MiB kept 260 MiB resident and took
+/// 3,200–3,500 pushed SETs a second; 48 MiB, 245 MiB and 2,700/s; 32 MiB, 230 MiB and 2,500/s.
+/// 48 MiB keeps
+/// both the memory and the signal targets with room (BENCHMARKS.md).
+const CACHE_BYTES: usize = 48 * 1024 * 1024;
 
 pub(super) struct Opened {
     pub(super) db: Database,
