@@ -579,16 +579,21 @@ fn write_list(
     if !sessions.is_empty() {
         let census = enforcer.recent_census();
         let stats = (sessions.len() > STATS_ONE_BY_ONE).then(|| enforcer.all_session_stats());
+        // Each row is encoded into a buffer of its own and handed over whole: serde writes a
+        // row in dozens of small pieces, each a dynamic call on `out` otherwise.
+        let mut row = Vec::with_capacity(1024);
         for (i, s) in sessions.iter().enumerate() {
+            row.clear();
             if i > 0 {
-                out.write_all(b",")?;
+                row.push(b',');
             }
             let drops = match &stats {
                 Some(all) => drops_view(all.get(&s.id).copied()),
                 None => drops_view(enforcer.session_stats(s.id)),
             };
             let view = session_view(s, census.traffic.get(&s.id), drops, false);
-            serde_json::to_writer(&mut *out, &view)?;
+            serde_json::to_writer(&mut row, &view)?;
+            out.write_all(&row)?;
         }
     }
     out.write_all(b"]")

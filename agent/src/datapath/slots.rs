@@ -395,6 +395,18 @@ impl SlotTable {
         out
     }
 
+    /// Counts a dropped packet of a revoked session, as the kernel program does (for tests
+    /// of what reads the counters).
+    #[cfg(test)]
+    pub(crate) fn count_drop(&self, session_id: u64, bytes: u64) {
+        if let Some(slot) = self.slot_of(session_id) {
+            self.word(slot, word::DROPPED_PACKETS)
+                .fetch_add(1, Ordering::Relaxed);
+            self.word(slot, word::DROPPED_BYTES)
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a flow the agent wrote into the flow table against its session's budget.
     pub fn flow_added(&self, slot: u32, session_id: u64) {
         if slot < self.capacity

@@ -78,6 +78,11 @@ pub struct Enforcer {
     /// Whether ended sessions' local sockets are torn down (not by the in-memory fake, which
     /// must never reach the host's sockets).
     sockets: bool,
+    /// The last counters of released slots that dropped anything: a terminated session's
+    /// "dropped after termination" is its proof that the cut held, and must not read zero
+    /// once its slot serves another session. In memory (a restart reads zero again); only
+    /// sessions with drops are kept.
+    released: Mutex<HashMap<SessionId, SessionStats>>,
 }
 
 impl Enforcer {
@@ -102,6 +107,7 @@ impl Enforcer {
             census: Mutex::new(None),
             index: FlowIndex::new(),
             sockets,
+            released: Mutex::new(HashMap::new()),
         }
     }
 
@@ -408,16 +414,26 @@ impl Enforcer {
     }
 
     pub fn session_stats(&self, session: SessionId) -> Option<SessionStats> {
-        self.slots.stats(session.0)
+        self.slots
+            .stats(session.0)
+            .or_else(|| self.released().get(&session).copied())
     }
 
-    /// Every session's kernel counters, read from the mapped session table.
+    /// Every session's kernel counters, read from the mapped session table (and the last
+    /// counters of released slots that dropped anything).
     pub fn all_session_stats(&self) -> HashMap<SessionId, SessionStats> {
-        self.slots
-            .all_stats()
-            .into_iter()
-            .map(|(id, s)| (SessionId(id), s))
-            .collect()
+        let mut all: HashMap<SessionId, SessionStats> = self.released().clone();
+        all.extend(
+            self.slots
+                .all_stats()
+                .into_iter()
+                .map(|(id, s)| (SessionId(id), s)),
+        );
+        all
+    }
+
+    fn released(&self) -> MutexGuard<'_, HashMap<SessionId, SessionStats>> {
+        self.released.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// # Errors
@@ -529,6 +545,16 @@ impl Enforcer {
     /// Gives an ended session's slot in the kernel's session table back, with its revocation
     /// and counters. Only once its grants and flows are gone.
     pub fn release_session(&self, session: SessionId) {
+        if let Some(last) = self.slots.stats(session.0)
+            && (last.dropped_after_revoke_packets > 0 || last.flow_limit_drops > 0)
+        {
+            // Nothing of it is live any more: what it dropped is all that is worth keeping.
+            let kept = SessionStats {
+                live_flows: 0,
+                ..last
+            };
+            self.released().insert(session, kept);
+        }
         self.slots.release(session.0);
     }
 

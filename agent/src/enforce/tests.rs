@@ -83,6 +83,50 @@ fn a_revocation_is_read_back_and_keeps_its_first_time() {
     assert_eq!(e.session_slots_fill().0, 0);
 }
 
+/// A terminated session's "dropped after termination" is the proof that the cut held: it
+/// survives the release of its slot, which then serves the next session from zero.
+#[test]
+fn what_a_released_slot_dropped_is_still_read_back() {
+    let e = Enforcer::in_memory(8, 64).unwrap();
+    e.grant(SessionId(7), addr("198.51.100.1"), &[grant(1)])
+        .unwrap();
+    e.grant(SessionId(8), addr("198.51.100.2"), &[grant(1)])
+        .unwrap();
+    e.revoke(SessionId(7)).unwrap();
+    e.revoke(SessionId(8)).unwrap();
+    for _ in 0..3 {
+        e.slots.count_drop(7, 100);
+    }
+    e.release_session(SessionId(7));
+    e.release_session(SessionId(8));
+    let seven = e.session_stats(SessionId(7)).expect("kept");
+    assert_eq!(
+        (
+            seven.dropped_after_revoke_packets,
+            seven.dropped_after_revoke_bytes
+        ),
+        (3, 300)
+    );
+    assert_eq!(
+        e.all_session_stats()[&SessionId(7)].dropped_after_revoke_bytes,
+        300
+    );
+    assert!(
+        e.session_stats(SessionId(8)).is_none(),
+        "a slot that dropped nothing leaves nothing behind"
+    );
+    assert_eq!(e.session_slots_fill().0, 0, "both slots are free");
+    e.grant(SessionId(9), addr("198.51.100.3"), &[grant(1)])
+        .unwrap();
+    assert_eq!(
+        e.session_stats(SessionId(9))
+            .unwrap()
+            .dropped_after_revoke_packets,
+        0,
+        "the next session starts from zero"
+    );
+}
+
 #[test]
 fn one_sessions_flows_come_from_the_index_once_a_walk_has_reconciled_it() {
     let e = Enforcer::in_memory(8, 64).unwrap();
