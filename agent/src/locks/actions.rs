@@ -61,13 +61,22 @@ pub struct TerminateOptions {
     pub cutoff: bool,
 }
 
-/// How the ending a signal makes sticks (see [`Sessions::end_for_signal`]).
+/// How an ending sticks (see [`Sessions::end_for_signal`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SignalSticky {
+pub struct Sticking {
     /// Deny the ended sessions' tokens until they expire.
     pub deny_tokens: bool,
     /// Set a cut-off at this time (seconds since the epoch) for each identity.
     pub cutoff_at_secs: Option<u64>,
+}
+
+/// Who ends sessions and why: `record` goes into the denials and cut-offs, `ending` into
+/// the sessions' end and audit records.
+#[derive(Debug, Clone, Copy)]
+struct Why<'a> {
+    by: &'a str,
+    record: &'a str,
+    ending: &'a str,
 }
 
 /// What a termination did.
@@ -419,92 +428,34 @@ impl Sessions {
         by: &str,
         reason: &str,
     ) -> Result<Terminated, LocksError> {
-        let now = now_ms();
-        let mut writes = Vec::new();
-        let mut denied_keys: HashSet<String> = HashSet::new();
-        let mut cutoffs: Vec<Cutoff> = Vec::new();
-        {
-            // Denials and cut-offs enter the index before anything ends, so that the same
-            // token (or an older one) cannot log straight back in meanwhile.
-            let mut index = self.locks().write();
-            for s in &chosen {
-                if opts.deny_tokens {
-                    let d = denial_of(s, by, reason, now);
-                    if denied_keys.insert(d.key.clone()) {
-                        index.insert_denial(d.clone());
-                        writes.push(Write::Locks(LockWrite::PutDenial(d)));
-                    }
-                }
-                if opts.cutoff
-                    && !cutoffs
-                        .iter()
-                        .any(|c| c.iss == s.identity.issuer && c.sub == s.identity.subject)
-                {
-                    let c = Cutoff {
-                        iss: s.identity.issuer.clone(),
-                        sub: s.identity.subject.clone(),
-                        user: s.identity.user().to_owned(),
-                        cutoff_secs: now / 1000,
-                        by: by.to_owned(),
-                        reason: reason.to_owned(),
-                        at_ms: now,
-                    };
-                    index.insert_cutoff(c.clone());
-                    writes.push(Write::Locks(LockWrite::PutCutoff(c.clone())));
-                    cutoffs.push(c);
-                }
-            }
-        }
-        let why = match (opts.deny_tokens, cutoffs.is_empty()) {
+        let identities: BTreeSet<(String, String)> = if opts.cutoff {
+            chosen
+                .iter()
+                .map(|s| (s.identity.issuer.clone(), s.identity.subject.clone()))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let why = match (opts.deny_tokens, identities.is_empty()) {
             (_, false) => format!("{reason} (cut-off: older tokens refused)"),
             (true, true) => format!("{reason} (token revoked)"),
             (false, true) => reason.to_owned(),
         };
-        // The chosen sessions first, straight to the one termination path: nothing is
-        // scanned before their revocations are in the kernel.
-        let live: Vec<SessionId> = chosen
-            .iter()
-            .filter(|s| s.is_live())
-            .map(|s| s.id)
-            .collect();
-        let mut ending = self.end_terminated(&live, by, &why)?;
-        // Then any other live session the new denials or cut-offs refuse (an admission with
-        // the same token, or an older one, that raced this call). Only sessions of the same
-        // subjects can hold such a token, so the denial key is computed for those alone.
-        if !denied_keys.is_empty() || !cutoffs.is_empty() {
-            let subjects: HashSet<(&str, &str)> = chosen
-                .iter()
-                .map(|s| (s.identity.issuer.as_str(), s.identity.subject.as_str()))
-                .collect();
-            let names: Vec<Name<'_>> = subjects.iter().map(|(_, sub)| Name::Subject(sub)).collect();
-            let racers = self.end_where(
-                &Lookup::Named(names),
-                |s| {
-                    let id = &s.identity;
-                    if !subjects.contains(&(id.issuer.as_str(), id.subject.as_str())) {
-                        return false;
-                    }
-                    cutoffs.iter().any(|c| {
-                        id.issuer == c.iss
-                            && id.subject == c.sub
-                            && id.token_issued_at.is_none_or(|iat| iat <= c.cutoff_secs)
-                    }) || denied_keys.contains(&id.denial_key())
-                },
-                by,
-                &why,
-            )?;
-            ending.join(racers);
-        }
-        let flows = self.flows_cut(&ending.ended);
-        let denied = denied_keys.len();
-        // The endings, denials and cut-offs in one commit.
-        let ended = ending.commit(self, writes).await?;
-        Ok(Terminated {
-            ended,
-            flows,
-            denied,
-            cutoffs,
-        })
+        let sticking = Sticking {
+            deny_tokens: opts.deny_tokens,
+            cutoff_at_secs: opts.cutoff.then(|| now_ms() / 1000),
+        };
+        let cause = EndCause::Terminated {
+            by: by.to_owned(),
+            reason: why.clone(),
+        };
+        let why = Why {
+            by,
+            record: reason,
+            ending: &why,
+        };
+        self.end_sticking(&chosen, &identities, sticking, cause, why, |_| Vec::new())
+            .await
     }
 
     /// Ends every live session a lock in force matches; for after a re-evaluation, when a
@@ -557,39 +508,16 @@ impl Sessions {
         reason: &str,
     ) -> Result<Ending, LocksError> {
         let ids: Vec<SessionId> = self.live_where(lookup, pick).iter().map(|s| s.id).collect();
-        self.end_terminated(&ids, by, reason)
-    }
-
-    /// Ends these sessions as an administrator's termination (those already ended are left
-    /// alone); durable once the ending is committed.
-    fn end_terminated(
-        self: &Arc<Self>,
-        ids: &[SessionId],
-        by: &str,
-        reason: &str,
-    ) -> Result<Ending, LocksError> {
-        if ids.is_empty() {
-            return Ok(Ending::default());
-        }
-        let cause = EndCause::Terminated {
-            by: by.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let kind = AuditKind::SessionTerminated {
-            by: by.to_owned(),
-            reason: reason.to_owned(),
-        };
-        Ok(self.end_now(ids, cause, kind, by, reason)?)
+        Ok(self.end_terminated(&ids, by, reason)?)
     }
 
     /// Ends the live sessions an identity provider's signal names and makes the ending
-    /// stick as `sticky` says: their tokens denied, and/or a cut-off at the event's time
+    /// stick as `sticking` says: their tokens denied, and/or a cut-off at the event's time
     /// for each of `identities` (those of the sessions, and one the signal named without a
-    /// live session). Any other live session of those identities that the new denials or
-    /// cut-offs refuse (a racing login) ends too. The sessions end as an identity event;
-    /// the endings, denials, cut-offs and `extra` (the SET's own record, made from the
-    /// sessions ended) are durable in one commit when it returns, so that a SET is
-    /// acknowledged with all of its effect or none of it.
+    /// live session). The sessions end as an identity event; the endings, denials, cut-offs
+    /// and `extra` (the SET's own record, made from the sessions ended) are durable in one
+    /// commit when it returns, so that a SET is acknowledged with all of its effect or none
+    /// of it.
     ///
     /// # Errors
     /// The kernel or the store fails.
@@ -597,20 +525,47 @@ impl Sessions {
         self: &Arc<Self>,
         chosen: &[Arc<Session>],
         identities: &BTreeSet<(String, String)>,
-        sticky: SignalSticky,
+        sticking: Sticking,
         by: &str,
         reason: &str,
         extra: impl FnOnce(&[Ended]) -> Vec<Write>,
     ) -> Result<Terminated, LocksError> {
+        let cause = EndCause::IdentityEvent {
+            reason: reason.to_owned(),
+        };
+        let why = Why {
+            by,
+            record: reason,
+            ending: reason,
+        };
+        self.end_sticking(chosen, identities, sticking, cause, why, extra)
+            .await
+    }
+
+    /// The one path of an ending that sticks. Denials (of every chosen session's token) and
+    /// cut-offs (one per identity) enter the index before anything ends, so that the same
+    /// token, or an older one, cannot log straight back in meanwhile; then the chosen live
+    /// sessions end (revocation first); then any other live session the new denials or
+    /// cut-offs refuse (a login that raced this call), looked for among the sessions of the
+    /// same subjects only, so that the denial key (a hash of the claims) is computed for
+    /// those alone. Everything, with `extra`, is one commit.
+    async fn end_sticking(
+        self: &Arc<Self>,
+        chosen: &[Arc<Session>],
+        identities: &BTreeSet<(String, String)>,
+        sticking: Sticking,
+        cause: EndCause,
+        why: Why<'_>,
+        extra: impl FnOnce(&[Ended]) -> Vec<Write>,
+    ) -> Result<Terminated, LocksError> {
+        let (by, reason) = (why.by, why.record);
         let now = now_ms();
         let mut writes = Vec::new();
         let mut denied_keys: HashSet<String> = HashSet::new();
         let mut cutoffs: Vec<Cutoff> = Vec::new();
         {
-            // In the index before anything ends: the same token (or an older one) cannot log
-            // straight back in meanwhile.
             let mut index = self.locks().write();
-            if sticky.deny_tokens {
+            if sticking.deny_tokens {
                 for s in chosen {
                     let d = denial_of(s, by, reason, now);
                     if denied_keys.insert(d.key.clone()) {
@@ -619,7 +574,7 @@ impl Sessions {
                     }
                 }
             }
-            if let Some(at) = sticky.cutoff_at_secs {
+            if let Some(at) = sticking.cutoff_at_secs {
                 for (iss, sub) in identities {
                     let user = chosen
                         .iter()
@@ -640,12 +595,9 @@ impl Sessions {
                 }
             }
         }
-        let cause = EndCause::IdentityEvent {
-            reason: reason.to_owned(),
-        };
         let kind = AuditKind::SessionTerminated {
             by: by.to_owned(),
-            reason: reason.to_owned(),
+            reason: why.ending.to_owned(),
         };
         let live: Vec<SessionId> = chosen
             .iter()
@@ -655,20 +607,15 @@ impl Sessions {
         let mut ending = if live.is_empty() {
             Ending::default()
         } else {
-            self.end_now(&live, cause.clone(), kind.clone(), by, reason)?
+            self.end_now(&live, cause.clone(), kind.clone(), by, why.ending)?
         };
         if !denied_keys.is_empty() || !cutoffs.is_empty() {
-            // Only a session of the same issuer and subject can hold a denied token or one
-            // under the cut-off: the denial key (a hash of the claims) is computed for those
-            // alone, found through the identity index.
-            let names: Vec<Name<'_>> = identities
+            let subjects: HashSet<(&str, &str)> = chosen
                 .iter()
-                .map(|(_, sub)| Name::Subject(sub))
+                .map(|s| (s.identity.issuer.as_str(), s.identity.subject.as_str()))
+                .chain(identities.iter().map(|(i, s)| (i.as_str(), s.as_str())))
                 .collect();
-            let subjects: HashSet<(&str, &str)> = identities
-                .iter()
-                .map(|(iss, sub)| (iss.as_str(), sub.as_str()))
-                .collect();
+            let names: Vec<Name<'_>> = subjects.iter().map(|(_, sub)| Name::Subject(sub)).collect();
             let racers: Vec<SessionId> = self
                 .live_where(&Lookup::Named(names), |s| {
                     let id = &s.identity;
@@ -684,7 +631,7 @@ impl Sessions {
                 .map(|s| s.id)
                 .collect();
             if !racers.is_empty() {
-                ending.join(self.end_now(&racers, cause, kind, by, reason)?);
+                ending.join(self.end_now(&racers, cause, kind, by, why.ending)?);
             }
         }
         writes.extend(extra(&ending.ended));

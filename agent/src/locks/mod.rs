@@ -38,7 +38,7 @@ pub mod wire;
 use std::{net::IpAddr, sync::RwLock};
 
 pub use actions::{
-    CutoffRequest, CutoffSet, LockAdded, NewLock, SignalSticky, TerminateOptions, Terminated,
+    CutoffRequest, CutoffSet, LockAdded, NewLock, Sticking, TerminateOptions, Terminated,
 };
 use index::{Index, Subject};
 pub use model::{Cutoff, Denial, Lock, LockId, LockState, LockTarget, Refusal};

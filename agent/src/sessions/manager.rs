@@ -549,14 +549,6 @@ impl Sessions {
         by: &str,
         reason: &str,
     ) -> Result<Vec<Ended>, SessionError> {
-        let cause = EndCause::Terminated {
-            by: by.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let kind = AuditKind::SessionTerminated {
-            by: by.to_owned(),
-            reason: reason.to_owned(),
-        };
         let ids: Vec<SessionId> = {
             let table = self.table();
             match target {
@@ -579,9 +571,34 @@ impl Sessions {
             }
         };
         Ok(self
-            .end_now(&ids, cause, kind, by, reason)?
+            .end_terminated(&ids, by, reason)?
             .commit(self, Vec::new())
             .await?)
+    }
+
+    /// [`Sessions::end_now`] as an administrator's termination (`by`, `reason`); sessions
+    /// already ended are left alone.
+    ///
+    /// # Errors
+    /// The kernel fails.
+    pub(crate) fn end_terminated(
+        self: &Arc<Self>,
+        ids: &[SessionId],
+        by: &str,
+        reason: &str,
+    ) -> Result<Ending, SessionError> {
+        if ids.is_empty() {
+            return Ok(Ending::default());
+        }
+        let cause = EndCause::Terminated {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let kind = AuditKind::SessionTerminated {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        self.end_now(ids, cause, kind, by, reason)
     }
 
     /// The first half of a termination, for callers that make more durable with it (a

@@ -21,7 +21,7 @@ use crate::{
     audit::event::{AuditEvent, AuditKind},
     auth::{Alg, AuthConfig, ClaimMapping, IssuerKeys},
     identity::{Claims, Identity},
-    locks::{LockTarget, NewLock, SignalSticky},
+    locks::{LockTarget, NewLock, Sticking},
     sessions::{
         Ended, Lookup, Name, Sessions,
         model::{Session, SessionId, now_ms},
@@ -707,28 +707,21 @@ impl Receiver {
                 };
                 return self.end_and_lock(index, set, event, ends).await;
             }
-            Sticky::DenyTokens => SignalSticky {
+            Sticky::DenyTokens => Sticking {
                 deny_tokens: !matched.is_empty(),
                 cutoff_at_secs: user.is_some().then_some(set.event_time),
             },
-            Sticky::Cutoff => SignalSticky {
+            Sticky::Cutoff => Sticking {
                 deny_tokens: false,
                 cutoff_at_secs: Some(set.event_time),
             },
         };
-        let sticky = SignalSticky {
+        let sticky = Sticking {
             cutoff_at_secs: sticky.cutoff_at_secs.filter(|_| !identities.is_empty()),
             ..sticky
         };
         if matched.is_empty() && sticky.cutoff_at_secs.is_none() {
-            return self
-                .ignore(
-                    index,
-                    set,
-                    event,
-                    "no live session matches the subject".into(),
-                )
-                .await;
+            return self.no_match(index, set, event).await;
         }
         let mut what = vec!["terminated"];
         if sticky.deny_tokens {
@@ -767,7 +760,7 @@ impl Receiver {
             .end_for_signal(
                 ends.matched,
                 ends.identities,
-                SignalSticky::default(),
+                Sticking::default(),
                 ends.by,
                 ends.reason,
                 |ended| Self::applied_to(set, event, ended),
@@ -803,14 +796,7 @@ impl Receiver {
             what.push(format!("locked {}", added.lock.id));
         }
         if ends.matched.is_empty() && what.len() == 1 {
-            return self
-                .ignore(
-                    index,
-                    set,
-                    event,
-                    "no live session matches the subject".into(),
-                )
-                .await;
+            return self.no_match(index, set, event).await;
         }
         let outcome = Outcome::Applied {
             sessions: ends.matched.len(),
@@ -819,6 +805,12 @@ impl Receiver {
         tracing::info!(jti = %set.jti, iss = %set.iss, event, sessions = ends.matched.len(), "signal ended sessions and locked");
         self.commit_outcome(index, set, event, outcome, Vec::new())
             .await
+    }
+
+    /// Acknowledges a SET whose subject names no live session (nothing else to do).
+    async fn no_match(&self, index: usize, set: &Set, event: &str) -> Result<Outcome, SignalError> {
+        let why = "no live session matches the subject".into();
+        self.ignore(index, set, event, why).await
     }
 
     /// The per-session records of a SET that ended these sessions.
