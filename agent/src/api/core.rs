@@ -18,7 +18,7 @@ use super::{
     transport::{Caller, Handler, Reply},
     views::{
         AdmissionInfo, DropsView, FillView, PolicyInfo, StateCounts, StatusView, flow_view,
-        session_view,
+        session_row, session_view,
     },
 };
 use crate::{
@@ -591,7 +591,7 @@ fn write_list(
                 Some(all) => drops_view(all.get(&s.id).copied()),
                 None => drops_view(enforcer.session_stats(s.id)),
             };
-            let view = session_view(s, census.traffic.get(&s.id), drops, false);
+            let view = session_row(s, census.traffic.get(&s.id), drops);
             serde_json::to_writer(&mut row, &view)?;
             out.write_all(&row)?;
         }
