@@ -347,7 +347,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::{sessions::model::EndCause, store::testing::session};
+    use crate::store::testing::{session, terminated};
 
     /// `sessions.list` writes borrowed rows; clients read them as `SessionView`. Both must be
     /// the same bytes, whatever the session holds.
@@ -359,15 +359,7 @@ mod tests {
         moved.identity.device.id = Some("laptop-7".into());
         moved.identity.groups.push("a \"quoted\" group".into());
         moved.previous_sources = vec![Ipv4Addr::new(10, 0, 0, 9).into()];
-        let mut ended = session(3, "carol@corp.example");
-        ended.state = SessionState::Terminated;
-        ended.ended = Some(SessionEnd {
-            at_ms: 1_700_000_100_000,
-            cause: EndCause::Terminated {
-                by: "uid 0".into(),
-                reason: "left".into(),
-            },
-        });
+        let ended = terminated(&session(3, "carol@corp.example"), "left");
         // The newest packet "now or later": both idle times read 0 whatever the clock does
         // between the two calls.
         let busy = Traffic {

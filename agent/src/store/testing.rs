@@ -10,8 +10,24 @@ use std::{
 use crate::{
     audit::event::{AuditEvent, AuditKind},
     identity::test_identity,
-    sessions::model::{Session, SessionGrant, SessionId, SessionSettings, SessionState},
+    sessions::model::{
+        EndCause, Session, SessionEnd, SessionGrant, SessionId, SessionSettings, SessionState,
+    },
 };
+
+/// `s` terminated by uid 0 for `reason`.
+pub(crate) fn terminated(s: &Session, reason: &str) -> Session {
+    let mut s = s.clone();
+    s.state = SessionState::Terminated;
+    s.ended = Some(SessionEnd {
+        at_ms: 1_700_000_100_000,
+        cause: EndCause::Terminated {
+            by: "uid 0".into(),
+            reason: reason.into(),
+        },
+    });
+    s
+}
 
 /// A fresh directory under the system temp dir, removed with everything in it on drop.
 pub(crate) struct TempDir(PathBuf);

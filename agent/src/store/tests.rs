@@ -292,22 +292,10 @@ async fn submit_answers_async_callers() {
 /// behind it and the stored session was live again, its acknowledged end lost.
 #[test]
 fn a_late_live_record_never_revives_a_revoked_session() {
-    use crate::sessions::model::{EndCause, SessionEnd};
     let dir = TempDir::new("late-live");
     let path = dir.state_file();
     let store = open(&path);
-    let end = |s: &Session| {
-        let mut s = s.clone();
-        s.state = SessionState::Terminated;
-        s.ended = Some(SessionEnd {
-            at_ms: 1_700_000_100_000,
-            cause: EndCause::Terminated {
-                by: "uid 0".into(),
-                reason: "left the company".into(),
-            },
-        });
-        s
-    };
+    let end = |s: &Session| super::testing::terminated(s, "left the company");
     let a = session(0xa, "alice@corp.example");
     store
         .commit(vec![Write::PutSession(a.clone().into())])
