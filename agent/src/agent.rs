@@ -218,6 +218,11 @@ async fn serve(
         .map(|r| crate::signals::poll::start(r, store.clone(), tokio::runtime::Handle::current()))
         .transpose()
         .context("starting the Shared Signals poll loops")?;
+    let _streams = signals
+        .as_ref()
+        .map(crate::signals::stream::start)
+        .transpose()
+        .context("starting Shared Signals stream management")?;
     let admission = Arc::new(Admission {
         sessions: Arc::clone(&sessions),
         verifier,

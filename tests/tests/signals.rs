@@ -797,7 +797,7 @@ fn config_check_refuses_a_transmitter_the_agent_would_refuse() {
 
     for (extra, field) in [
         ("algorithms = [\"HS256\"]\n", "algorithms"),
-        ("manage_stream = true\n", "manage_stream"),
+        ("manage_stream = true\n", "bearer_token_file"),
         ("iat_window_secs = 0\n", "iat_window_secs"),
     ] {
         std::fs::write(&config, format!("{base}{extra}")).unwrap();

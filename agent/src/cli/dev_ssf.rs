@@ -2,12 +2,7 @@
 //! for any event and subject with a development key, pushes them to an agent, or serves them
 //! for polling (RFC 8936) with its `ssf-configuration` and JWKS. Never for production.
 
-use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use serde_json::{Map, Value, json};
@@ -18,7 +13,6 @@ use crate::{
     signals::{
         SET_MEDIA_TYPE,
         dev::{self, DEV_TRANSMITTER, DevSet, SigningKey},
-        poll::{PollRequest, PollResponse},
     },
 };
 
@@ -51,19 +45,29 @@ pub enum SsfCommand {
         #[arg(long)]
         authorization_file: PathBuf,
     },
-    /// Serve queued SETs for polling (RFC 8936) at http://LISTEN/poll, with
-    /// /.well-known/ssf-configuration and /jwks.json; runs until killed.
+    /// Be a transmitter at http://LISTEN: /.well-known/ssf-configuration, /jwks.json, a
+    /// stream management API at /streams, queued SETs served for polling (RFC 8936) at
+    /// /poll or pushed to a push stream (RFC 8935); runs until killed.
     Serve {
         #[arg(long)]
         listen: String,
         /// The key directory (its JWKS is served).
         #[arg(long)]
         dir: PathBuf,
-        /// Where `dev ssf set --queue` puts SETs; acknowledged ones are deleted.
+        /// Where `dev ssf set --queue` puts SETs; delivered ones are deleted.
         #[arg(long)]
         queue: PathBuf,
         #[arg(long, default_value = DEV_TRANSMITTER)]
         issuer: String,
+        /// The `aud` of the streams it creates (and of its verification events).
+        #[arg(long, default_value = "flowwarden")]
+        audience: String,
+        /// A file with the bearer token every request but the metadata and JWKS must carry.
+        #[arg(long)]
+        bearer_file: Option<PathBuf>,
+        /// Push to a push stream's endpoint, pinning this agent certificate fingerprint.
+        #[arg(long)]
+        agent_fingerprint: Option<String>,
     },
 }
 
@@ -238,7 +242,7 @@ pub fn run(command: SsfCommand) -> anyhow::Result<()> {
             match queue {
                 Some(dir) => {
                     std::fs::create_dir_all(&dir)?;
-                    let path = dir.join(format!("{}.set", dev::random_jti()));
+                    let path = super::dev_ssf_serve::queue_path(&dir);
                     std::fs::write(&path, &set)
                         .with_context(|| format!("writing {}", path.display()))?;
                     outln!("{}", path.display())
@@ -273,120 +277,19 @@ pub fn run(command: SsfCommand) -> anyhow::Result<()> {
             dir,
             queue,
             issuer,
-        } => serve(&listen, &dir, &queue, &issuer),
+            audience,
+            bearer_file,
+            agent_fingerprint,
+        } => super::dev_ssf_serve::serve(super::dev_ssf_serve::ServeArgs {
+            listen,
+            dir,
+            queue,
+            issuer,
+            audience,
+            bearer_file,
+            agent_fingerprint,
+        }),
     }
-}
-
-fn serve(listen: &str, dir: &Path, queue: &Path, issuer: &str) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-    let addr = listener.local_addr()?;
-    std::fs::create_dir_all(queue)?;
-    let jwks_path = if dir.join(dev::SSF_JWKS_FILE).exists() {
-        dir.join(dev::SSF_JWKS_FILE)
-    } else {
-        dir.join(crate::auth::dev::JWKS_FILE)
-    };
-    outln!(
-        "serving SETs from {} for polling at http://{addr}/poll",
-        queue.display()
-    )?;
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        if let Err(e) = answer(stream, &jwks_path, queue, issuer, &addr.to_string()) {
-            tracing::warn!(error = %e, "dev ssf: a request failed");
-        }
-    }
-    Ok(())
-}
-
-/// One HTTP/1.1 request, answered and closed.
-fn answer(
-    stream: TcpStream,
-    jwks: &Path,
-    queue: &Path,
-    issuer: &str,
-    addr: &str,
-) -> anyhow::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut length = 0usize;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
-        }
-        if let Some((name, value)) = h.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; length.min(1 << 20)];
-    reader.read_exact(&mut body)?;
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
-    let (status, reply) = match path {
-        "/.well-known/ssf-configuration" => (
-            200,
-            json!({
-                "spec_version": "1_0",
-                "issuer": issuer,
-                "jwks_uri": format!("http://{addr}/jwks.json"),
-                "delivery_methods_supported": ["urn:ietf:rfc:8936"],
-            })
-            .to_string(),
-        ),
-        "/jwks.json" => (200, std::fs::read_to_string(jwks)?),
-        "/poll" => (200, poll(queue, &body)?),
-        _ => (404, json!({"err": "not_found"}).to_string()),
-    };
-    let mut stream = reader.into_inner();
-    write!(
-        stream,
-        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
-        reply.len()
-    )?;
-    Ok(())
-}
-
-/// RFC 8936: drop the acknowledged SETs from the queue, answer up to `maxEvents` others.
-fn poll(queue: &Path, body: &[u8]) -> anyhow::Result<String> {
-    let req: PollRequest = serde_json::from_slice(body).context("not a poll request")?;
-    let mut pending = Vec::new();
-    for entry in std::fs::read_dir(queue)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "set") {
-            let set = std::fs::read_to_string(&path)?;
-            let jti = jti_of(&set).unwrap_or_default();
-            if req.ack.contains(&jti) || req.set_errs.contains_key(&jti) {
-                std::fs::remove_file(&path)?;
-            } else {
-                pending.push((jti, set));
-            }
-        }
-    }
-    pending.sort();
-    let more = pending.len() > req.max_events as usize;
-    let sets = pending
-        .into_iter()
-        .take(req.max_events as usize)
-        .map(|(jti, set)| (jti, Value::String(set)))
-        .collect();
-    Ok(serde_json::to_string(&PollResponse {
-        sets,
-        more_available: more,
-    })?)
-}
-
-fn jti_of(set: &str) -> Option<String> {
-    use base64::Engine as _;
-    let payload = set.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let v: Value = serde_json::from_slice(&bytes).ok()?;
-    v["jti"].as_str().map(str::to_owned)
 }
 
 #[cfg(test)]

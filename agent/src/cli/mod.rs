@@ -7,6 +7,7 @@ mod console;
 mod datapath;
 mod dev;
 mod dev_ssf;
+mod dev_ssf_serve;
 mod fleet;
 mod flows;
 mod lock;

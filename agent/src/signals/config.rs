@@ -82,7 +82,8 @@ pub struct TransmitterConfig {
     /// Push: a file holding the exact `Authorization` header value the transmitter sends
     /// (the stream's `authorization_header`). Required for push.
     pub push_authorization_file: Option<PathBuf>,
-    /// Poll: the transmitter's poll endpoint (from the stream when managed).
+    /// Poll: the transmitter's poll endpoint (not set for a managed stream: the transmitter
+    /// names it).
     pub poll_endpoint: Option<String>,
     /// Poll: seconds between polls when nothing is pending.
     #[serde(default = "default_poll_interval")]
@@ -93,9 +94,10 @@ pub struct TransmitterConfig {
     /// A file with the bearer token for the transmitter's management API (scope
     /// `ssf.manage`) and poll endpoint. Never logged.
     pub bearer_token_file: Option<PathBuf>,
-    /// Create or read the stream at the transmitter's `configuration_endpoint` (needs
-    /// `discovery` and `bearer_token_file`). Otherwise the stream is configured statically at
-    /// the transmitter.
+    /// Find or create the stream at the `configuration_endpoint` of the issuer's
+    /// `ssf-configuration`, ask for verification and read its status (needs
+    /// `bearer_token_file`; see [`super::stream`]). Otherwise the stream is configured
+    /// statically at the transmitter.
     #[serde(default)]
     pub manage_stream: bool,
     /// Push, managed stream: the URL the transmitter should push to (this agent's
@@ -287,13 +289,51 @@ impl TransmitterConfig {
             ));
         }
         if self.manage_stream {
-            // Refused rather than accepted and ignored: an operator who asks for it would
-            // otherwise believe the stream is managed while nothing is requested.
+            if self.bearer_token_file.is_none() {
+                return Err(invalid(
+                    format!("{at}.bearer_token_file"),
+                    "manage_stream needs the transmitter's management token (scope ssf.manage) \
+                     in a file",
+                ));
+            }
+            // The management API is found in the issuer's ssf-configuration.
+            crate::auth::check_url(&self.issuer)
+                .map_err(|why| invalid(format!("{at}.issuer"), why))?;
+            match self.delivery {
+                Delivery::Push => {
+                    let Some(url) = &self.push_endpoint else {
+                        return Err(invalid(
+                            format!("{at}.push_endpoint"),
+                            "a managed push stream needs the URL the transmitter pushes to: \
+                             this agent's https://HOST:PORT/v1/ssf/events",
+                        ));
+                    };
+                    if !url.starts_with("https://") || !url.ends_with(super::PUSH_PATH) {
+                        return Err(invalid(
+                            format!("{at}.push_endpoint"),
+                            format!(
+                                "{url:?} is not this agent's push URL: write \
+                                 https://HOST:PORT{}",
+                                super::PUSH_PATH
+                            ),
+                        ));
+                    }
+                }
+                Delivery::Poll => {
+                    if self.poll_endpoint.is_some() {
+                        return Err(invalid(
+                            format!("{at}.poll_endpoint"),
+                            "a managed stream's poll endpoint comes from the transmitter: \
+                             remove poll_endpoint, or set manage_stream = false",
+                        ));
+                    }
+                }
+            }
+        } else if self.push_endpoint.is_some() {
             return Err(invalid(
-                format!("{at}.manage_stream"),
-                "stream management is not supported yet: create the stream at the transmitter \
-                 and configure it here statically (poll_endpoint, push_authorization_file); \
-                 see docs/signals.md",
+                format!("{at}.push_endpoint"),
+                "push_endpoint is what a managed stream asks the transmitter to push to: \
+                 set manage_stream = true, or remove it",
             ));
         }
         match self.delivery {
@@ -307,7 +347,7 @@ impl TransmitterConfig {
                 }
             }
             Delivery::Poll => {
-                if self.poll_endpoint.is_none() {
+                if self.poll_endpoint.is_none() && !self.manage_stream {
                     return Err(invalid(
                         format!("{at}.poll_endpoint"),
                         "poll delivery needs the transmitter's poll endpoint",
@@ -381,7 +421,27 @@ mod tests {
             ),
             (
                 "jwks_file = \"k\"\npush_authorization_file = \"a\"\nmanage_stream = true\n",
-                "manage_stream",
+                "bearer_token_file",
+            ),
+            (
+                "jwks_file = \"k\"\npush_authorization_file = \"a\"\nmanage_stream = true\n\
+                 bearer_token_file = \"b\"\n",
+                "push_endpoint",
+            ),
+            (
+                "jwks_file = \"k\"\npush_authorization_file = \"a\"\nmanage_stream = true\n\
+                 bearer_token_file = \"b\"\npush_endpoint = \"https://h:7443/events\"\n",
+                "push_endpoint",
+            ),
+            (
+                "jwks_file = \"k\"\ndelivery = \"poll\"\nmanage_stream = true\n\
+                 bearer_token_file = \"b\"\npoll_endpoint = \"https://tx.example/p\"\n",
+                "poll_endpoint",
+            ),
+            (
+                "jwks_file = \"k\"\npush_authorization_file = \"a\"\n\
+                 push_endpoint = \"https://h:7443/v1/ssf/events\"\n",
+                "push_endpoint",
             ),
         ] {
             let err = parse(&format!("[[transmitter]]\n{base}{extra}")).unwrap_err();
@@ -393,6 +453,18 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.contains("configured twice"), "{err}");
+        // Managed streams: the transmitter names the poll endpoint.
+        parse(&format!(
+            "[[transmitter]]\n{base}jwks_file = \"k\"\ndelivery = \"poll\"\n\
+             manage_stream = true\nbearer_token_file = \"b\"\n"
+        ))
+        .expect("a managed poll stream");
+        parse(&format!(
+            "[[transmitter]]\n{base}discovery = true\npush_authorization_file = \"a\"\n\
+             manage_stream = true\nbearer_token_file = \"b\"\n\
+             push_endpoint = \"https://h:7443/v1/ssf/events\"\n"
+        ))
+        .expect("a managed push stream");
         assert!(
             toml::from_str::<SignalsConfig>(
                 "[[transmitter]]\nissuer=\"x\"\naudience=\"y\"\nbogus=1\n"

@@ -16,6 +16,7 @@ pub mod push;
 pub mod receiver;
 pub mod set;
 pub mod status;
+pub mod stream;
 pub mod subject;
 
 use std::path::PathBuf;

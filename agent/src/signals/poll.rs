@@ -29,6 +29,8 @@ use crate::{
 const MAX_POLL_BYTES: u64 = 4 * 1024 * 1024;
 /// Longest wait between two attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often a managed stream's poller looks for the endpoint the stream will name.
+const ENDPOINT_WAIT: Duration = Duration::from_millis(200);
 
 /// The body of a poll request (RFC 8936 2.4).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -83,16 +85,10 @@ pub fn start(
         if t.cfg.delivery != Delivery::Poll {
             continue;
         }
-        let Some(endpoint) = t.cfg.poll_endpoint.clone().or_else(|| {
-            t.stats
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .poll_endpoint
-                .clone()
-        }) else {
+        if t.cfg.poll_endpoint.is_none() && !t.cfg.manage_stream {
             tracing::warn!(issuer = %t.cfg.issuer, "no poll endpoint known: the stream is not polled");
             continue;
-        };
+        }
         let bearer = t
             .cfg
             .bearer_token_file
@@ -115,7 +111,6 @@ pub fn start(
             store: store.clone(),
             runtime: runtime.clone(),
             index,
-            endpoint,
             bearer,
             http: crate::auth::http_agent(Duration::from_secs(30), tls),
             stop: Arc::clone(&stop),
@@ -137,7 +132,6 @@ struct Poller {
     store: Store,
     runtime: tokio::runtime::Handle,
     index: usize,
-    endpoint: String,
     bearer: Option<Vec<u8>>,
     http: ureq::Agent,
     stop: Arc<AtomicBool>,
@@ -148,12 +142,29 @@ impl Poller {
         &self.receiver.transmitters()[self.index].cfg.issuer
     }
 
+    /// Where to poll: the configured endpoint, or the one a managed stream named (none
+    /// until the stream is established, see [`super::stream`]).
+    fn endpoint(&self) -> Option<String> {
+        let t = &self.receiver.transmitters()[self.index];
+        t.cfg.poll_endpoint.clone().or_else(|| {
+            t.stats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .poll_endpoint
+                .clone()
+        })
+    }
+
     fn run(self) {
         let t = &self.receiver.transmitters()[self.index];
         let every = Duration::from_secs(t.cfg.poll_interval_secs);
         let mut backoff = Duration::ZERO;
         while !self.stop.load(Ordering::Acquire) {
-            match self.once() {
+            let Some(endpoint) = self.endpoint() else {
+                std::thread::park_timeout(ENDPOINT_WAIT);
+                continue;
+            };
+            match self.once(&endpoint) {
                 Ok(more) => {
                     backoff = Duration::ZERO;
                     if !more {
@@ -175,7 +186,7 @@ impl Poller {
 
     /// One poll: send the pending acks and errors, act on what comes back, make the new
     /// acks durable. Answers whether the transmitter has more.
-    fn once(&self) -> Result<bool, String> {
+    fn once(&self, endpoint: &str) -> Result<bool, String> {
         let t = &self.receiver.transmitters()[self.index];
         let state = self
             .store
@@ -194,7 +205,7 @@ impl Poller {
             max_events: t.cfg.max_events,
             return_immediately: true,
         };
-        let response = self.post(&request)?;
+        let response = self.post(endpoint, &request)?;
         t.stats
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -233,10 +244,10 @@ impl Poller {
         Ok(response.more_available)
     }
 
-    fn post(&self, body: &PollRequest) -> Result<PollResponse, String> {
+    fn post(&self, endpoint: &str, body: &PollRequest) -> Result<PollResponse, String> {
         let mut call = self
             .http
-            .post(&self.endpoint)
+            .post(endpoint)
             .set("Content-Type", "application/json")
             .set("Accept", "application/json");
         if let Some(bearer) = &self.bearer {
@@ -245,23 +256,22 @@ impl Poller {
         }
         let json = serde_json::to_string(body).map_err(|e| e.to_string())?;
         let response = call.send_string(&json).map_err(|e| match e {
-            ureq::Error::Status(code, _) => format!("{}: HTTP status {code}", self.endpoint),
-            ureq::Error::Transport(t) => format!("{}: {t}", self.endpoint),
+            ureq::Error::Status(code, _) => format!("{}: HTTP status {code}", endpoint),
+            ureq::Error::Transport(t) => format!("{}: {t}", endpoint),
         })?;
         let mut bytes = Vec::new();
         response
             .into_reader()
             .take(MAX_POLL_BYTES + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| format!("{}: reading the answer: {e}", self.endpoint))?;
+            .map_err(|e| format!("{}: reading the answer: {e}", endpoint))?;
         if bytes.len() as u64 > MAX_POLL_BYTES {
             return Err(format!(
                 "{}: the answer is larger than {MAX_POLL_BYTES} bytes",
-                self.endpoint
+                endpoint
             ));
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: not a poll answer: {e}", self.endpoint))
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a poll answer: {e}", endpoint))
     }
 }
 
