@@ -1,12 +1,14 @@
 """The console's Hosts page in a real browser (Playwright driving the system's Chromium).
 
 Run by tests/tests/console_hosts.rs, which owns the NATS server, the two fleet hosts, the
-OpenID provider and the console. This script prints `HOSTS` once the page lists both hosts
-and `DONE` at the end (or `FAIL <why>`); it reads `NATS_DOWN` from stdin once the test has
+OpenID provider and the console. This script prints `HOSTS` once the page lists both hosts,
+`FLEET_SESSIONS` once the Fleet sessions page shows the session on the other host, and
+`DONE` at the end (or `FAIL <why>`); it reads `NATS_DOWN` from stdin once the test has
 stopped the NATS server.
 
 Environment, besides console_e2e.py's: HOSTS (the hosts' names, comma separated), VERSION
-(the agents' version) and POLICY_VERSION (the policy version every host has in force).
+(the agents' version), POLICY_VERSION (the policy version every host has in force), and
+FLEET_SESSION, FLEET_SESSION_HOST, FLEET_SESSION_USER (a live session on another host).
 """
 
 import os
@@ -19,6 +21,9 @@ from console_e2e import CHROMIUM, SHOTS, URL, WAIT_MS, hear, say, sign_in
 HOSTS = os.environ["HOSTS"].split(",")
 VERSION = os.environ["VERSION"]
 POLICY_VERSION = os.environ["POLICY_VERSION"]
+FLEET_SESSION = os.environ["FLEET_SESSION"]
+FLEET_SESSION_HOST = os.environ["FLEET_SESSION_HOST"]
+FLEET_SESSION_USER = os.environ["FLEET_SESSION_USER"]
 
 
 def main():
@@ -46,6 +51,29 @@ def main():
         expect(reader.locator("#fleet-error")).to_have_count(0)
         reader.screenshot(path=os.path.join(SHOTS, "console-hosts.png"), full_page=True)
         say("HOSTS")
+
+        # Every host's live sessions, by host and by user.
+        reader.locator("header nav a", has_text="Fleet sessions").click()
+        expect(reader).to_have_url(URL + "/fleet")
+        row = reader.locator(f"#fs-{FLEET_SESSION}")
+        expect(row).to_be_visible(timeout=WAIT_MS)
+        expect(row.locator("td.host")).to_have_text(FLEET_SESSION_HOST)
+        expect(row.locator("td.who")).to_have_text(FLEET_SESSION_USER)
+        expect(row.locator("td.resources")).to_have_text("ssh")
+        # Another host's session has no detail link here: it is not this console's host.
+        expect(row.locator("a")).to_have_count(0)
+        reader.screenshot(
+            path=os.path.join(SHOTS, "console-fleet-sessions.png"), full_page=True
+        )
+        others = [h for h in HOSTS if h != FLEET_SESSION_HOST]
+        reader.fill("input[name=host]", others[0])
+        reader.click("form.filters button")
+        expect(reader.locator("#no-fleet-sessions")).to_be_visible(timeout=WAIT_MS)
+        reader.fill("input[name=host]", "")
+        reader.fill("input[name=user]", FLEET_SESSION_USER.upper())
+        reader.click("form.filters button")
+        expect(reader.locator(f"#fs-{FLEET_SESSION}")).to_be_visible(timeout=WAIT_MS)
+        say("FLEET_SESSIONS")
 
         # NATS gone: the open page turns into the error block by itself...
         hear("NATS_DOWN")

@@ -2,8 +2,9 @@
 //! hosts (real agents in namespaces), a pushed policy, and the console configured with
 //! `[fleet]` and its own NATS user, whose permissions are the packaged ones
 //! (packaging/nats-server.conf's CONSOLE block). A read-only administrator signs in through
-//! the real OpenID provider and sees both hosts with their version and policy version; with
-//! NATS stopped the page shows an error block and the rest of the console keeps working.
+//! the real OpenID provider and sees both hosts with their version and policy version, and
+//! alice's session on the other host on the Fleet sessions page (filtered by host and user);
+//! with NATS stopped the page shows an error block and the rest of the console keeps working.
 
 use std::{net::TcpStream, path::Path, time::Duration};
 
@@ -95,6 +96,20 @@ fn console_lists_the_fleets_hosts_and_says_when_nats_is_gone() {
         },
     );
 
+    // alice on ch2: in the fleet's view, shown by ch1's console.
+    let token = hosts[1]
+        .stack
+        .token(&flowwarden_tests::stack::TokenSpec::user(
+            "alice@corp.example",
+            &["ops"],
+        ));
+    let (ok, out) = hosts[1]
+        .stack
+        .login(&token, &hosts[1].stack.scratch.dir.join("alice"));
+    assert!(ok, "alice logs in on ch2: {out}");
+    let alice: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let alice = alice["session"].as_str().unwrap().to_owned();
+
     // The console of ch1, with ch1's [fleet] and a NATS user of its own.
     let stack = &hosts[0].stack;
     let ca = PrivateCa::generate(&stack.scratch.dir);
@@ -143,9 +158,13 @@ password_file = "{password}"
             ("HOSTS", "ch1,ch2"),
             ("VERSION", env!("CARGO_PKG_VERSION")),
             ("POLICY_VERSION", "4"),
+            ("FLEET_SESSION", &alice),
+            ("FLEET_SESSION_HOST", "ch2"),
+            ("FLEET_SESSION_USER", "alice@corp.example"),
         ],
     );
     browser.expect("HOSTS", &console_log);
+    browser.expect("FLEET_SESSIONS", &console_log);
     // The console read the view with the packaged permissions, and needed no more.
     let log = nats.log();
     assert!(

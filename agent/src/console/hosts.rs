@@ -25,9 +25,9 @@ use super::{
 use crate::{
     fleet::{
         FleetConfig, FleetError,
-        admin::{connected, hosts_in},
+        admin::{connected, hosts_in, sessions_in},
         link::{self, Names},
-        view::HostView,
+        view::{FleetSession, HostView},
     },
     sessions::model::now_ms,
 };
@@ -35,7 +35,7 @@ use crate::{
 /// A read of the view that takes longer than this is reported on the page.
 const READ_WITHIN: Duration = Duration::from_secs(3);
 /// The live region is re-read this often (agents publish their view once a second).
-const TICK: Duration = Duration::from_secs(2);
+pub(super) const TICK: Duration = Duration::from_secs(2);
 
 /// The console's link to the fleet's view: one NATS connection, kept (and re-made) in the
 /// background, so that an unreachable server never holds up a page.
@@ -44,6 +44,8 @@ pub struct FleetView {
     js: jetstream::Context,
     names: Names,
     servers: String,
+    /// This host's name in the fleet: its sessions are the ones the console can open.
+    host: String,
     /// The server's last complaint (a permissions violation, say): shown with a failed read.
     server_said: Arc<Mutex<Option<String>>>,
 }
@@ -80,26 +82,45 @@ impl FleetView {
             js,
             names: Names::new(&config.subject_prefix),
             servers: config.servers.join(", "),
+            host: config.host_name(),
             server_said,
         })
     }
 
+    /// This host's name in the fleet.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// Every host in the view, or what the page says instead.
     pub async fn hosts(&self) -> Result<Vec<HostView>, String> {
+        self.read(hosts_in(&self.js, &self.names)).await
+    }
+
+    /// Every live session on every host in the view, or what the page says instead.
+    pub async fn sessions(&self) -> Result<Vec<FleetSession>, String> {
+        self.read(sessions_in(&self.js, &self.names)).await
+    }
+
+    /// One read of the view within its time, its failure said as a page says it.
+    async fn read<T>(
+        &self,
+        read: impl std::future::Future<Output = Result<T, FleetError>>,
+    ) -> Result<T, String> {
         if self.client.connection_state() != Link::Connected {
             return Err(format!(
                 "cannot reach the fleet's NATS servers ({}); the console keeps trying",
                 self.servers
             ));
         }
-        let read = tokio::time::timeout(READ_WITHIN * 2, hosts_in(&self.js, &self.names)).await;
+        let read = tokio::time::timeout(READ_WITHIN * 2, read).await;
         let said = self
             .server_said
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let why = match read {
-            Ok(Ok(hosts)) => return Ok(hosts),
+            Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!(
                 "reading the fleet's view from {} took over {:?}",
@@ -115,7 +136,7 @@ impl FleetView {
 }
 
 /// The part of the page the live stream replaces: the table, or the error block.
-fn region(read: &Result<Vec<HostView>, String>) -> Markup {
+pub(super) fn region(read: &Result<Vec<HostView>, String>) -> Markup {
     let now = now_ms();
     html! {
         @match read {
@@ -156,7 +177,7 @@ fn region(read: &Result<Vec<HostView>, String>) -> Markup {
     }
 }
 
-fn no_fleet() -> Response {
+pub(super) fn no_fleet() -> Response {
     let body = bare(
         "No fleet",
         html! {

@@ -26,6 +26,7 @@ pub fn page(
     ];
     if state.fleet.is_some() {
         nav.push(("/hosts", "Hosts"));
+        nav.push(("/fleet", "Fleet sessions"));
     }
     let markup = html! {
         (DOCTYPE)

@@ -2,12 +2,13 @@
 //! audit and policy pages in a browser. It is one more client of the status socket, like the
 //! CLI: it adds no path to the kernel or the store. Administrators sign in through OpenID
 //! Connect; their groups make them read-only or admin. With `[fleet]` it also shows the
-//! fleet's hosts, read from the fleet's view over NATS.
+//! fleet's hosts and every host's live sessions, read from the fleet's view over NATS.
 
 mod access;
 mod agent;
 mod audit;
 pub mod config;
+mod fleet_sessions;
 mod hosts;
 mod html;
 mod live;

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::{
     Shared, access,
     access::{Admin, SignedInAdmin},
-    audit, hosts, html as page, live, locks, policy, sessions,
+    audit, fleet_sessions, hosts, html as page, live, locks, policy, sessions,
 };
 use crate::api::request::ConsoleRefusal;
 
@@ -44,6 +44,8 @@ pub fn router(state: Shared) -> Router {
         .route("/live/audit", get(live::audit))
         .route("/hosts", get(hosts::page_of_hosts))
         .route("/live/hosts", get(hosts::live_hosts))
+        .route("/fleet", get(fleet_sessions::page_of_fleet_sessions))
+        .route("/live/fleet", get(fleet_sessions::live_fleet_sessions))
         .route("/login", get(login))
         .route("/callback", get(callback))
         .route("/logout", post(logout))

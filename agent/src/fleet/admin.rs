@@ -279,11 +279,9 @@ impl Admin {
     /// # Errors
     /// The bucket cannot be read.
     pub async fn sessions(&self, user: Option<&str>) -> Result<Vec<FleetSession>, FleetError> {
-        let per_host: Vec<Vec<FleetSession>> =
-            bucket_values(&self.js, self.names.sessions_bucket()).await?;
-        Ok(per_host
+        Ok(sessions_in(&self.js, &self.names)
+            .await?
             .into_iter()
-            .flatten()
             .filter(|s| user.is_none_or(|u| s.user.eq_ignore_ascii_case(u)))
             .collect())
     }
@@ -365,6 +363,19 @@ impl Admin {
 /// The bucket cannot be read.
 pub async fn hosts_in(js: &jetstream::Context, names: &Names) -> Result<Vec<HostView>, FleetError> {
     bucket_values(js, names.hosts_bucket()).await
+}
+
+/// Every live session in the fleet's view, host by host: what reading it takes, and nothing
+/// more (the web console reads it with credentials that may do only this).
+///
+/// # Errors
+/// The bucket cannot be read.
+pub async fn sessions_in(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<Vec<FleetSession>, FleetError> {
+    let per_host: Vec<Vec<FleetSession>> = bucket_values(js, names.sessions_bucket()).await?;
+    Ok(per_host.into_iter().flatten().collect())
 }
 
 async fn bucket_values<T: serde::de::DeserializeOwned>(
