@@ -2,7 +2,9 @@
 
 Run by tests/tests/console_hosts.rs, which owns the NATS server, the two fleet hosts, the
 OpenID provider and the console. This script prints `HOSTS` once the page lists both hosts,
-`FLEET_SESSIONS` once the Fleet sessions page shows the session on the other host, and
+`FLEET_SESSIONS` once the Fleet sessions page shows the session on the other host,
+`FLEET_TERMINATED` once an admin ended it from there (and a reader's forged POST was
+refused), and
 `DONE` at the end (or `FAIL <why>`); it reads `NATS_DOWN` from stdin once the test has
 stopped the NATS server.
 
@@ -16,7 +18,7 @@ import sys
 
 from playwright.sync_api import expect, sync_playwright
 
-from console_e2e import CHROMIUM, SHOTS, URL, WAIT_MS, hear, say, sign_in
+from console_e2e import CHROMIUM, SHOTS, URL, WAIT_MS, forged_post, hear, say, sign_in
 
 HOSTS = os.environ["HOSTS"].split(",")
 VERSION = os.environ["VERSION"]
@@ -74,6 +76,32 @@ def main():
         reader.click("form.filters button")
         expect(reader.locator(f"#fs-{FLEET_SESSION}")).to_be_visible(timeout=WAIT_MS)
         say("FLEET_SESSIONS")
+
+        # A reader's forged POST is refused (403, audited by the console's agent).
+        path = f"/fleet/sessions/{FLEET_SESSION_HOST}/{FLEET_SESSION}/terminate"
+        token = reader.locator("form.signout input[name=csrf]").get_attribute("value")
+        forged = forged_post(reader, path, {"csrf": token, "reason": "forged"})
+        if forged.status != 403:
+            raise AssertionError(f"a reader's POST answered {forged.status}, not 403")
+
+        # An admin ends alice's session on the other host from here.
+        admin_ctx = browser.new_context(
+            ignore_https_errors=True, viewport={"width": 1440, "height": 700}
+        )
+        admin = sign_in(admin_ctx, "admin@corp.example")
+        admin.goto(URL + "/fleet")
+        row = admin.locator(f"#fs-{FLEET_SESSION}")
+        expect(row).to_be_visible(timeout=WAIT_MS)
+        row.locator("a.terminate").click()
+        admin.fill("#reason", "laptop stolen")
+        admin.click("#confirm-terminate")
+        expect(admin.locator("#outcome")).to_have_attribute(
+            "data-applied", "true", timeout=WAIT_MS
+        )
+        expect(admin.locator("#outcome")).to_contain_text(FLEET_SESSION_HOST)
+        admin.goto(URL + "/fleet")
+        expect(admin.locator(f"#fs-{FLEET_SESSION}")).to_have_count(0, timeout=WAIT_MS)
+        say("FLEET_TERMINATED")
 
         # NATS gone: the open page turns into the error block by itself...
         hear("NATS_DOWN")

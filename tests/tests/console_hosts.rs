@@ -4,6 +4,9 @@
 //! (packaging/nats-server.conf's CONSOLE block). A read-only administrator signs in through
 //! the real OpenID provider and sees both hosts with their version and policy version, and
 //! alice's session on the other host on the Fleet sessions page (filtered by host and user);
+//! an admin ends it from there (a signed fleet command: the console holds an admin key and
+//! its NATS user has the packaged CONSOLE_ADMIN permissions), a reader has no button and a
+//! reader's forged POST is refused;
 //! with NATS stopped the page shows an error block and the rest of the console keeps working.
 
 use std::{net::TcpStream, path::Path, time::Duration};
@@ -29,20 +32,21 @@ resources = ["ssh"]
 
 const CONSOLE_PASSWORD: &str = "console-test-password";
 
-/// The packaged `CONSOLE = { … }` permissions, for the fleet named `prefix`.
-fn packaged_console_permissions(prefix: &str) -> String {
+/// The packaged `NAME = { … }` permissions block (`CONSOLE`, `CONSOLE_ADMIN`), for the fleet
+/// named `prefix`.
+fn packaged_permissions(name: &str, prefix: &str) -> String {
     let conf = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/nats-server.conf"),
     )
     .expect("packaging/nats-server.conf");
     let start = conf
-        .find("  CONSOLE = {")
-        .expect("a CONSOLE block in packaging/nats-server.conf");
-    let len = conf[start..]
-        .find("\n  }\n")
-        .expect("the CONSOLE block's end");
+        .find(&format!("  {name} = {{"))
+        .unwrap_or_else(|| panic!("a {name} block in packaging/nats-server.conf"));
+    let len = conf[start..].find("\n  }\n").expect("the block's end");
     let upper = prefix.to_ascii_uppercase().replace('-', "_");
-    conf[start..start + len + 4].replace("FLOWWARDEN_", &format!("{upper}_"))
+    conf[start..start + len + 4]
+        .replace("FLOWWARDEN_", &format!("{upper}_"))
+        .replace("\"flowwarden.", &format!("\"{prefix}."))
 }
 
 #[test]
@@ -55,10 +59,23 @@ fn console_lists_the_fleets_hosts_and_says_when_nats_is_gone() {
     // the console as `fleet-console`, with no more than the packaged permissions.
     let auth = format!(
         "authorization {{\n{}\n  users = [\n    {{ user: anyone, password: \"unused\" }}\n    \
-         {{ user: fleet-console, password: \"{CONSOLE_PASSWORD}\", permissions: $CONSOLE }}\n  \
+         {{ user: fleet-console-admin, password: \"{CONSOLE_PASSWORD}\", permissions: $CONSOLE_ADMIN }}\n  \
          ]\n}}\nno_auth_user: anyone\n",
-        packaged_console_permissions(&admin.prefix)
+        packaged_permissions("CONSOLE_ADMIN", &admin.prefix)
     );
+    // The read-only console's permissions are the commanding one's reads: what this test
+    // proves enough for the pages holds for both.
+    let read_only = packaged_permissions("CONSOLE", &admin.prefix);
+    let commanding = packaged_permissions("CONSOLE_ADMIN", &admin.prefix);
+    for line in read_only
+        .lines()
+        .filter(|l| l.trim_start().starts_with('"'))
+    {
+        assert!(
+            commanding.contains(line),
+            "CONSOLE allows {line} and CONSOLE_ADMIN does not"
+        );
+    }
     let mut nats = NatsServer::single_with("con-hosts", &auth).expect("nats-server");
     admin.servers = vec![nats.url()];
     let (ok, out) = admin.cli(&["init"]);
@@ -134,12 +151,14 @@ admin_groups = ["flowwarden-console-admins"]
 read_groups = ["flowwarden-console-readers"]
 
 [console.fleet]
-user = "fleet-console"
+user = "fleet-console-admin"
 password_file = "{password}"
+admin_key_file = "{key}"
 "#,
         issuer = provider.issuer,
         ca = ca.ca_file.display(),
         password = password.display(),
+        key = admin.key.display(),
     ));
     std::fs::write(&stack.config, config).unwrap();
     let console_log = stack.scratch.dir.join("console.log");
@@ -165,6 +184,22 @@ password_file = "{password}"
     );
     browser.expect("HOSTS", &console_log);
     browser.expect("FLEET_SESSIONS", &console_log);
+    // The admin ended alice's session on ch2 from ch1's console: a signed fleet command, which
+    // ch2 applied and audited on the admin's behalf.
+    browser.expect("FLEET_TERMINATED", &console_log);
+    let shown = hosts[1].stack.ctl_json(&["sessions", "show", &alice]);
+    assert_eq!(shown["state"], "terminated", "{shown}");
+    let ended = hosts[1].audit("session_terminated");
+    assert!(
+        ended.iter().any(|e| e["session"] == alice.as_str()
+            && e.to_string().contains("admin@corp.example")),
+        "ch2 audits the termination on the console admin's behalf: {ended:?}"
+    );
+    let applied = hosts[1].audit("fleet_command_applied");
+    assert!(
+        applied.iter().any(|e| e["method"] == "sessions.terminate"),
+        "{applied:?}"
+    );
     // The console read the view with the packaged permissions, and needed no more.
     let log = nats.log();
     assert!(
@@ -219,6 +254,14 @@ fn config_check_checks_the_console_table() {
             "console.fleet",
         ),
         ("[console]\nsession_secs = 5\n", "console.session_secs"),
+        (
+            "[console.fleet]\nuser = \"c\"\npassword_file = \"pw\"\nadmin_key_file = \"missing.key\"\n",
+            "console.fleet.admin_key_file",
+        ),
+        (
+            "[console.fleet]\nadmin_key_file = \"admin.key\"\n",
+            "console.fleet.admin_key_file",
+        ),
     ] {
         let with_fleet = !extra.contains("creds_file");
         let text = if with_fleet {

@@ -36,6 +36,11 @@ pub fn run(command: ConfigCommand) -> anyhow::Result<()> {
     c.console
         .fleet_link(c.fleet.as_ref(), &base)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    if let Some(key) = c.console.fleet_admin_key(&base) {
+        crate::fleet::keys::AdminKey::load(&key).map_err(|e| {
+            anyhow::anyhow!("{}: console.fleet.admin_key_file: {e}", config.display())
+        })?;
+    }
     if c.console.oidc.is_some() {
         c.console
             .checked(&base)

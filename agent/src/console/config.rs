@@ -47,6 +47,20 @@ pub struct ConsoleFleet {
     pub creds_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// A fleet admin key (`flowwarden fleet keygen`): with it, admins may end sessions on
+    /// other hosts from the Fleet sessions page, as signed fleet commands. Without it the
+    /// console cannot command the fleet.
+    pub admin_key_file: Option<PathBuf>,
+}
+
+impl ConsoleFleet {
+    fn has_credentials(&self) -> bool {
+        let creds = Self {
+            admin_key_file: None,
+            ..self.clone()
+        };
+        creds != Self::default()
+    }
 }
 
 /// `[console.oidc]`: authorization code flow with PKCE against one issuer.
@@ -213,6 +227,17 @@ impl ConsoleConfig {
 }
 
 impl ConsoleConfig {
+    /// The fleet admin key the console signs commands with, if it has one (relative to
+    /// `base`).
+    pub fn fleet_admin_key(&self, base: &Path) -> Option<PathBuf> {
+        let path = self.fleet.as_ref()?.admin_key_file.as_ref()?;
+        Some(if path.is_relative() {
+            base.join(path)
+        } else {
+            path.clone()
+        })
+    }
+
     /// How the console reaches the fleet for its Hosts page: `[fleet]`'s servers, prefix and
     /// CA, with `[console.fleet]`'s credentials when given (relative paths from `base`).
     /// `None`: no `[fleet]`, no Hosts page.
@@ -255,6 +280,16 @@ impl ConsoleConfig {
                      cert_file and key_file (or remove the table to use [fleet]'s)",
                 ));
             }
+            if own.admin_key_file.is_some() && !own.has_credentials() {
+                return Err(invalid(
+                    "console.fleet.admin_key_file",
+                    "needs the console's own NATS user, one that may publish fleet commands \
+                     (the agent's own may not): give user and password_file, nkey_file, \
+                     creds_file or cert_file and key_file too",
+                ));
+            }
+        }
+        if let Some(own) = self.fleet.as_ref().filter(|o| o.has_credentials()) {
             // None of the agent's credentials: the console is a NATS user of its own.
             link.user.clone_from(&own.user);
             link.password_file.clone_from(&own.password_file);
@@ -390,5 +425,22 @@ scopes = ["email"]
             assert_eq!(e.field, field, "{bad}: {e}");
         }
         assert!(toml::from_str::<ConsoleConfig>("[fleet]\npasword_file = \"x\"").is_err());
+        // An admin key needs a NATS user of the console's own, and follows the config.
+        let e = parse("[fleet]\nadmin_key_file = \"admin.key\"\n")
+            .fleet_link(Some(&fleet), Path::new("/"))
+            .unwrap_err();
+        assert_eq!(e.field, "console.fleet.admin_key_file", "{e}");
+        let with_key = parse(
+            "[fleet]\nuser = \"fleet-console-admin\"\npassword_file = \"pw\"\n\
+             admin_key_file = \"admin.key\"\n",
+        );
+        with_key
+            .fleet_link(Some(&fleet), Path::new("/etc/flowwarden"))
+            .expect("a console that may command");
+        assert_eq!(
+            with_key.fleet_admin_key(Path::new("/etc/flowwarden")),
+            Some("/etc/flowwarden/admin.key".into())
+        );
+        assert_eq!(own.fleet_admin_key(Path::new("/etc")), None);
     }
 }

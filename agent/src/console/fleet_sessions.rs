@@ -1,13 +1,15 @@
 //! The Fleet sessions page: every live session on every host, as the fleet's live view (NATS
 //! KV) has it — host, who, from where, to what, since when, state, expiry — filtered by user
-//! and host and updated live. There only when the console's config has `[fleet]`; it reads
-//! the view with the Hosts page's credentials and sends nothing to any host. Ending a session
-//! on another host is a signed fleet command (`flowwarden fleet sessions terminate`), and the
-//! console holds no admin key: this host's own sessions link to their detail page, where an
-//! admin has the terminate button.
+//! and host, updated live. There only when the console's config has `[fleet]`; it reads the
+//! view with the Hosts page's credentials. This host's own sessions link to their detail page.
+//! Ending a session on another host is a signed fleet command: the console sends one only
+//! when its config gives it a fleet admin key (`[console.fleet] admin_key_file`), for an admin
+//! who confirmed it with a reason and a CSRF token; the host that ends the session audits it
+//! with the administrator's identity. Without the key the page only shows.
 
 use axum::{
-    extract::{Query, State as AxState},
+    Form,
+    extract::{Path, Query, State as AxState},
     response::{IntoResponse, Response, sse::Event},
 };
 use maud::{Markup, html};
@@ -17,8 +19,9 @@ use tokio::sync::mpsc;
 use super::{
     Shared,
     access::SignedInAdmin,
-    hosts::{TICK, no_fleet},
+    hosts::{COMMAND_WAIT, TICK, no_fleet},
     html::{page, span, utc},
+    sessions::TerminateForm,
 };
 use crate::{fleet::view::FleetSession, sessions::model::now_ms};
 
@@ -65,7 +68,23 @@ impl FleetQuery {
 }
 
 /// The part of the page the live stream replaces: the table, or the error block.
-fn region(read: &Result<Vec<FleetSession>, String>, q: &FleetQuery, this_host: &str) -> Markup {
+/// What one administrator may do on the page.
+#[derive(Debug, Clone, Copy)]
+struct Rights<'a> {
+    this_host: &'a str,
+    /// An admin, on a console that holds a fleet admin key.
+    terminate: bool,
+}
+
+fn terminate_path(s: &FleetSession) -> String {
+    format!(
+        "/fleet/sessions/{}/{}/terminate",
+        super::oidc::enc(&s.host),
+        super::oidc::enc(&s.id)
+    )
+}
+
+fn region(read: &Result<Vec<FleetSession>, String>, q: &FleetQuery, rights: Rights<'_>) -> Markup {
     let now = now_ms();
     let mut shown: Vec<&FleetSession> = match read {
         Ok(all) => all.iter().filter(|s| q.admits(s)).collect(),
@@ -112,8 +131,10 @@ fn region(read: &Result<Vec<FleetSession>, String>, q: &FleetQuery, this_host: &
                                 td { span class=(format!("state {}", s.state)) { (s.state) } }
                                 td.expires { (utc(s.expires_at_ms)) }
                                 td {
-                                    @if s.host == this_host {
+                                    @if s.host == rights.this_host {
                                         a href=(format!("/sessions/{}", s.id)) { "this host's session…" }
+                                    } @else if rights.terminate {
+                                        a.terminate href=(terminate_path(s)) { "Terminate…" }
                                     }
                                 }
                             }
@@ -135,20 +156,27 @@ pub async fn page_of_fleet_sessions(
         return no_fleet();
     };
     let read = fleet.sessions().await;
+    let rights = Rights {
+        this_host: fleet.host(),
+        terminate: admin.can_change() && fleet.can_command(),
+    };
     let v = |o: Option<&str>| o.unwrap_or_default().to_owned();
     let body = html! {
         h1 { "Fleet sessions" }
         p { "Every live session on every host of the fleet, from the view each agent publishes \
-             every second. Updated live. Ending a session on another host is a signed fleet \
-             command: " code { "flowwarden fleet sessions terminate ID" } " (the console holds \
-             no admin key)." }
+             every second. Updated live." }
+        @if !fleet.can_command() {
+            p { "Ending a session on another host is a signed fleet command: "
+                code { "flowwarden fleet sessions terminate ID" } " (this console holds no \
+                fleet admin key)." }
+        }
         form.filters method="get" action="/fleet" {
             input name="user" placeholder="user (email or subject)" value=(v(q.user()));
             input name="host" placeholder="host" value=(v(q.host()));
             button type="submit" { "Filter" }
         }
         div #live data-live=(format!("/live/fleet?{}", q.query_string())) {
-            (region(&read, &q, fleet.host()))
+            (region(&read, &q, rights))
         }
     };
     page(&state, "Fleet sessions", &admin, "Fleet sessions", body).into_response()
@@ -157,7 +185,7 @@ pub async fn page_of_fleet_sessions(
 /// `/live/fleet`: the region again whenever it changes.
 pub async fn live_fleet_sessions(
     AxState(state): AxState<Shared>,
-    SignedInAdmin(_admin): SignedInAdmin,
+    SignedInAdmin(admin): SignedInAdmin,
     Query(q): Query<FleetQuery>,
 ) -> Response {
     if state.fleet.is_none() {
@@ -168,7 +196,11 @@ pub async fn live_fleet_sessions(
         let Some(fleet) = &state.fleet else { return };
         let mut last = String::new();
         loop {
-            let html = region(&fleet.sessions().await, &q, fleet.host()).into_string();
+            let rights = Rights {
+                this_host: fleet.host(),
+                terminate: admin.can_change() && fleet.can_command(),
+            };
+            let html = region(&fleet.sessions().await, &q, rights).into_string();
             if html != last {
                 let ev = Event::default().event("detail").json_data(&html);
                 if tx.send(ev.expect("a string encodes")).await.is_err() {
@@ -183,6 +215,136 @@ pub async fn live_fleet_sessions(
         }
     });
     super::live::sse(rx)
+}
+
+/// The session `id` on `host` in the fleet's view, or the page that says why not.
+async fn in_view(state: &Shared, host: &str, id: &str) -> Result<FleetSession, Response> {
+    let Some(fleet) = &state.fleet else {
+        return Err(no_fleet());
+    };
+    let gone = |why: String| {
+        let body = super::html::bare(
+            "Not in the fleet's view",
+            html! {
+                h1 { "Not in the fleet's view" }
+                p.error { (why) }
+                p { a href="/fleet" { "Fleet sessions" } }
+            },
+        );
+        (
+            axum::http::StatusCode::NOT_FOUND,
+            axum::response::Html(body.into_string()),
+        )
+            .into_response()
+    };
+    match fleet.sessions().await {
+        Ok(all) => all
+            .into_iter()
+            .find(|s| s.host == host && s.id == id)
+            .ok_or_else(|| {
+                gone(format!(
+                    "no live session {id} on host {host} (ended, or not published yet)"
+                ))
+            }),
+        Err(why) => Err(gone(why)),
+    }
+}
+
+/// `GET /fleet/sessions/{host}/{id}/terminate`: what would end, and the form that ends it.
+pub async fn confirm_page(
+    AxState(state): AxState<Shared>,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((host, id)): Path<(String, String)>,
+) -> Response {
+    let s = match in_view(&state, &host, &id).await {
+        Ok(s) => s,
+        Err(page) => return page,
+    };
+    let can_command = state.fleet.as_ref().is_some_and(|f| f.can_command());
+    let body = html! {
+        h1 { "Terminate session " code { (s.id) } " on " (s.host) "?" }
+        p { strong { (s.user) } " from " (s.source) " to " (s.resources.join(", "))
+            ". The console sends a fleet command signed with its admin key to " (s.host)
+            ", which drops every flow of the session from its next packet and closes its sockets." }
+        @if !admin.can_change() {
+            p.error { "You are a read-only administrator: you cannot terminate sessions." }
+        } @else if !can_command {
+            p.error { "This console holds no fleet admin key: use "
+                code { "flowwarden fleet sessions terminate " (s.id) } "." }
+        } @else {
+            form.confirm method="post" action=(terminate_path(&s)) {
+                input type="hidden" name="csrf" value=(admin.csrf);
+                label { "Reason " input #reason name="reason" required placeholder="why (recorded in the audit log)"; }
+                button #confirm-terminate type="submit" { "Terminate now" }
+                " " a href="/fleet" { "Cancel" }
+            }
+        }
+    };
+    page(&state, "Terminate", &admin, "Fleet sessions", body).into_response()
+}
+
+/// `POST /fleet/sessions/{host}/{id}/terminate`: the signed command, and the host's answer.
+pub async fn terminate(
+    AxState(state): AxState<Shared>,
+    SignedInAdmin(admin): SignedInAdmin,
+    Path((host, id)): Path<(String, String)>,
+    Form(f): Form<TerminateForm>,
+) -> Response {
+    let action = format!("POST /fleet/sessions/{host}/{id}/terminate");
+    if let Err(refused) =
+        super::routes::check_change(&state, &admin, f.csrf.as_deref(), &action).await
+    {
+        return refused;
+    }
+    let Some(fleet) = &state.fleet else {
+        return no_fleet();
+    };
+    if !fleet.can_command() {
+        let reason = "this console holds no fleet admin key";
+        return super::routes::refuse(&state, &admin, &action, reason).await;
+    }
+    let s = match in_view(&state, &host, &id).await {
+        Ok(s) => s,
+        Err(page) => return page,
+    };
+    let session_id = match super::sessions::parse_id(&s.id) {
+        Ok(id) => id,
+        Err(e) => return super::html::failure(&e),
+    };
+    let reason = f
+        .reason
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "terminated from the console".into());
+    let issued = fleet
+        .terminate(&s.host, session_id, reason, &admin.user)
+        .await;
+    let body = match &issued {
+        Ok(issued) => {
+            tracing::info!(user = %admin.user, host = %s.host, session = %s.id, command = %issued.command, "console: fleet terminate sent");
+            html! {
+                h1 { "Sent to " (s.host) }
+                p { "Command " code #command { (issued.command) } " (control stream sequence "
+                    (issued.stream_seq) "), signed with this console's fleet admin key." }
+                @for o in &issued.outcomes {
+                    p #outcome data-applied=(o.applied) {
+                        (o.host) ": " @if o.applied { "applied: " } @else { "refused: " } (o.outcome)
+                    }
+                }
+                @if !issued.waiting_for.is_empty() {
+                    p #waiting { "No answer within " (COMMAND_WAIT.as_secs()) " s from "
+                        (issued.waiting_for.join(", ")) ": it applies the command when it reads it." }
+                }
+                p { a href="/fleet" { "Fleet sessions" } }
+            }
+        }
+        Err(why) => html! {
+            h1 { "Not sent" }
+            p.error #not-sent { "The command was not stored by the fleet's server: " (why) }
+            p { a href="/fleet" { "Fleet sessions" } }
+        },
+    };
+    page(&state, "Terminate", &admin, "Fleet sessions", body).into_response()
 }
 
 #[cfg(test)]
@@ -202,6 +364,31 @@ mod tests {
         }
     }
 
+    fn reader(this_host: &str) -> Rights<'_> {
+        Rights {
+            this_host,
+            terminate: false,
+        }
+    }
+
+    #[test]
+    fn only_an_admin_of_a_console_with_a_key_gets_terminate_links_and_only_for_other_hosts() {
+        let q = FleetQuery::default();
+        let html = region(&all(), &q, reader("web-1")).into_string();
+        assert!(!html.contains("Terminate"), "{html}");
+        let admin = Rights {
+            this_host: "web-1",
+            terminate: true,
+        };
+        let html = region(&all(), &q, admin).into_string();
+        assert!(
+            html.contains(r#"href="/fleet/sessions/web-2/s1/terminate""#),
+            "{html}"
+        );
+        // This host's own sessions are ended from their detail page.
+        assert!(!html.contains("/fleet/sessions/web-1/"), "{html}");
+    }
+
     fn all() -> Result<Vec<FleetSession>, String> {
         Ok(vec![
             session("web-2", "s1", "alice@corp.example"),
@@ -212,7 +399,7 @@ mod tests {
 
     #[test]
     fn every_hosts_sessions_are_rows_and_only_this_hosts_link_to_their_detail() {
-        let html = region(&all(), &FleetQuery::default(), "web-1").into_string();
+        let html = region(&all(), &FleetQuery::default(), reader("web-1")).into_string();
         for id in ["s1", "s2", "s3"] {
             assert!(html.contains(&format!("id=\"fs-{id}\"")), "{id}: {html}");
         }
@@ -230,27 +417,32 @@ mod tests {
             user: Some(" ALICE@corp.example ".into()),
             host: None,
         };
-        let html = region(&all(), &q, "web-1").into_string();
+        let html = region(&all(), &q, reader("web-1")).into_string();
         assert!(html.contains("fs-s1") && html.contains("fs-s3"), "{html}");
         assert!(!html.contains("fs-s2"), "{html}");
         let q = FleetQuery {
             user: Some("alice@corp.example".into()),
             host: Some("web-2".into()),
         };
-        let html = region(&all(), &q, "web-1").into_string();
+        let html = region(&all(), &q, reader("web-1")).into_string();
         assert!(html.contains("fs-s1") && !html.contains("fs-s3"), "{html}");
         assert_eq!(q.query_string(), "user=alice%40corp.example&host=web-2");
         let none = FleetQuery {
             user: Some("carol@corp.example".into()),
             host: None,
         };
-        let html = region(&all(), &none, "web-1").into_string();
+        let html = region(&all(), &none, reader("web-1")).into_string();
         assert!(html.contains("no-fleet-sessions"), "{html}");
     }
 
     #[test]
     fn a_failed_read_is_an_error_block() {
-        let html = region(&Err("cannot reach".into()), &FleetQuery::default(), "h").into_string();
+        let html = region(
+            &Err("cannot reach".into()),
+            &FleetQuery::default(),
+            reader("h"),
+        )
+        .into_string();
         assert!(html.contains(r#"id="fleet-error""#), "{html}");
         assert!(!html.contains("<table"), "{html}");
     }

@@ -23,15 +23,20 @@ use super::{
     html::{bare, page, span, utc},
 };
 use crate::{
+    api::request::Terminate,
     fleet::{
         FleetConfig, FleetError,
-        admin::{connected, hosts_in, sessions_in},
+        admin::{Admin, Issued, connected, hosts_in, sessions_in},
+        command::{Action, Target},
+        keys::AdminKey,
         link::{self, Names},
         view::{FleetSession, HostView},
     },
-    sessions::model::now_ms,
+    sessions::model::{SessionId, now_ms},
 };
 
+/// How long a fleet command from the console waits for the host's outcome.
+pub const COMMAND_WAIT: Duration = Duration::from_secs(5);
 /// A read of the view that takes longer than this is reported on the page.
 const READ_WITHIN: Duration = Duration::from_secs(3);
 /// The live region is re-read this often (agents publish their view once a second).
@@ -46,6 +51,9 @@ pub struct FleetView {
     servers: String,
     /// This host's name in the fleet: its sessions are the ones the console can open.
     host: String,
+    /// The admin key the console signs fleet commands with (`[console.fleet]
+    /// admin_key_file`); without it the console commands nothing beyond its own host.
+    admin_key: Option<Arc<AdminKey>>,
     /// The server's last complaint (a permissions violation, say): shown with a failed read.
     server_said: Arc<Mutex<Option<String>>>,
 }
@@ -55,7 +63,10 @@ impl FleetView {
     ///
     /// # Errors
     /// A credential file cannot be read.
-    pub async fn connect(config: &FleetConfig) -> Result<Self, FleetError> {
+    pub async fn connect(
+        config: &FleetConfig,
+        admin_key: Option<AdminKey>,
+    ) -> Result<Self, FleetError> {
         let server_said = Arc::new(Mutex::new(None));
         let said = Arc::clone(&server_said);
         let client =
@@ -83,6 +94,7 @@ impl FleetView {
             names: Names::new(&config.subject_prefix),
             servers: config.servers.join(", "),
             host: config.host_name(),
+            admin_key: admin_key.map(Arc::new),
             server_said,
         })
     }
@@ -90,6 +102,64 @@ impl FleetView {
     /// This host's name in the fleet.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Whether the console may end sessions on other hosts (it holds an admin key).
+    pub fn can_command(&self) -> bool {
+        self.admin_key.is_some()
+    }
+
+    /// Ends session `id` on `host` with a signed fleet command, on behalf of the signed-in
+    /// administrator `by`; waits up to [`COMMAND_WAIT`] for the host's outcome.
+    ///
+    /// # Errors
+    /// No admin key, or the command was not stored by the server.
+    pub async fn terminate(
+        &self,
+        host: &str,
+        id: SessionId,
+        reason: String,
+        by: &str,
+    ) -> Result<Issued, String> {
+        let Some(key) = &self.admin_key else {
+            return Err(
+                "this console holds no fleet admin key ([console.fleet] admin_key_file)".into(),
+            );
+        };
+        let params = Terminate {
+            ids: vec![id],
+            reason: Some(reason),
+            on_behalf_of: Some(by.to_owned()),
+            ..Terminate::default()
+        };
+        let action = Action::Call {
+            method: "sessions.terminate".into(),
+            params: serde_json::to_value(&params).map_err(|e| e.to_string())?,
+        };
+        let admin = Admin {
+            client: self.client.clone(),
+            js: self.js.clone(),
+            names: self.names.clone(),
+        };
+        let said = || {
+            self.server_said
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+        };
+        admin
+            .issue(
+                key,
+                Target::Host(host.to_owned()),
+                action,
+                None,
+                COMMAND_WAIT,
+            )
+            .await
+            .map_err(|e| match said() {
+                Some(s) => format!("{e} (the server said: {s})"),
+                None => e.to_string(),
+            })
     }
 
     /// Every host in the view, or what the page says instead.

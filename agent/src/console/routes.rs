@@ -45,6 +45,10 @@ pub fn router(state: Shared) -> Router {
         .route("/hosts", get(hosts::page_of_hosts))
         .route("/live/hosts", get(hosts::live_hosts))
         .route("/fleet", get(fleet_sessions::page_of_fleet_sessions))
+        .route(
+            "/fleet/sessions/{host}/{id}/terminate",
+            get(fleet_sessions::confirm_page).post(fleet_sessions::terminate),
+        )
         .route("/live/fleet", get(fleet_sessions::live_fleet_sessions))
         .route("/login", get(login))
         .route("/callback", get(callback))
@@ -263,7 +267,7 @@ pub async fn check_change(
 }
 
 /// 403, and a `console_refused` event in the agent's audit log.
-async fn refuse(state: &Shared, admin: &Admin, action: &str, reason: &str) -> Response {
+pub async fn refuse(state: &Shared, admin: &Admin, action: &str, reason: &str) -> Response {
     tracing::warn!(user = %admin.user, %action, %reason, "console: change refused");
     let r = ConsoleRefusal {
         by: admin.user.clone(),

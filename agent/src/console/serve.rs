@@ -10,7 +10,7 @@ use std::{
 
 use hyper_util::rt::TokioIo;
 
-use crate::fleet::FleetConfig;
+use crate::fleet::{FleetConfig, keys::AdminKey};
 use tokio::{net::TcpListener, sync::broadcast};
 
 use super::{
@@ -44,7 +44,7 @@ impl Console {
     pub async fn state(
         cfg: &ConsoleConfig,
         oidc: Option<ConsoleOidc>,
-        fleet: Option<FleetConfig>,
+        fleet: Option<(FleetConfig, Option<AdminKey>)>,
         socket: PathBuf,
         tls: bool,
     ) -> Result<Shared, ConsoleError> {
@@ -62,7 +62,11 @@ impl Console {
             None => None,
         };
         let fleet = match fleet {
-            Some(f) => Some(FleetView::connect(&f).await.map_err(ConsoleError::Fleet)?),
+            Some((f, key)) => Some(
+                FleetView::connect(&f, key)
+                    .await
+                    .map_err(ConsoleError::Fleet)?,
+            ),
             None => None,
         };
         let agent = AgentLink::new(socket);
@@ -140,6 +144,12 @@ pub fn run(
     state_dir: &Path,
 ) -> Result<(), ConsoleError> {
     let fleet = cfg.fleet_link(fleet, config_dir)?;
+    // Read now: a console configured to command the fleet with an unusable key stops here.
+    let admin_key = cfg
+        .fleet_admin_key(config_dir)
+        .map(|path| AdminKey::load(&path))
+        .transpose()
+        .map_err(ConsoleError::Fleet)?;
     let (cfg, oidc) = cfg.checked(config_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -163,8 +173,9 @@ pub fn run(
         };
         let issuer = oidc.issuer.clone();
         if let Some(f) = &fleet {
-            tracing::info!(servers = ?f.servers, prefix = %f.subject_prefix, "console: the Hosts page reads the fleet's view");
+            tracing::info!(servers = ?f.servers, prefix = %f.subject_prefix, commands = admin_key.is_some(), "console: the Hosts and Fleet sessions pages read the fleet's view");
         }
+        let fleet = fleet.map(|f| (f, admin_key));
         let state = Console::state(&cfg, Some(oidc), fleet, socket, tls.is_some()).await?;
         let listener =
             TcpListener::bind(cfg.listen)

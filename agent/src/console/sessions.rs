@@ -312,7 +312,7 @@ pub fn describe(e: &AuditEvent) -> String {
     parts.join("; ")
 }
 
-fn parse_id(id: &str) -> Result<SessionId, ConsoleError> {
+pub(super) fn parse_id(id: &str) -> Result<SessionId, ConsoleError> {
     serde_json::from_value(serde_json::Value::String(id.to_owned()))
         .map_err(|_| ConsoleError::Internal(format!("{id:?} is not a session id (16 hex digits)")))
 }
