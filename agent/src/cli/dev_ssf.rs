@@ -48,27 +48,7 @@ pub enum SsfCommand {
     /// Be a transmitter at http://LISTEN: /.well-known/ssf-configuration, /jwks.json, a
     /// stream management API at /streams, queued SETs served for polling (RFC 8936) at
     /// /poll or pushed to a push stream (RFC 8935); runs until killed.
-    Serve {
-        #[arg(long)]
-        listen: String,
-        /// The key directory (its JWKS is served).
-        #[arg(long)]
-        dir: PathBuf,
-        /// Where `dev ssf set --queue` puts SETs; delivered ones are deleted.
-        #[arg(long)]
-        queue: PathBuf,
-        #[arg(long, default_value = DEV_TRANSMITTER)]
-        issuer: String,
-        /// The `aud` of the streams it creates (and of its verification events).
-        #[arg(long, default_value = "flowwarden")]
-        audience: String,
-        /// A file with the bearer token every request but the metadata and JWKS must carry.
-        #[arg(long)]
-        bearer_file: Option<PathBuf>,
-        /// Push to a push stream's endpoint, pinning this agent certificate fingerprint.
-        #[arg(long)]
-        agent_fingerprint: Option<String>,
-    },
+    Serve(super::dev_ssf_serve::ServeArgs),
 }
 
 /// One event about one subject.
@@ -272,23 +252,7 @@ pub fn run(command: SsfCommand) -> anyhow::Result<()> {
                 bail!("the agent answered {status}: {body}")
             }
         }
-        SsfCommand::Serve {
-            listen,
-            dir,
-            queue,
-            issuer,
-            audience,
-            bearer_file,
-            agent_fingerprint,
-        } => super::dev_ssf_serve::serve(super::dev_ssf_serve::ServeArgs {
-            listen,
-            dir,
-            queue,
-            issuer,
-            audience,
-            bearer_file,
-            agent_fingerprint,
-        }),
+        SsfCommand::Serve(args) => super::dev_ssf_serve::serve(args),
     }
 }
 

@@ -30,17 +30,27 @@ use crate::{
 /// Push: how often the queue is looked at.
 const PUSH_EVERY: Duration = Duration::from_millis(100);
 
-/// What `serve` needs, from its command line.
+/// `dev ssf serve`'s arguments.
+#[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    #[arg(long)]
     pub listen: String,
+    /// The key directory (its JWKS is served).
+    #[arg(long)]
     pub dir: PathBuf,
+    /// Where `dev ssf set --queue` puts SETs; delivered ones are deleted.
+    #[arg(long)]
     pub queue: PathBuf,
+    #[arg(long, default_value = crate::signals::dev::DEV_TRANSMITTER)]
     pub issuer: String,
-    /// The `aud` of the streams it creates and of the verification events it signs.
+    /// The `aud` of the streams it creates (and of its verification events).
+    #[arg(long, default_value = "flowwarden")]
     pub audience: String,
     /// A file with the bearer token every request but the metadata and JWKS must carry.
+    #[arg(long)]
     pub bearer_file: Option<PathBuf>,
-    /// Push streams: the agent certificate's fingerprint to pin.
+    /// Push to a push stream's endpoint, pinning this agent certificate fingerprint.
+    #[arg(long)]
     pub agent_fingerprint: Option<String>,
 }
 

@@ -10,16 +10,15 @@
 use axum::{
     Form,
     extract::{Path, Query, State as AxState},
-    response::{IntoResponse, Response, sse::Event},
+    response::{IntoResponse, Response},
 };
 use maud::{Markup, html};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use super::{
     Shared,
     access::SignedInAdmin,
-    hosts::{COMMAND_WAIT, TICK, no_fleet},
+    hosts::{COMMAND_WAIT, TICK, live_region, no_fleet},
     html::{page, span, utc},
     sessions::TerminateForm,
 };
@@ -191,30 +190,19 @@ pub async fn live_fleet_sessions(
     if state.fleet.is_none() {
         return axum::http::StatusCode::NOT_FOUND.into_response();
     }
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(async move {
-        let Some(fleet) = &state.fleet else { return };
-        let mut last = String::new();
-        loop {
+    live_region(state, move |state| {
+        let (q, admin) = (q.clone(), admin.clone());
+        async move {
+            let Some(fleet) = &state.fleet else {
+                return String::new();
+            };
             let rights = Rights {
                 this_host: fleet.host(),
                 terminate: admin.can_change() && fleet.can_command(),
             };
-            let html = region(&fleet.sessions().await, &q, rights).into_string();
-            if html != last {
-                let ev = Event::default().event("detail").json_data(&html);
-                if tx.send(ev.expect("a string encodes")).await.is_err() {
-                    return;
-                }
-                last = html;
-            }
-            tokio::time::sleep(TICK).await;
-            if tx.is_closed() {
-                return;
-            }
+            region(&fleet.sessions().await, &q, rights).into_string()
         }
-    });
-    super::live::sse(rx)
+    })
 }
 
 /// The session `id` on `host` in the fleet's view, or the page that says why not.

@@ -285,12 +285,26 @@ pub async fn live_hosts(
     if state.fleet.is_none() {
         return StatusCode::NOT_FOUND.into_response();
     }
+    live_region(state, |state| async move {
+        match &state.fleet {
+            Some(fleet) => region(&fleet.hosts().await).into_string(),
+            None => String::new(),
+        }
+    })
+}
+
+/// A live region of a fleet page: rendered again every [`TICK`] by `render`, and sent (as
+/// the `detail` event console.js swaps in) whenever it changed, until the browser leaves.
+pub(super) fn live_region<F, Fut>(state: Shared, render: F) -> Response
+where
+    F: Fn(Shared) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = String> + Send,
+{
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
-        let Some(fleet) = &state.fleet else { return };
         let mut last = String::new();
         loop {
-            let html = region(&fleet.hosts().await).into_string();
+            let html = render(Arc::clone(&state)).await;
             if html != last {
                 let ev = Event::default().event("detail").json_data(&html);
                 if tx.send(ev.expect("a string encodes")).await.is_err() {
