@@ -25,12 +25,32 @@ use crate::{
     store::Store,
 };
 
+/// Allocations from this size on are mapped on their own, and unmapped when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MAPPED_ALLOCATION: libc::c_int = 1 << 20;
+
+/// Has the C allocator (glibc) map every allocation of [`MAPPED_ALLOCATION`] or more on its
+/// own and unmap it when freed. By default it raises that threshold to the largest block freed
+/// so far (up to 32 MiB): once the first census of a large flow table has been replaced, each
+/// later census's table (7 MiB at 100,000 sessions, built every few seconds while the one
+/// before it still serves reads) is carved from the heap, and stays resident there as free
+/// memory once replaced: 13 MiB more RSS in `bench scale`. A no-op with other C libraries.
+pub fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt changes one setting of the allocator, under its own lock; any
+    // threshold is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MAPPED_ALLOCATION);
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 ///
 /// # Errors
 /// Invalid config or policy, an unreadable state file, or a datapath that cannot be
 /// brought up. Nothing is changed in the kernel when the config or the state is bad.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    map_large_allocations();
     let config = Config::load(config_path)?;
     if config.datapath.interfaces.is_empty() {
         anyhow::bail!(

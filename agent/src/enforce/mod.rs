@@ -303,12 +303,12 @@ impl Enforcer {
         let walk = self.walk(FLOW_CHUNK, |k, f| {
             met.push((*k, f.session_id));
             if met.len() == WALK_BATCH {
-                self.index.walked(mark, &met);
+                self.index.walked(&mark, &met);
                 met.clear();
             }
             each(k, f);
         });
-        self.index.walked(mark, &met);
+        self.index.walked(&mark, &met);
         if walk != Walk::Failed {
             self.index.walk_done(mark);
         }
@@ -322,6 +322,11 @@ impl Enforcer {
     /// Flows the index holds, over all sessions.
     pub fn indexed_flows(&self) -> usize {
         self.index.len()
+    }
+
+    /// Bytes the flow index holds on the heap (see [`FlowIndex::heap_bytes`]).
+    pub fn indexed_bytes(&self) -> usize {
+        self.index.heap_bytes()
     }
 
     /// The flows of these sessions as the kernel holds them now: from the flow index and one

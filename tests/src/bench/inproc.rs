@@ -48,6 +48,7 @@ impl InProcessAgent {
     /// # Errors
     /// Not root, no bpffs, the policy does not parse, or the datapath does not load.
     pub fn start(tag: &str, policy: &str, flow_table_size: u32) -> anyhow::Result<Self> {
+        flowwarden::agent::map_large_allocations();
         privileged::ensure_bpffs()?;
         let scratch = Scratch::new(tag);
         let pins = Pins(private_pin_dir(tag));
