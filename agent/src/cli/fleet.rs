@@ -360,7 +360,22 @@ async fn run_async(args: FleetArgs) -> anyhow::Result<()> {
         FleetCommand::Sessions {
             command: FleetSessions::List { user, json },
         } => {
-            let sessions = fleet.sessions(user.as_deref()).await?;
+            let all = fleet.sessions(None).await?;
+            let partial = crate::fleet::view::partial_hosts(&fleet.hosts().await?, &all);
+            let sessions: Vec<_> = all
+                .into_iter()
+                .filter(|s| {
+                    user.as_deref()
+                        .is_none_or(|u| s.user.eq_ignore_ascii_case(u))
+                })
+                .collect();
+            // A host past the view's size publishes its newest sessions only: said on stderr,
+            // so that the table (or JSON) stays what scripts read.
+            for (host, live, shown) in &partial {
+                eprintln!(
+                    "note: {host} has {live} live sessions; the fleet's view holds its newest {shown}"
+                );
+            }
             if json {
                 return output::json(&sessions);
             }

@@ -22,7 +22,10 @@ use super::{
     html::{page, span, utc},
     sessions::TerminateForm,
 };
-use crate::{fleet::view::FleetSession, sessions::model::now_ms};
+use crate::{
+    fleet::view::{FleetSession, partial_hosts},
+    sessions::model::now_ms,
+};
 
 /// Rows shown at most; a filter narrows the rest.
 const MAX_ROWS: usize = 1000;
@@ -83,11 +86,15 @@ fn terminate_path(s: &FleetSession) -> String {
     )
 }
 
-fn region(read: &Result<Vec<FleetSession>, String>, q: &FleetQuery, rights: Rights<'_>) -> Markup {
+fn region(
+    read: &Result<(Vec<FleetSession>, Vec<(String, usize, usize)>), String>,
+    q: &FleetQuery,
+    rights: Rights<'_>,
+) -> Markup {
     let now = now_ms();
-    let mut shown: Vec<&FleetSession> = match read {
-        Ok(all) => all.iter().filter(|s| q.admits(s)).collect(),
-        Err(_) => Vec::new(),
+    let (mut shown, partial): (Vec<&FleetSession>, &[(String, usize, usize)]) = match read {
+        Ok((all, partial)) => (all.iter().filter(|s| q.admits(s)).collect(), partial),
+        Err(_) => (Vec::new(), &[]),
     };
     shown.sort_by(|a, b| {
         a.host
@@ -103,10 +110,14 @@ fn region(read: &Result<Vec<FleetSession>, String>, q: &FleetQuery, rights: Righ
                 p { "The Sessions page uses this agent's status socket and keeps working. This \
                      page retries every " (TICK.as_secs()) " seconds." }
             },
-            Ok(_) if shown.is_empty() => p #no-fleet-sessions {
+            Ok(_) if shown.is_empty() && partial.is_empty() => p #no-fleet-sessions {
                 "No live session in the fleet's view matches (agents publish theirs every second)."
             },
             Ok(_) => {
+                @for (host, live, held) in partial {
+                    p.partial { (host) " has " (live) " live sessions; the fleet's view holds its \
+                        newest " (held) ". Filter by user, or use that host's own console, for the rest." }
+                }
                 p #fleet-count {
                     (shown.len() + more) @if shown.len() + more == 1 { " live session" } @else { " live sessions" }
                     @if more > 0 {
@@ -145,6 +156,16 @@ fn region(read: &Result<Vec<FleetSession>, String>, q: &FleetQuery, rights: Righ
     }
 }
 
+/// The sessions in the view, and the hosts whose view is partial.
+async fn read_view(
+    fleet: &super::hosts::FleetView,
+) -> Result<(Vec<FleetSession>, Vec<(String, usize, usize)>), String> {
+    let sessions = fleet.sessions().await?;
+    let hosts = fleet.hosts().await?;
+    let partial = partial_hosts(&hosts, &sessions);
+    Ok((sessions, partial))
+}
+
 /// `/fleet`, for any signed-in administrator.
 pub async fn page_of_fleet_sessions(
     AxState(state): AxState<Shared>,
@@ -154,7 +175,7 @@ pub async fn page_of_fleet_sessions(
     let Some(fleet) = &state.fleet else {
         return no_fleet();
     };
-    let read = fleet.sessions().await;
+    let read = read_view(fleet).await;
     let rights = Rights {
         this_host: fleet.host(),
         terminate: admin.can_change() && fleet.can_command(),
@@ -200,7 +221,7 @@ pub async fn live_fleet_sessions(
                 this_host: fleet.host(),
                 terminate: admin.can_change() && fleet.can_command(),
             };
-            region(&fleet.sessions().await, &q, rights).into_string()
+            region(&read_view(fleet).await, &q, rights).into_string()
         }
     })
 }
@@ -377,12 +398,24 @@ mod tests {
         assert!(!html.contains("/fleet/sessions/web-1/"), "{html}");
     }
 
-    fn all() -> Result<Vec<FleetSession>, String> {
-        Ok(vec![
-            session("web-2", "s1", "alice@corp.example"),
-            session("web-1", "s2", "bob@corp.example"),
-            session("web-1", "s3", "Alice@corp.example"),
-        ])
+    fn all() -> Result<(Vec<FleetSession>, Vec<(String, usize, usize)>), String> {
+        Ok((
+            vec![
+                session("web-2", "s1", "alice@corp.example"),
+                session("web-1", "s2", "bob@corp.example"),
+                session("web-1", "s3", "Alice@corp.example"),
+            ],
+            Vec::new(),
+        ))
+    }
+
+    #[test]
+    fn a_host_whose_view_is_partial_is_said_even_when_no_row_matches() {
+        let read = Ok((Vec::new(), vec![("web-3".to_owned(), 12_345, 4_000)]));
+        let html = region(&read, &FleetQuery::default(), reader("web-1")).into_string();
+        assert!(html.contains("web-3 has 12345 live sessions"), "{html}");
+        assert!(html.contains("newest 4000"), "{html}");
+        assert!(!html.contains("no-fleet-sessions"), "{html}");
     }
 
     #[test]

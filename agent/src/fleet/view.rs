@@ -19,6 +19,11 @@ use crate::{
 pub const VIEW_EVERY: Duration = Duration::from_secs(1);
 /// Audit events published per batch.
 const EVENTS_BATCH: usize = 500;
+/// The most sessions one host puts in the fleet's view: its newest this many. A session is
+/// about 190 bytes of JSON and a KV value must fit in one NATS message (1 MiB by default), so
+/// a host with more publishes its newest ones, and its full count in its host entry (readers
+/// say the view is partial; see [`partial_hosts`]).
+pub const VIEW_MAX_SESSIONS: usize = 4_000;
 
 /// One host in `fleet hosts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,29 +65,44 @@ pub async fn publish_view(
     sessions: Arc<Sessions>,
 ) {
     let mut last_sessions = String::new();
+    let mut last_error = String::new();
     let mut tick = tokio::time::interval(VIEW_EVERY);
     loop {
         tick.tick().await;
-        if let Err(e) = view_once(&js, &names, &state, &sessions, &mut last_sessions).await {
-            tracing::debug!(error = %e, "fleet: cannot publish the live view");
-            last_sessions.clear();
+        match view_once(&js, &names, &state, &sessions, &mut last_sessions).await {
+            Ok(()) => last_error.clear(),
+            Err(e) => {
+                // Said once per distinct failure, not every second.
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(error = %text, "fleet: cannot publish the live view; retrying every second");
+                    last_error = text;
+                }
+                last_sessions.clear();
+            }
         }
     }
 }
 
-async fn view_once(
-    js: &jetstream::Context,
-    names: &Names,
-    state: &FleetState,
-    sessions: &Sessions,
-    last_sessions: &mut String,
-) -> Result<(), FleetError> {
-    let live: Vec<FleetSession> = sessions
-        .all()
-        .iter()
-        .filter(|s| s.is_live())
+/// The live sessions a host puts in the view, newest first and at most
+/// [`VIEW_MAX_SESSIONS`] of them, and how many it has live in all.
+pub fn view_sessions(
+    host: &str,
+    all: &[Arc<crate::sessions::model::Session>],
+) -> (Vec<FleetSession>, usize) {
+    let mut live: Vec<&Arc<crate::sessions::model::Session>> =
+        all.iter().filter(|s| s.is_live()).collect();
+    let total = live.len();
+    live.sort_unstable_by(|a, b| {
+        b.created_at_ms
+            .cmp(&a.created_at_ms)
+            .then(a.id.0.cmp(&b.id.0))
+    });
+    live.truncate(VIEW_MAX_SESSIONS);
+    let view = live
+        .into_iter()
         .map(|s| FleetSession {
-            host: state.host.clone(),
+            host: host.to_owned(),
             id: s.id.to_string(),
             user: s.identity.user().to_owned(),
             source: s.source.to_string(),
@@ -92,6 +112,28 @@ async fn view_once(
             expires_at_ms: s.expires_at_ms,
         })
         .collect();
+    (view, total)
+}
+
+/// Hosts whose view holds fewer sessions than they have live: (host, live, in the view).
+pub fn partial_hosts(hosts: &[HostView], sessions: &[FleetSession]) -> Vec<(String, usize, usize)> {
+    hosts
+        .iter()
+        .filter_map(|h| {
+            let shown = sessions.iter().filter(|s| s.host == h.host).count();
+            (h.sessions > shown).then(|| (h.host.clone(), h.sessions, shown))
+        })
+        .collect()
+}
+
+async fn view_once(
+    js: &jetstream::Context,
+    names: &Names,
+    state: &FleetState,
+    sessions: &Sessions,
+    last_sessions: &mut String,
+) -> Result<(), FleetError> {
+    let (live, total) = view_sessions(&state.host, &sessions.all());
     let status = state.status();
     let host = HostView {
         host: state.host.clone(),
@@ -100,7 +142,7 @@ async fn view_once(
         current: status.current,
         lag: status.lag,
         control_position: status.control_position,
-        sessions: live.len(),
+        sessions: total,
         last_seen_ms: now_ms(),
     };
     let hosts = js
@@ -229,4 +271,95 @@ async fn publish_batch(
             .map_err(|e| nats("have an audit event stored")(e.to_string()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{
+        identity::test_identity,
+        sessions::model::{Session, SessionId, SessionSettings, SessionState},
+    };
+
+    fn session(id: u64, state: SessionState, at_ms: u64) -> Arc<Session> {
+        Arc::new(Session {
+            id: SessionId(id),
+            state,
+            identity: test_identity(&format!("u{id}@corp.test"), &["ops"]),
+            source: Ipv4Addr::new(10, 0, 0, 1).into(),
+            previous_sources: Vec::new(),
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            expires_at_ms: u64::MAX,
+            dormant_since_ms: None,
+            grants: Vec::new(),
+            settings: SessionSettings {
+                max_duration_secs: 3600,
+                idle_timeout_secs: 600,
+                dormant_timeout_secs: 600,
+                reconnect: false,
+            },
+            reconnect: None,
+            ended: None,
+        })
+    }
+
+    #[test]
+    fn a_host_publishes_its_newest_live_sessions_within_one_message_and_its_full_count() {
+        let mut all: Vec<Arc<Session>> = (0..VIEW_MAX_SESSIONS as u64 + 10)
+            .map(|i| session(i + 1, SessionState::Active, 1_000 + i))
+            .collect();
+        all.push(session(999_999, SessionState::Terminated, 9_999_999));
+        let (view, total) = view_sessions("web-1", &all);
+        assert_eq!(total, VIEW_MAX_SESSIONS + 10, "every live session counted");
+        assert_eq!(view.len(), VIEW_MAX_SESSIONS);
+        assert_eq!(
+            view[0].created_at_ms,
+            1_000 + VIEW_MAX_SESSIONS as u64 + 9,
+            "newest first"
+        );
+        assert!(
+            view.iter()
+                .all(|s| s.state == "active" && s.host == "web-1")
+        );
+        // The value fits in one NATS message with room (1 MiB by default).
+        let bytes = serde_json::to_vec(&view).unwrap().len();
+        assert!(bytes < 1024 * 1024 * 9 / 10, "{bytes} bytes");
+
+        let hosts = [
+            HostView {
+                host: "web-1".into(),
+                version: "0".into(),
+                policy_version: 1,
+                current: true,
+                lag: 0,
+                control_position: 0,
+                sessions: total,
+                last_seen_ms: 0,
+            },
+            HostView {
+                host: "web-2".into(),
+                version: "0".into(),
+                policy_version: 1,
+                current: true,
+                lag: 0,
+                control_position: 0,
+                sessions: 0,
+                last_seen_ms: 0,
+            },
+        ];
+        assert_eq!(
+            partial_hosts(&hosts, &view),
+            vec![(
+                "web-1".to_owned(),
+                VIEW_MAX_SESSIONS + 10,
+                VIEW_MAX_SESSIONS
+            )]
+        );
+        let (small, n) = view_sessions("web-1", &all[..3]);
+        assert_eq!((small.len(), n), (3, 3));
+        assert!(partial_hosts(&hosts[1..], &small).is_empty());
+    }
 }
