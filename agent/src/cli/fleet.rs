@@ -371,9 +371,10 @@ async fn run_async(args: FleetArgs) -> anyhow::Result<()> {
                 .collect();
             // A host past the view's size publishes its newest sessions only: said on stderr,
             // so that the table (or JSON) stays what scripts read.
-            for (host, live, shown) in &partial {
+            for p in &partial {
                 eprintln!(
-                    "note: {host} has {live} live sessions; the fleet's view holds its newest {shown}"
+                    "note: {} has {} live sessions; the fleet's view holds its newest {}",
+                    p.host, p.live, p.shown
                 );
             }
             if json {

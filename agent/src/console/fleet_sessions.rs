@@ -23,7 +23,7 @@ use super::{
     sessions::TerminateForm,
 };
 use crate::{
-    fleet::view::{FleetSession, partial_hosts},
+    fleet::view::{FleetSession, PartialHost, partial_hosts},
     sessions::model::now_ms,
 };
 
@@ -86,13 +86,12 @@ fn terminate_path(s: &FleetSession) -> String {
     )
 }
 
-fn region(
-    read: &Result<(Vec<FleetSession>, Vec<(String, usize, usize)>), String>,
-    q: &FleetQuery,
-    rights: Rights<'_>,
-) -> Markup {
+/// The view as the page reads it: the sessions, and the hosts whose view is partial.
+type ViewRead = Result<(Vec<FleetSession>, Vec<PartialHost>), String>;
+
+fn region(read: &ViewRead, q: &FleetQuery, rights: Rights<'_>) -> Markup {
     let now = now_ms();
-    let (mut shown, partial): (Vec<&FleetSession>, &[(String, usize, usize)]) = match read {
+    let (mut shown, partial): (Vec<&FleetSession>, &[PartialHost]) = match read {
         Ok((all, partial)) => (all.iter().filter(|s| q.admits(s)).collect(), partial),
         Err(_) => (Vec::new(), &[]),
     };
@@ -114,9 +113,9 @@ fn region(
                 "No live session in the fleet's view matches (agents publish theirs every second)."
             },
             Ok(_) => {
-                @for (host, live, held) in partial {
-                    p.partial { (host) " has " (live) " live sessions; the fleet's view holds its \
-                        newest " (held) ". Filter by user, or use that host's own console, for the rest." }
+                @for p in partial {
+                    p.partial { (p.host) " has " (p.live) " live sessions; the fleet's view holds its \
+                        newest " (p.shown) ". Filter by user, or use that host's own console, for the rest." }
                 }
                 p #fleet-count {
                     (shown.len() + more) @if shown.len() + more == 1 { " live session" } @else { " live sessions" }
@@ -157,9 +156,7 @@ fn region(
 }
 
 /// The sessions in the view, and the hosts whose view is partial.
-async fn read_view(
-    fleet: &super::hosts::FleetView,
-) -> Result<(Vec<FleetSession>, Vec<(String, usize, usize)>), String> {
+async fn read_view(fleet: &super::hosts::FleetView) -> ViewRead {
     let sessions = fleet.sessions().await?;
     let hosts = fleet.hosts().await?;
     let partial = partial_hosts(&hosts, &sessions);
@@ -398,7 +395,7 @@ mod tests {
         assert!(!html.contains("/fleet/sessions/web-1/"), "{html}");
     }
 
-    fn all() -> Result<(Vec<FleetSession>, Vec<(String, usize, usize)>), String> {
+    fn all() -> ViewRead {
         Ok((
             vec![
                 session("web-2", "s1", "alice@corp.example"),
@@ -411,7 +408,14 @@ mod tests {
 
     #[test]
     fn a_host_whose_view_is_partial_is_said_even_when_no_row_matches() {
-        let read = Ok((Vec::new(), vec![("web-3".to_owned(), 12_345, 4_000)]));
+        let read = Ok((
+            Vec::new(),
+            vec![PartialHost {
+                host: "web-3".into(),
+                live: 12_345,
+                shown: 4_000,
+            }],
+        ));
         let html = region(&read, &FleetQuery::default(), reader("web-1")).into_string();
         assert!(html.contains("web-3 has 12345 live sessions"), "{html}");
         assert!(html.contains("newest 4000"), "{html}");

@@ -115,13 +115,27 @@ pub fn view_sessions(
     (view, total)
 }
 
-/// Hosts whose view holds fewer sessions than they have live: (host, live, in the view).
-pub fn partial_hosts(hosts: &[HostView], sessions: &[FleetSession]) -> Vec<(String, usize, usize)> {
+/// A host whose view holds fewer sessions than it has live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialHost {
+    pub host: String,
+    /// Live sessions on the host (its host entry).
+    pub live: usize,
+    /// Of them, in the sessions view.
+    pub shown: usize,
+}
+
+/// The hosts whose sessions view is partial.
+pub fn partial_hosts(hosts: &[HostView], sessions: &[FleetSession]) -> Vec<PartialHost> {
     hosts
         .iter()
         .filter_map(|h| {
             let shown = sessions.iter().filter(|s| s.host == h.host).count();
-            (h.sessions > shown).then(|| (h.host.clone(), h.sessions, shown))
+            (h.sessions > shown).then(|| PartialHost {
+                host: h.host.clone(),
+                live: h.sessions,
+                shown,
+            })
         })
         .collect()
 }
@@ -352,11 +366,11 @@ mod tests {
         ];
         assert_eq!(
             partial_hosts(&hosts, &view),
-            vec![(
-                "web-1".to_owned(),
-                VIEW_MAX_SESSIONS + 10,
-                VIEW_MAX_SESSIONS
-            )]
+            vec![PartialHost {
+                host: "web-1".into(),
+                live: VIEW_MAX_SESSIONS + 10,
+                shown: VIEW_MAX_SESSIONS,
+            }]
         );
         let (small, n) = view_sessions("web-1", &all[..3]);
         assert_eq!((small.len(), n), (3, 3));
