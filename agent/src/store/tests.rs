@@ -399,9 +399,51 @@ fn a_session_ended_by_its_revocation_record_reads_ended_and_stays_so() {
     let store = open(&path);
     assert_eq!(
         store.sessions().expect("read"),
-        [ended],
+        [ended.clone()],
         "after a restart too"
     );
+
+    // What the crash harness caught: an admission entered in the table, a `terminate
+    // --cutoff` ended it there and its revocation committed first, then the admission's own
+    // first record (acknowledged to the client) committed behind it. It is stored, ended.
+    let c = session(0xc, "carol@corp.example");
+    let record = RevocationRecord {
+        end: Some(RecordedEnd {
+            state: SessionState::Terminated,
+            end: ended.ended.clone().expect("ended"),
+        }),
+        ..revocation("uid 0")
+    };
+    store
+        .commit(vec![Write::PutRevocation(c.id, record.clone())])
+        .expect("the termination commits first");
+    store
+        .commit(vec![Write::PutSession(c.clone().into())])
+        .expect("the admission commits behind it");
+    let mut c_ended = c.clone();
+    record.end.as_ref().expect("end").apply(&mut c_ended);
+    assert!(!c_ended.is_live());
+    assert_eq!(store.session(c.id).expect("read"), Some(c_ended.clone()));
+    // The same order inside one transaction (one group commit).
+    let d = session(0xd, "dave@corp.example");
+    store
+        .commit(vec![
+            Write::PutRevocation(d.id, record.clone()),
+            Write::PutSession(d.clone().into()),
+        ])
+        .expect("commit");
+    let mut d_ended = d.clone();
+    record.end.as_ref().expect("end").apply(&mut d_ended);
+    assert_eq!(store.session(d.id).expect("read"), Some(d_ended.clone()));
+    drop(store);
+    let store = open(&path);
+    assert_eq!(
+        store.sessions().expect("read").len(),
+        3,
+        "alice, carol and dave after a restart"
+    );
+    assert_eq!(store.session(c.id).expect("read"), Some(c_ended));
+    assert_eq!(store.session(d.id).expect("read"), Some(d_ended));
 
     // A record without an end (written before ends were recorded) leaves the row as it is.
     let b = session(0xb, "bob@corp.example");

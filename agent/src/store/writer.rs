@@ -13,10 +13,10 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    StoreError, Write, db_error,
-    schema::{AUDIT, META, META_NEXT_AUDIT_SEQ, REVOCATIONS, SESSIONS, encode},
+    RevocationRecord, StoreError, Write, db_error,
+    schema::{AUDIT, META, META_NEXT_AUDIT_SEQ, REVOCATIONS, SESSIONS, decode, encode},
 };
-use crate::audit::event::AuditEvent;
+use crate::{audit::event::AuditEvent, sessions::model::Session};
 
 pub(super) type Outcome = Result<Vec<AuditEvent>, StoreError>;
 
@@ -222,20 +222,48 @@ impl Writer {
                 self.hooks.check(path, session.id, &what)?;
                 // A revoked session stays ended. A live record of it that arrives after its
                 // revocation was computed before the end (a policy change, a sweep, an admission
-                // or a reconnect racing a termination) and queued behind it: writing it would
-                // lose the acknowledged end, and the next start would grant the session again.
-                if session.is_live()
-                    && tables
+                // or a reconnect racing a termination) and queued behind it: writing it over
+                // the stored row would lose an end written into that row, and the next start
+                // would grant the session again.
+                let revoked = if session.is_live() {
+                    tables
                         .revocations
                         .get(session.id.0)
                         .map_err(db_error(path, "read the revocations table"))?
-                        .is_some()
-                {
-                    tracing::debug!(session = %session.id,
-                        "kept the ended record of a revoked session over an older live one");
-                    return Ok(None);
-                }
-                let bytes = encode(path, "sessions", what, &**session)?;
+                        .map(|row| {
+                            decode::<RevocationRecord>(path, "revocations", session.id, row.value())
+                        })
+                        .transpose()?
+                } else {
+                    None
+                };
+                let ended;
+                let session: &Session = match &revoked {
+                    None => session,
+                    Some(_)
+                        if tables
+                            .sessions
+                            .get(session.id.0)
+                            .map_err(db_error(path, "read the sessions table"))?
+                            .is_some() =>
+                    {
+                        tracing::debug!(session = %session.id,
+                            "kept the stored record of a revoked session over a later live one");
+                        return Ok(None);
+                    }
+                    // Its first record: an admission whose commit queued behind a termination
+                    // that ended it (a `terminate --cutoff` racing the admission). Skipping it
+                    // would lose an acknowledged admission; it is stored with its end.
+                    Some(record) => {
+                        let mut s = (**session).clone();
+                        if let Some(end) = &record.end {
+                            end.apply(&mut s);
+                        }
+                        ended = s;
+                        &ended
+                    }
+                };
+                let bytes = encode(path, "sessions", what, session)?;
                 tables
                     .sessions
                     .insert(session.id.0, bytes.as_slice())
