@@ -14,6 +14,7 @@ use super::{
     config::FleetConfig,
     keys::AdminKey,
     link::{self, Names},
+    nats,
     view::{FleetSession, HostView},
 };
 use crate::sessions::model::now_ms;
@@ -39,10 +40,6 @@ pub struct Issued {
     pub outcomes: Vec<HostOutcome>,
     /// Hosts in the view that did not answer within the wait (they will on catching up).
     pub waiting_for: Vec<String>,
-}
-
-fn nats(what: &'static str) -> impl FnOnce(String) -> FleetError {
-    move |detail| FleetError::Nats { what, detail }
 }
 
 /// A connection to the fleet as an administrator.
@@ -302,6 +299,10 @@ impl Admin {
     /// The fleet's audit events: the last `last` ones, then (with `follow`) each new one, to
     /// `each` until it answers false.
     ///
+    /// A message of the events stream carries one or more events ([`super::events`]), so the
+    /// last `last` messages hold at least the last `last` events: they are read, and only
+    /// their last `last` events shown.
+    ///
     /// # Errors
     /// The events stream cannot be read.
     pub async fn audit(
@@ -340,16 +341,35 @@ impl Admin {
             .messages()
             .await
             .map_err(|e| nats("read the events stream")(e.to_string()))?;
+        // The events up to `end`, of which the last `last` are shown.
+        let keep = usize::try_from(last).unwrap_or(usize::MAX);
+        let mut backlog = std::collections::VecDeque::new();
+        let mut caught_up = end == 0;
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| nats("read the events stream")(e.to_string()))?;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
-            if let Ok(v) = serde_json::from_slice(&m.payload)
-                && !each(v)
-            {
-                return Ok(());
+            for v in super::events::events_in(&m.payload) {
+                if caught_up {
+                    if !each(v) {
+                        return Ok(());
+                    }
+                } else {
+                    backlog.push_back(v);
+                    if backlog.len() > keep {
+                        backlog.pop_front();
+                    }
+                }
             }
-            if !follow && seq >= end {
-                return Ok(());
+            if !caught_up && seq >= end {
+                caught_up = true;
+                for v in backlog.drain(..) {
+                    if !each(v) {
+                        return Ok(());
+                    }
+                }
+                if !follow {
+                    return Ok(());
+                }
             }
         }
         Ok(())
@@ -409,8 +429,12 @@ async fn bucket_values<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// A host's answer to `command`, among the events of one message of the events stream.
 fn outcome_of(payload: &[u8], command: &str) -> Option<HostOutcome> {
-    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    super::events::events_in(payload).find_map(|v| outcome_in(&v, command))
+}
+
+fn outcome_in(v: &serde_json::Value, command: &str) -> Option<HostOutcome> {
     if v.get("command")?.as_str()? != command {
         return None;
     }
@@ -430,4 +454,35 @@ fn outcome_of(payload: &[u8], command: &str) -> Option<HostOutcome> {
 /// Whether a host's view says it is connected now.
 pub fn connected(host: &HostView) -> bool {
     now_ms().saturating_sub(host.last_seen_ms) <= CONNECTED_WITHIN_MS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hosts_answer_is_found_among_the_events_of_its_message() {
+        // A host that applied a burst of commands sends their answers in one message.
+        let payload = concat!(
+            r#"{"seq":1,"kind":"fleet_command_applied","command":"c-1","outcome":"ended 1","host":"web-1"}"#,
+            "\n",
+            r#"{"seq":2,"kind":"fleet_command_refused","command":"c-2","reason":"replayed","host":"web-1"}"#,
+            "\n",
+        );
+        let applied = outcome_of(payload.as_bytes(), "c-1").expect("c-1 answered");
+        assert_eq!(
+            (
+                applied.host.as_str(),
+                applied.applied,
+                applied.outcome.as_str()
+            ),
+            ("web-1", true, "ended 1")
+        );
+        let refused = outcome_of(payload.as_bytes(), "c-2").expect("c-2 answered");
+        assert_eq!(
+            (refused.applied, refused.outcome.as_str()),
+            (false, "refused: replayed")
+        );
+        assert!(outcome_of(payload.as_bytes(), "c-3").is_none());
+    }
 }

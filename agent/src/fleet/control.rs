@@ -20,7 +20,7 @@ use super::{
     config::PolicySource,
     keys::AdminPublicKey,
     link::Names,
-    policy,
+    nats, policy,
     state::FleetState,
 };
 use crate::{
@@ -54,10 +54,6 @@ pub struct Control {
     pub names: Names,
     pub policy_source: PolicySource,
     pub state_dir: std::path::PathBuf,
-}
-
-fn nats(what: &'static str) -> impl FnOnce(String) -> FleetError {
-    move |detail| FleetError::Nats { what, detail }
 }
 
 impl Control {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
-use super::{FleetError, config::FleetConfig};
+use super::{FleetError, config::FleetConfig, nats};
 
 /// Every name the fleet uses, from the configured prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,10 +76,6 @@ impl Names {
     pub fn durable(&self, host: &str) -> String {
         format!("agent-{host}")
     }
-}
-
-fn nats(what: &'static str) -> impl FnOnce(String) -> FleetError {
-    move |detail| FleetError::Nats { what, detail }
 }
 
 fn read_secret(path: &std::path::Path, what: &'static str) -> Result<String, FleetError> {

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod command;
 pub mod config;
 mod control;
+pub mod events;
 pub mod keys;
 pub mod link;
 pub mod policy;
@@ -46,6 +47,11 @@ pub enum FleetError {
     StoreGone,
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+}
+
+/// The error of a NATS call that failed doing `what`, from its message.
+pub(crate) fn nats(what: &'static str) -> impl FnOnce(String) -> FleetError {
+    move |detail| FleetError::Nats { what, detail }
 }
 
 /// A configured fleet membership, checked, before the agent starts serving.
@@ -153,7 +159,7 @@ impl Membership {
             state_dir,
         };
         tasks.spawn(control.run(js.clone()));
-        tasks.spawn(view::publish_events(
+        tasks.spawn(events::publish(
             js.clone(),
             names.clone(),
             Arc::clone(&state),

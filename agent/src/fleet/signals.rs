@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Notify;
 
-use super::{FleetError, link::Names, state::FleetState};
+use super::{FleetError, link::Names, nats, state::FleetState};
 use crate::{
     audit::event::{AuditEvent, AuditKind},
     signals::{ErrCode, NotAccepted, Receiver, Via, set::Refused},
@@ -32,10 +32,6 @@ use crate::{
 
 /// How long a failed SET waits before the stream delivers it again.
 const RETRY_FAILED: Duration = Duration::from_secs(2);
-
-fn nats(what: &'static str) -> impl FnOnce(String) -> FleetError {
-    move |detail| FleetError::Nats { what, detail }
-}
 
 /// A SET waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,24 +1,16 @@
-//! What each agent tells the fleet: its audit events on the events stream (one stream a
-//! SIEM can consume), and its live sessions and health in the fleet-wide view (KV).
+//! What each agent tells the fleet about itself: its live sessions and health in the
+//! fleet-wide view (KV). Its audit events go to the events stream (`events.rs`).
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, message::PublishMessage as Publish};
+use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
 
-use super::{FleetError, link::Names, state::FleetState};
-use crate::{
-    sessions::{Sessions, model::now_ms},
-    store::{Store, fleet as stored},
-};
+use super::{FleetError, link::Names, nats, state::FleetState};
+use crate::sessions::{Sessions, model::now_ms};
 
 /// How often the live view is refreshed.
 pub const VIEW_EVERY: Duration = Duration::from_secs(1);
-/// Audit events published per batch.
-const EVENTS_BATCH: usize = 500;
 /// The most sessions one host puts in the fleet's view: its newest this many. A session is
 /// about 190 bytes of JSON and a KV value must fit in one NATS message (1 MiB by default), so
 /// a host with more publishes its newest ones, and its full count in its host entry (readers
@@ -51,10 +43,6 @@ pub struct FleetSession {
     pub resources: Vec<String>,
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
-}
-
-fn nats(what: &'static str) -> impl FnOnce(String) -> FleetError {
-    move |detail| FleetError::Nats { what, detail }
 }
 
 /// Publishes this host's view every [`VIEW_EVERY`] for as long as the agent runs.
@@ -93,12 +81,19 @@ pub fn view_sessions(
     let mut live: Vec<&Arc<crate::sessions::model::Session>> =
         all.iter().filter(|s| s.is_live()).collect();
     let total = live.len();
-    live.sort_unstable_by(|a, b| {
+    let newest_first = |a: &&Arc<crate::sessions::model::Session>,
+                        b: &&Arc<crate::sessions::model::Session>| {
         b.created_at_ms
             .cmp(&a.created_at_ms)
             .then(a.id.0.cmp(&b.id.0))
-    });
-    live.truncate(VIEW_MAX_SESSIONS);
+    };
+    // Once a second on a host with 100,000 sessions: the newest are picked in linear time,
+    // and only they are sorted.
+    if live.len() > VIEW_MAX_SESSIONS {
+        live.select_nth_unstable_by(VIEW_MAX_SESSIONS, newest_first);
+        live.truncate(VIEW_MAX_SESSIONS);
+    }
+    live.sort_unstable_by(newest_first);
     let view = live
         .into_iter()
         .map(|s| FleetSession {
@@ -181,108 +176,6 @@ async fn view_once(
             .await
             .map_err(|e| nats("publish this host's sessions")(e.to_string()))?;
         *last_sessions = text;
-    }
-    Ok(())
-}
-
-/// Publishes every audit event, in seq order, to the events stream, resuming after the last
-/// one the server acknowledged (kept in the store, written at most once a second).
-pub async fn publish_events(
-    js: jetstream::Context,
-    names: Names,
-    state: Arc<FleetState>,
-    store: Store,
-) {
-    let mut feed = {
-        let (tx, rx) = tokio::sync::watch::channel(());
-        let mut sub = crate::audit::Audit::new(store.clone()).subscribe();
-        tokio::spawn(async move {
-            loop {
-                match sub.recv().await {
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if tx.send(()).is_err() {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        rx
-    };
-    let mut position = store
-        .fleet_value::<u64>(stored::EVENTS_POSITION)
-        .ok()
-        .flatten()
-        .unwrap_or(0);
-    let mut saved = position;
-    let mut saved_at = std::time::Instant::now();
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let events = match store.audit_range(position, EVENTS_BATCH) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "fleet: cannot read the audit log to publish it");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if events.is_empty() {
-            if saved != position
-                && saved_at.elapsed() >= Duration::from_secs(1)
-                && store
-                    .submit(vec![stored::put(stored::EVENTS_POSITION, &position)])
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-            {
-                saved = position;
-                saved_at = std::time::Instant::now();
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), feed.changed()).await;
-            continue;
-        }
-        match publish_batch(&js, &names, &state.host, &events).await {
-            Ok(()) => {
-                delay = Duration::from_millis(200);
-                position = events.last().map_or(position, |e| e.seq);
-                state
-                    .events_published
-                    .fetch_add(events.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "fleet: cannot publish audit events; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-async fn publish_batch(
-    js: &jetstream::Context,
-    names: &Names,
-    host: &str,
-    events: &[crate::audit::event::AuditEvent],
-) -> Result<(), FleetError> {
-    let mut acks = Vec::with_capacity(events.len());
-    for event in events {
-        let mut body = serde_json::to_value(event).unwrap_or_default();
-        if let serde_json::Value::Object(map) = &mut body {
-            map.insert("host".into(), host.into());
-        }
-        let publish = Publish::build()
-            .payload(serde_json::to_vec(&body).unwrap_or_default().into())
-            // A retry after a lost ack is stored once.
-            .message_id(format!("{host}-{}", event.seq));
-        acks.push(
-            js.send_publish(names.events(host, event.kind.name()), publish)
-                .await
-                .map_err(|e| nats("publish an audit event")(e.to_string()))?,
-        );
-    }
-    for ack in acks {
-        ack.await
-            .map_err(|e| nats("have an audit event stored")(e.to_string()))?;
     }
     Ok(())
 }
