@@ -4,11 +4,29 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc,
     time::Duration,
 };
+
+/// Where the browser tests leave their screenshots: `target/screenshots`, or the
+/// documentation's own `docs/img` with `FLOWWARDEN_SCREENSHOTS=docs` (to refresh the pictures
+/// the docs show). Tests never rewrite tracked files unless asked to.
+///
+/// # Panics
+/// The directory cannot be created.
+pub fn screenshots() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = if std::env::var("FLOWWARDEN_SCREENSHOTS").is_ok_and(|v| v == "docs") {
+        root.join("docs/img")
+    } else {
+        root.join("target/screenshots")
+    };
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
 
 /// A process killed when the test ends, however it ends.
 pub struct Killed(pub Child);

@@ -3,13 +3,9 @@
 //! (panva's oidc-provider), and the console talks to a real agent. alice's row appears live,
 //! an admin terminates her, her `ssh` exits, the row shows the drops, the audit says who; a
 //! read-only admin sees no button, and forged POSTs are refused and audited. Takes the
-//! screenshots in docs/img.
+//! screenshots (in docs/img with `FLOWWARDEN_SCREENSHOTS=docs`).
 
-use std::{
-    net::TcpStream,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::TcpStream, time::Duration};
 
 use flowwarden_tests::{
     console::{Browser, start_console},
@@ -87,8 +83,7 @@ read_groups = ["flowwarden-console-readers"]
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
 
-    let shots: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img");
-    std::fs::create_dir_all(&shots).unwrap();
+    let shots = flowwarden_tests::console::screenshots();
     let mut browser = Browser::start("console_e2e.py", &url, &shots, &[]);
     browser.expect("READY", &console_log);
 

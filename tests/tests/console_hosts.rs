@@ -167,8 +167,7 @@ admin_key_file = "{key}"
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
 
-    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img");
-    std::fs::create_dir_all(&shots).unwrap();
+    let shots = flowwarden_tests::console::screenshots();
     let mut browser = Browser::start(
         "console_hosts.py",
         &url,

@@ -89,30 +89,15 @@ pub fn start(
             tracing::warn!(issuer = %t.cfg.issuer, "no poll endpoint known: the stream is not polled");
             continue;
         }
-        let bearer = t
-            .cfg
-            .bearer_token_file
-            .as_deref()
-            .map(|p| {
-                super::receiver::read_secret(
-                    format!("signals.transmitter[{index}].bearer_token_file"),
-                    p,
-                )
-            })
-            .transpose()?;
-        let tls = crate::auth::trust::client_config(t.cfg.ca_file.as_deref()).map_err(|e| {
-            SignalError::Config {
-                field: format!("signals.transmitter[{index}].ca_file"),
-                reason: e.to_string(),
-            }
-        })?;
+        let (bearer, http) =
+            super::receiver::transmitter_client(index, &t.cfg, Duration::from_secs(30))?;
         let poller = Poller {
             receiver: Arc::clone(receiver),
             store: store.clone(),
             runtime: runtime.clone(),
             index,
             bearer,
-            http: crate::auth::http_agent(Duration::from_secs(30), tls),
+            http,
             stop: Arc::clone(&stop),
         };
         let handle = std::thread::Builder::new()

@@ -145,6 +145,32 @@ pub(crate) fn read_secret(field: String, path: &std::path::Path) -> Result<Vec<u
     Ok(bytes)
 }
 
+/// What the agent needs to call transmitter `index` (polling it, or managing its stream):
+/// its bearer token, read now from `bearer_token_file`, and an HTTP agent that trusts the
+/// transmitter's `ca_file` (or the system's roots).
+///
+/// # Errors
+/// The token file cannot be read or is empty, or the CA file is not usable.
+pub(crate) fn transmitter_client(
+    index: usize,
+    cfg: &super::config::TransmitterConfig,
+    timeout: std::time::Duration,
+) -> Result<(Option<Vec<u8>>, ureq::Agent), SignalError> {
+    let at = format!("signals.transmitter[{index}]");
+    let bearer = cfg
+        .bearer_token_file
+        .as_deref()
+        .map(|p| read_secret(format!("{at}.bearer_token_file"), p))
+        .transpose()?;
+    let tls = crate::auth::trust::client_config(cfg.ca_file.as_deref()).map_err(|e| {
+        SignalError::Config {
+            field: format!("{at}.ca_file"),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok((bearer, crate::auth::http_agent(timeout, tls)))
+}
+
 impl Receiver {
     /// Builds the receiver: keys of every transmitter (files read now), the SETs seen and
     /// the device postures reported before this start (from the store).

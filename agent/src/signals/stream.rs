@@ -13,7 +13,7 @@ use std::{
         Arc, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -255,26 +255,17 @@ pub fn start(receiver: &Arc<Receiver>) -> Result<Managers, SignalError> {
         if !t.cfg.manage_stream {
             continue;
         }
-        let at = format!("signals.transmitter[{index}]");
-        let bearer = match t.cfg.bearer_token_file.as_deref() {
-            Some(p) => super::receiver::read_secret(format!("{at}.bearer_token_file"), p)?,
-            None => {
-                return Err(SignalError::Config {
-                    field: format!("{at}.bearer_token_file"),
-                    reason: "stream management needs the transmitter's management token".into(),
-                });
-            }
+        let (bearer, http) = super::receiver::transmitter_client(index, &t.cfg, REQUEST_TIMEOUT)?;
+        let Some(bearer) = bearer else {
+            return Err(SignalError::Config {
+                field: format!("signals.transmitter[{index}].bearer_token_file"),
+                reason: "stream management needs the transmitter's management token".into(),
+            });
         };
-        let tls = crate::auth::trust::client_config(t.cfg.ca_file.as_deref()).map_err(|e| {
-            SignalError::Config {
-                field: format!("{at}.ca_file"),
-                reason: e.to_string(),
-            }
-        })?;
         let manager = Manager {
             receiver: Arc::clone(receiver),
             index,
-            http: crate::auth::http_agent(REQUEST_TIMEOUT, tls),
+            http,
             bearer: String::from_utf8_lossy(&bearer).into_owned(),
             stop: Arc::clone(&stop),
         };
@@ -493,7 +484,7 @@ impl Manager {
         query: &[(&str, &str)],
         body: Option<&Value>,
     ) -> Result<(u16, Vec<u8>), String> {
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        // The agent's timeout (REQUEST_TIMEOUT) bounds the whole request.
         let mut request = self
             .http
             .request(method, url)
@@ -522,11 +513,6 @@ impl Manager {
         if bytes.len() as u64 > MAX_ANSWER_BYTES {
             return Err(format!(
                 "{method} {url}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
-            ));
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{method} {url}: no answer within {REQUEST_TIMEOUT:?}"
             ));
         }
         Ok((status, bytes))
