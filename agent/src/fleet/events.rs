@@ -44,6 +44,7 @@ pub async fn publish(js: jetstream::Context, names: Names, state: Arc<FleetState
     let mut source = Source::new(store.clone(), position);
     let mut saved = Saved {
         position,
+        stored: position,
         at: Instant::now(),
     };
     let mut delay = Duration::from_millis(200);
@@ -93,24 +94,30 @@ pub async fn publish(js: jetstream::Context, names: Names, state: Arc<FleetState
     }
 }
 
-/// The last event the server acknowledged, and when it was last written to the store: at most
-/// once a second, so that a restart re-sends at most a second's worth.
+/// The last event the server acknowledged, and what of it the store holds: written when it
+/// moved and a second has passed since the last write, so that a restart re-sends at most
+/// about a second's worth, and an idle agent writes nothing.
 struct Saved {
     position: u64,
+    stored: u64,
     at: Instant,
 }
 
 impl Saved {
     async fn maybe_save(&mut self, store: &Store) {
-        if self.at.elapsed() < Duration::from_secs(1) {
+        if self.position == self.stored || self.at.elapsed() < Duration::from_secs(1) {
             return;
         }
         self.at = Instant::now();
         let position = self.position;
         // Not saved: the events after the last saved position go again after a restart.
-        let _ = store
+        if store
             .submit(vec![stored::put(stored::EVENTS_POSITION, &position)])
-            .await;
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            self.stored = position;
+        }
     }
 }
 
@@ -405,6 +412,34 @@ mod tests {
             seen.len(),
             seen.last()
         );
+    }
+
+    /// An idle agent writes nothing; a moved position is written at most once a second.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_position_is_written_when_it_moved_at_most_once_a_second() {
+        let dir = crate::store::testing::TempDir::new("events-saved");
+        let store = Store::open(&dir.state_file()).expect("open");
+        let read = || {
+            store
+                .fleet_value::<u64>(stored::EVENTS_POSITION)
+                .expect("read")
+        };
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(2))
+            .expect("up for 2 s");
+        let mut saved = Saved {
+            position: 5,
+            stored: 5,
+            at: long_ago,
+        };
+        saved.maybe_save(&store).await;
+        assert_eq!(read(), None, "nothing moved, nothing written");
+        saved.position = 9;
+        saved.maybe_save(&store).await;
+        assert_eq!((read(), saved.stored), (Some(9), 9));
+        saved.position = 12;
+        saved.maybe_save(&store).await;
+        assert_eq!(read(), Some(9), "not again within a second");
     }
 
     #[test]
