@@ -142,7 +142,9 @@ async fn view_once(
     sessions: &Sessions,
     last_sessions: &mut String,
 ) -> Result<(), FleetError> {
-    let (live, total) = view_sessions(&state.host, &sessions.all());
+    // Only the live ones are copied out of the table: the ended ones stay (and add up).
+    let live = sessions.live_where(&crate::sessions::Lookup::Everywhere, |_| true);
+    let (live, total) = view_sessions(&state.host, &live);
     let status = state.status();
     let host = HostView {
         host: state.host.clone(),
