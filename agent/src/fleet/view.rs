@@ -7,7 +7,10 @@ use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
 
 use super::{FleetError, link::Names, nats, state::FleetState};
-use crate::sessions::{Sessions, model::now_ms};
+use crate::sessions::{
+    Sessions,
+    model::{Session, now_ms},
+};
 
 /// How often the live view is refreshed.
 pub const VIEW_EVERY: Duration = Duration::from_secs(1);
@@ -74,15 +77,10 @@ pub async fn publish_view(
 
 /// The live sessions a host puts in the view, newest first and at most
 /// [`VIEW_MAX_SESSIONS`] of them, and how many it has live in all.
-pub fn view_sessions(
-    host: &str,
-    all: &[Arc<crate::sessions::model::Session>],
-) -> (Vec<FleetSession>, usize) {
-    let mut live: Vec<&Arc<crate::sessions::model::Session>> =
-        all.iter().filter(|s| s.is_live()).collect();
+pub fn view_sessions(host: &str, all: &[Arc<Session>]) -> (Vec<FleetSession>, usize) {
+    let mut live: Vec<&Arc<Session>> = all.iter().filter(|s| s.is_live()).collect();
     let total = live.len();
-    let newest_first = |a: &&Arc<crate::sessions::model::Session>,
-                        b: &&Arc<crate::sessions::model::Session>| {
+    let newest_first = |a: &&Arc<Session>, b: &&Arc<Session>| {
         b.created_at_ms
             .cmp(&a.created_at_ms)
             .then(a.id.0.cmp(&b.id.0))
@@ -120,12 +118,17 @@ pub struct PartialHost {
     pub shown: usize,
 }
 
-/// The hosts whose sessions view is partial.
+/// The hosts whose sessions view is partial. One pass over the sessions: the console calls
+/// this on every refresh, with up to 4,000 sessions per host.
 pub fn partial_hosts(hosts: &[HostView], sessions: &[FleetSession]) -> Vec<PartialHost> {
+    let mut shown_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for s in sessions {
+        *shown_of.entry(s.host.as_str()).or_default() += 1;
+    }
     hosts
         .iter()
         .filter_map(|h| {
-            let shown = sessions.iter().filter(|s| s.host == h.host).count();
+            let shown = shown_of.get(h.host.as_str()).copied().unwrap_or(0);
             (h.sessions > shown).then(|| PartialHost {
                 host: h.host.clone(),
                 live: h.sessions,
